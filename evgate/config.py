@@ -1,0 +1,457 @@
+"""
+evgate.ini, read into a frozen model.
+
+The file is a configparser INI with interpolation off.  Sections:
+
+ - C{[gateway]}: listeners and limits of the whole process;
+ - C{[endpoint:NAME]}: one broker connection (C{type} picks the connector);
+ - C{[api:NAME]}: one API (a path on the gateway, bound to an endpoint topic).
+
+Every mistake raises L{ConfigError}, whose text names the file, the section
+and the key, so that start-up can stop with one line the operator can act on.
+docs/configuration.md documents every key read here.
+"""
+
+from __future__ import annotations
+
+import configparser
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+
+REQUIRED = object()
+
+ENTRYPOINT_NAMES = ("http-post", "http-get", "sse", "websocket", "webhook")
+PLAN_NAMES = ("keyless",)
+START_CHOICES = ("latest", "earliest")
+
+_API_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+class ConfigError(Exception):
+    """
+    A mistake in the configuration, located by file, section and key.
+    """
+
+    def __init__(self, path: str, section: Optional[str], key: Optional[str], message: str) -> None:
+        self.path = path
+        self.section = section
+        self.key = key
+        self.message = message
+        where = path
+        if section is not None:
+            where += f" [{section}]"
+        if key is not None:
+            where += f" {key}"
+        super().__init__(f"{where}: {message}")
+
+
+class SectionReader:
+    """
+    Typed access to one INI section that remembers which keys were read, so
+    that L{finish} can refuse the keys nobody knows.
+    """
+
+    def __init__(self, path: str, name: str, values: Mapping[str, str]) -> None:
+        self.path = path
+        self.name = name
+        self._values = dict(values)
+        self._used: set = set()
+
+    def error(self, key: Optional[str], message: str) -> ConfigError:
+        """
+        A L{ConfigError} located at C{key} of this section.
+        """
+        return ConfigError(self.path, self.name, key, message)
+
+    def has(self, key: str) -> bool:
+        """
+        Whether the section sets C{key}.
+        """
+        return key in self._values
+
+    def get(self, key: str, default: Any = REQUIRED) -> Any:
+        """
+        The stripped text of C{key}; C{default} when it is absent.
+        """
+        self._used.add(key)
+        if key not in self._values:
+            if default is REQUIRED:
+                raise self.error(key, "missing required key")
+            return default
+        value = self._values[key].strip()
+        if value == "" and default is REQUIRED:
+            raise self.error(key, "must not be empty")
+        return value
+
+    def getInt(self, key: str, default: Any = REQUIRED, minimum: Optional[int] = None,
+               maximum: Optional[int] = None) -> int:
+        """
+        C{key} as an integer within C{[minimum, maximum]}.
+        """
+        raw = self.get(key, default)
+        if not isinstance(raw, str):
+            return raw  # type: ignore[no-any-return]
+        try:
+            value = int(raw.replace("_", ""))
+        except ValueError:
+            raise self.error(key, f"expected an integer, got {raw!r}") from None
+        if minimum is not None and value < minimum:
+            raise self.error(key, f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise self.error(key, f"must be at most {maximum}, got {value}")
+        return value
+
+    def getFloat(self, key: str, default: Any = REQUIRED, minimum: float = 0.0) -> float:
+        """
+        C{key} as a number no smaller than C{minimum}.
+        """
+        raw = self.get(key, default)
+        if not isinstance(raw, str):
+            return raw  # type: ignore[no-any-return]
+        try:
+            value = float(raw)
+        except ValueError:
+            raise self.error(key, f"expected a number, got {raw!r}") from None
+        if value < minimum:
+            raise self.error(key, f"must be at least {minimum:g}, got {raw}")
+        return value
+
+    def getBool(self, key: str, default: Any = REQUIRED) -> bool:
+        """
+        C{key} as a boolean (true/false, yes/no, on/off, 1/0).
+        """
+        raw = self.get(key, default)
+        if not isinstance(raw, str):
+            return raw  # type: ignore[no-any-return]
+        lowered = raw.lower()
+        if lowered in ("true", "yes", "on", "1"):
+            return True
+        if lowered in ("false", "no", "off", "0"):
+            return False
+        raise self.error(key, f"expected true or false, got {raw!r}")
+
+    def getChoice(self, key: str, choices: Sequence[str], default: Any = REQUIRED) -> str:
+        """
+        C{key}, which must be one of C{choices}.
+        """
+        raw = self.get(key, default)
+        if raw not in choices:
+            raise self.error(key, f"expected one of {', '.join(choices)}, got {raw!r}")
+        return raw  # type: ignore[no-any-return]
+
+    def getList(self, key: str, default: Any = REQUIRED) -> Tuple[str, ...]:
+        """
+        C{key} as a list of words separated by spaces, commas or newlines.
+        """
+        raw = self.get(key, default)
+        if not isinstance(raw, str):
+            return tuple(raw)
+        return tuple(word for word in re.split(r"[\s,]+", raw) if word)
+
+    def rest(self) -> Dict[str, str]:
+        """
+        The keys not read so far, marked as read.
+        """
+        left = {k: v.strip() for k, v in self._values.items() if k not in self._used}
+        self._used.update(left)
+        return left
+
+    def finish(self) -> None:
+        """
+        Refuse any key that no reader asked for.
+        """
+        unknown = sorted(set(self._values) - self._used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key")
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """
+    The C{[gateway]} section.
+    """
+
+    listen: Tuple[str, ...] = ("tcp:8080",)
+    maxMessageBytes: int = 1048576
+    maxPollTimeout: int = 30000
+    maxPollLimit: int = 1000
+    publishTimeout: float = 10.0
+    headerPrefix: str = "X-Message-Header-"
+    keyHeader: str = "X-Message-Key"
+    replayWindow: int = 10000
+    subscriberQueue: int = 1000
+    accessLog: bool = False
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """
+    One C{[endpoint:NAME]} section; C{options} is the connector's own.
+    """
+
+    name: str
+    type: str
+    options: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    """
+    One C{[api:NAME]} section.
+    """
+
+    name: str
+    path: str
+    endpoint: str
+    topic: str
+    entrypoints: Tuple[str, ...]
+    plans: Tuple[str, ...] = ("keyless",)
+    start: str = "latest"
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    The whole configuration file.
+    """
+
+    path: str
+    gateway: GatewayConfig
+    endpoints: Mapping[str, EndpointConfig]
+    apis: Mapping[str, ApiConfig]
+
+
+EndpointParser = Callable[[SectionReader], Mapping[str, Any]]
+
+
+def _memoryOptions(section: SectionReader) -> Mapping[str, Any]:
+    return {"retention": section.getInt("retention", 10000, minimum=1, maximum=10_000_000)}
+
+
+def endpointParsers() -> Dict[str, EndpointParser]:
+    """
+    The option parser of every endpoint type, by type name.
+    """
+    parsers: Dict[str, EndpointParser] = {"memory": _memoryOptions}
+    try:
+        from evgate.connectors import kafka
+    except ImportError:  # pragma: no cover - connector not installed
+        pass
+    else:
+        parsers["kafka"] = kafka.parseOptions
+    try:
+        from evgate.connectors import mqtt
+    except ImportError:  # pragma: no cover - connector not installed
+        pass
+    else:
+        parsers["mqtt5"] = mqtt.parseOptions
+    return parsers
+
+
+ApiOptionParser = Callable[[SectionReader, "ApiContext"], Mapping[str, Any]]
+
+
+@dataclass
+class ApiContext:
+    """
+    What an API option parser may look at besides the section itself.
+    """
+
+    gateway: GatewayConfig
+    endpoint: EndpointConfig
+    entrypoints: Tuple[str, ...]
+    plans: Tuple[str, ...]
+
+
+_apiOptionParsers: List[ApiOptionParser] = []
+
+# Modules that register more keys with apiOptionParser / gatewayKeys when
+# imported; parseConfig imports them first.
+EXTENSION_MODULES: Tuple[str, ...] = ()
+
+
+def _loadExtensions() -> None:
+    import importlib
+
+    for name in EXTENSION_MODULES:
+        importlib.import_module(name)
+
+
+def apiOptionParser(parser: ApiOptionParser) -> ApiOptionParser:
+    """
+    Register a parser for more C{[api:NAME]} keys (used by the modules of
+    entrypoints, plans and filters).
+    """
+    _apiOptionParsers.append(parser)
+    return parser
+
+
+def _checkListen(section: SectionReader, key: str, description: str) -> None:
+    if description.startswith("systemd:"):
+        if not re.search(r"(^|:)index=\d+", description):
+            raise section.error(key, f"{description!r}: systemd listeners need index=N")
+        return
+    try:
+        serverFromString(MemoryReactor(), description)
+    except Exception as e:  # the parser raises many kinds; all mean a bad string
+        raise section.error(key, f"bad endpoint {description!r}: {e}") from None
+
+
+def _gatewayConfig(parser: configparser.ConfigParser, path: str) -> GatewayConfig:
+    values = parser["gateway"] if parser.has_section("gateway") else {}
+    section = SectionReader(path, "gateway", values)
+    listen = section.getList("listen", "tcp:8080")
+    if not listen:
+        raise section.error("listen", "needs at least one endpoint string")
+    for description in listen:
+        _checkListen(section, "listen", description)
+    config = GatewayConfig(
+        listen=listen,
+        maxMessageBytes=section.getInt("max-message-bytes", 1048576, minimum=1, maximum=64 * 1024 * 1024),
+        maxPollTimeout=section.getInt("max-poll-timeout", 30000, minimum=0, maximum=600000),
+        maxPollLimit=section.getInt("max-poll-limit", 1000, minimum=1, maximum=100000),
+        publishTimeout=section.getFloat("publish-timeout", 10.0, minimum=0.1),
+        headerPrefix=section.get("header-prefix", "X-Message-Header-"),
+        keyHeader=section.get("key-header", "X-Message-Key"),
+        replayWindow=section.getInt("replay-window", 10000, minimum=0, maximum=10_000_000),
+        subscriberQueue=section.getInt("subscriber-queue", 1000, minimum=1, maximum=10_000_000),
+        accessLog=section.getBool("access-log", False),
+    )
+    _extraGatewayKeys(section)
+    section.finish()
+    return config
+
+
+_gatewayKeyParsers: List[Callable[[SectionReader], None]] = []
+
+
+def gatewayKeys(parser: Callable[[SectionReader], None]) -> Callable[[SectionReader], None]:
+    """
+    Register a reader of more C{[gateway]} keys.
+    """
+    _gatewayKeyParsers.append(parser)
+    return parser
+
+
+def _extraGatewayKeys(section: SectionReader) -> None:
+    for parser in _gatewayKeyParsers:
+        parser(section)
+
+
+def _endpointConfig(path: str, name: str, values: Mapping[str, str]) -> EndpointConfig:
+    section = SectionReader(path, f"endpoint:{name}", values)
+    parsers = endpointParsers()
+    kind = section.getChoice("type", sorted(parsers))
+    options = parsers[kind](section)
+    section.finish()
+    return EndpointConfig(name=name, type=kind, options=options)
+
+
+def _apiConfig(path: str, name: str, values: Mapping[str, str], gateway: GatewayConfig,
+               endpoints: Mapping[str, EndpointConfig]) -> ApiConfig:
+    section = SectionReader(path, f"api:{name}", values)
+    apiPath = section.get("path")
+    if not _API_PATH.match(apiPath) or ".." in apiPath.split("/"):
+        raise section.error(
+            "path",
+            f"{apiPath!r} is not a context path: use /segments of letters, digits and ._~- "
+            "without a trailing slash",
+        )
+    endpointName = section.get("endpoint")
+    if endpointName not in endpoints:
+        known = ", ".join(sorted(endpoints)) or "none"
+        raise section.error("endpoint", f"unknown endpoint {endpointName!r} (known: {known})")
+    topic = section.get("topic")
+    entrypoints = section.getList("entrypoints")
+    if not entrypoints:
+        raise section.error("entrypoints", "needs at least one entrypoint")
+    for ep in entrypoints:
+        if ep not in ENTRYPOINT_NAMES:
+            raise section.error("entrypoints", f"unknown entrypoint {ep!r} (known: {' '.join(ENTRYPOINT_NAMES)})")
+    plans = section.getList("plans", "keyless")
+    if not plans:
+        raise section.error("plans", "needs at least one plan")
+    for plan in plans:
+        if plan not in PLAN_NAMES:
+            raise section.error("plans", f"unknown plan {plan!r} (known: {' '.join(PLAN_NAMES)})")
+    start = section.getChoice("start", START_CHOICES, "latest")
+    context = ApiContext(gateway, endpoints[endpointName], entrypoints, plans)
+    options: Dict[str, Any] = {}
+    for parser in _apiOptionParsers:
+        options.update(parser(section, context))
+    section.finish()
+    return ApiConfig(
+        name=name, path=apiPath, endpoint=endpointName, topic=topic, entrypoints=entrypoints,
+        plans=plans, start=start, options=options,
+    )
+
+
+def parseConfig(text: str, path: str = "<string>") -> Config:
+    """
+    Parse the text of an evgate.ini.
+
+    @raise ConfigError: on any mistake.
+    """
+    _loadExtensions()
+    parser = configparser.ConfigParser(interpolation=None, default_section="\x00no-defaults")
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    try:
+        parser.read_string(text, source=path)
+    except configparser.DuplicateSectionError as e:
+        raise ConfigError(path, e.section, None, f"section appears twice (line {e.lineno})") from None
+    except configparser.DuplicateOptionError as e:
+        raise ConfigError(path, e.section, e.option, f"key appears twice (line {e.lineno})") from None
+    except configparser.MissingSectionHeaderError as e:
+        raise ConfigError(path, None, None, f"line {e.lineno}: text before the first [section]") from None
+    except configparser.Error as e:
+        raise ConfigError(path, None, None, str(e).splitlines()[0]) from None
+
+    for name in parser.sections():
+        if name == "gateway":
+            continue
+        kind, _, rest = name.partition(":")
+        if kind not in ("endpoint", "api") or not rest:
+            raise ConfigError(path, name, None,
+                              "unknown section (expected [gateway], [endpoint:NAME] or [api:NAME])")
+        if not _NAME.match(rest):
+            raise ConfigError(path, name, None, f"{rest!r} is not a valid name (letters, digits, . _ -)")
+
+    gateway = _gatewayConfig(parser, path)
+    endpoints: Dict[str, EndpointConfig] = {}
+    for name in parser.sections():
+        if name.startswith("endpoint:"):
+            endpoints[name[9:]] = _endpointConfig(path, name[9:], parser[name])
+    apis: Dict[str, ApiConfig] = {}
+    paths: Dict[str, str] = {}
+    for name in parser.sections():
+        if name.startswith("api:"):
+            api = _apiConfig(path, name[4:], parser[name], gateway, endpoints)
+            if api.path in paths:
+                raise ConfigError(path, name, "path", f"{api.path} is already the path of [api:{paths[api.path]}]")
+            paths[api.path] = api.name
+            apis[api.name] = api
+    if not apis:
+        raise ConfigError(path, None, None, "no [api:NAME] section: nothing to serve")
+    return Config(path=path, gateway=gateway, endpoints=endpoints, apis=apis)
+
+
+def loadConfig(path: str) -> Config:
+    """
+    Read and parse the file at C{path}.
+
+    @raise ConfigError: if the file cannot be read or has a mistake.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError(path, None, None, f"cannot read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, None, None, "is not UTF-8 text") from None
+    return parseConfig(text, path)

@@ -1,0 +1,344 @@
+"""
+HTTP GET: long-poll consumption with cursors.
+
+C{GET {path}?cursor=&limit=&timeout=} answers as soon as at least one
+message after the cursor is there, or after C{timeout} milliseconds with
+none.  C{nextCursor} is always present, so a client that polls with it
+never misses and never repeats a message.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from typing import Any, List, Optional, Tuple
+from xml.sax.saxutils import escape, quoteattr
+
+from twisted.internet.interfaces import IDelayedCall
+from twisted.logger import Logger
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from evgate.errors import BadCursor, BadRequest, NotAcceptable, Problem
+from evgate.gateway import ApiCall, finishWithFailure, jsonBody, writeProblem
+from evgate.hub import Event, HubSubscription
+from evgate.interfaces import IEntrypoint, ISubscriber
+from evgate.message import Cursor, CursorError, contentForJSON
+
+DEFAULT_LIMIT = 100
+DEFAULT_TIMEOUT = 5000
+
+FORMATS = ("application/json", "text/plain", "application/xml")
+
+# Characters XML 1.0 cannot carry, even escaped.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def negotiate(accept: Optional[bytes], offered: Tuple[str, ...] = FORMATS) -> Optional[str]:
+    """
+    The media type of C{offered} that the C{Accept} header C{accept} prefers,
+    or L{None} when it accepts none of them.  No header means the first
+    offered type.
+    """
+    if accept is None or not accept.strip():
+        return offered[0]
+    best: Optional[str] = None
+    bestScore = (0.0, 0)
+    for part in accept.decode("latin-1").split(","):
+        fields = [f.strip() for f in part.split(";")]
+        media = fields[0].lower()
+        q = 1.0
+        for param in fields[1:]:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        if q <= 0:
+            continue
+        for index, candidate in enumerate(offered):
+            kind = candidate.split("/")[0]
+            if media == candidate:
+                specificity = 2
+            elif media == kind + "/*":
+                specificity = 1
+            elif media == "*/*":
+                specificity = 0
+            else:
+                continue
+            # Prefer higher q, then the more specific range, then our order.
+            score = (q, specificity * 10 - index)
+            if score > bestScore:
+                best, bestScore = candidate, score
+    return best
+
+
+def intParameter(request: Request, name: str, default: int, maximum: int) -> int:
+    """
+    The integer query parameter C{name}, between 0 and C{maximum}.
+
+    @raise BadRequest: if it is not such an integer.
+    """
+    values = request.args.get(name.encode("ascii"))
+    if not values:
+        return default
+    raw = values[0]
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"query parameter {name} must be an integer, got {raw.decode('latin-1')!r}") from None
+    if value < 0 or value > maximum:
+        raise BadRequest(f"query parameter {name} must be between 0 and {maximum}, got {value}")
+    return value
+
+
+def requestCursor(request: Request, tag: bytes, header: Optional[bytes] = None) -> Optional[Cursor]:
+    """
+    The cursor a request resumes from: the C{cursor} query parameter, else
+    the header C{header} if given (SSE's C{Last-Event-ID}), else L{None}.
+
+    @raise BadCursor: if the token is malformed or foreign.
+    """
+    values = request.args.get(b"cursor")
+    raw = values[0] if values else (request.getHeader(header) if header else None)
+    if raw is None or raw == b"":
+        return None
+    try:
+        return Cursor.decode(raw.decode("ascii"), tag)
+    except (CursorError, UnicodeDecodeError) as e:
+        raise BadCursor(f"cursor {raw[:80].decode('latin-1')!r} cannot be used here: {e}") from None
+
+
+def jsonItem(event: Event, tag: bytes) -> dict:
+    """
+    One item of a JSON page.
+    """
+    message = event.message
+    text, encoding = contentForJSON(message.content)
+    item = {
+        "id": event.token(tag),
+        "key": message.key,
+        "headers": dict(message.headers),
+        "content": text,
+        "metadata": message.metadata(),
+    }
+    if encoding is not None:
+        item["encoding"] = encoding
+    return item
+
+
+def renderPage(media: str, events: List[Event], tag: bytes, nextCursor: str, limit: int,
+               gap: Optional[str]) -> bytes:
+    """
+    The body of one page in the negotiated C{media} type.
+    """
+    if media == "application/json":
+        import json
+
+        doc: dict = {"items": [jsonItem(e, tag) for e in events],
+                     "pagination": {"nextCursor": nextCursor, "limit": limit}}
+        if gap is not None:
+            doc["gap"] = gap
+        return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+    if media == "text/plain":
+        return _textPage(events, tag, nextCursor, gap)
+    return _xmlPage(events, tag, nextCursor, limit, gap)
+
+
+def _textPage(events: List[Event], tag: bytes, nextCursor: str, gap: Optional[str]) -> bytes:
+    # A header block per message, then exactly content-length bytes of
+    # content and a blank line: readable by eye, parseable by a program.
+    out = [f"next-cursor: {nextCursor}\n".encode()]
+    if gap is not None:
+        out.append(f"gap: {gap}\n".encode())
+    out.append(f"count: {len(events)}\n\n".encode())
+    for event in events:
+        m = event.message
+        lines = [f"id: {event.token(tag)}"]
+        if m.key is not None:
+            lines.append(f"key: {_oneLine(m.key)}")
+        for name, value in m.headers:
+            lines.append(f"header: {name}: {_oneLine(value)}")
+        lines.append(f"topic: {m.topic}")
+        lines.append(f"partition: {m.partition}")
+        lines.append(f"offset: {m.offset}")
+        lines.append(f"timestamp: {m.timestamp}")
+        lines.append(f"content-length: {len(m.content)}")
+        out.append(("\n".join(lines) + "\n\n").encode("utf-8"))
+        out.append(m.content)
+        out.append(b"\n\n")
+    return b"".join(out)
+
+
+def _oneLine(text: str) -> str:
+    return text.replace("\r", "\\r").replace("\n", "\\n")
+
+
+def _xmlPage(events: List[Event], tag: bytes, nextCursor: str, limit: int, gap: Optional[str]) -> bytes:
+    out = ['<?xml version="1.0" encoding="UTF-8"?>\n',
+           f"<messages nextCursor={quoteattr(nextCursor)} limit=\"{limit}\""]
+    if gap is not None:
+        out.append(f" gap={quoteattr(gap)}")
+    out.append(">")
+    for event in events:
+        m = event.message
+        out.append(f"<message id={quoteattr(event.token(tag))}")
+        if m.key is not None and not _NOT_XML.search(m.key):
+            out.append(f" key={quoteattr(m.key)}")
+        out.append(">")
+        for name, value in m.headers:
+            if not _NOT_XML.search(value):
+                out.append(f"<header name={quoteattr(name)}>{escape(value)}</header>")
+        try:
+            text = m.content.decode("utf-8")
+            if _NOT_XML.search(text):
+                raise UnicodeDecodeError("utf-8", b"", 0, 1, "not XML")
+            out.append(f"<content>{escape(text)}</content>")
+        except UnicodeDecodeError:
+            out.append(f"<content encoding=\"base64\">{base64.b64encode(m.content).decode()}</content>")
+        out.append(f"<metadata topic={quoteattr(m.topic)} partition=\"{m.partition}\" "
+                   f"offset=\"{m.offset}\" timestamp=\"{m.timestamp}\"/>")
+        out.append("</message>")
+    out.append("</messages>\n")
+    return "".join(out).encode("utf-8")
+
+
+@implementer(ISubscriber)
+class PollSubscriber:
+    """
+    One long poll: collects up to C{limit} events, answers with the first
+    batch or at the timeout.
+    """
+
+    log = Logger()
+
+    def __init__(self, request: Request, call: ApiCall, media: str, limit: int, timeout: float) -> None:
+        self.request = request
+        self.call = call
+        self.media = media
+        self.limit = limit
+        self.timeout = timeout
+        self.events: List[Event] = []
+        self.cursor: Optional[Cursor] = None
+        self.gapReason: Optional[str] = None
+        self.subscription: Optional[HubSubscription] = None
+        self.timer: Optional[IDelayedCall] = None
+        self.done = False
+
+    def start(self, start: Any, filter: Any = None) -> None:
+        """
+        Subscribe and arm the timeout.
+        """
+        api = self.call.api
+        reactor = api.gateway.reactor
+        self.request.notifyFinish().addErrback(self._clientGone)
+        self.subscription = api.hub.subscribe(api.config.endpoint, api.config.topic, start, self, filter)
+        if not self.done:
+            self.timer = reactor.callLater(self.timeout, self._timedOut)
+
+    def started(self, cursor: Cursor) -> None:
+        self.cursor = cursor
+        if self.limit == 0:
+            self._answer()
+
+    def deliver(self, events: List[Event]) -> None:
+        if self.done:
+            return
+        room = self.limit - len(self.events)
+        taken = events[:room]
+        self.events.extend(taken)
+        if taken:
+            self.cursor = taken[-1].cursor
+        # Answer as soon as something is there; the rest of this batch
+        # stays for the next poll (the cursor says where it begins).
+        self._answer()
+
+    def advanced(self, cursor: Cursor) -> None:
+        if not self.done and len(self.events) < self.limit:
+            self.cursor = cursor
+
+    def gap(self, cursor: Cursor, reason: str) -> None:
+        if not self.done:
+            self.cursor = cursor
+            self.gapReason = reason
+
+    def failed(self, reason: Any) -> None:
+        if self.done:
+            return
+        self._stop()
+        finishWithFailure(self.request, reason, "reading for a long poll")
+
+    def _timedOut(self) -> None:
+        self.timer = None
+        self._answer()
+
+    def _clientGone(self, reason: Any) -> None:
+        self._stop()
+
+    def _stop(self) -> None:
+        self.done = True
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+        if self.subscription is not None:
+            self.subscription.close()
+
+    def _answer(self) -> None:
+        if self.done:
+            return
+        if self.cursor is None:
+            # The upstream has not said where it starts yet; wait for it.
+            if self.timer is None:
+                self.timer = self.call.api.gateway.reactor.callLater(1.0, self._timedOut)
+            return
+        self._stop()
+        request = self.request
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        tag = self.call.api.tag
+        body = renderPage(self.media, self.events, tag, self.cursor.encode(tag), self.limit, self.gapReason)
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", (self.media + "; charset=utf-8").encode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.write(body)
+        request.finish()
+
+
+@implementer(IEntrypoint)
+class HttpGetEntrypoint:
+    """
+    C{http-get}: long-poll consumption.
+    """
+
+    name = "http-get"
+    methods = (b"GET",)
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+
+    def accepts(self, request: Request) -> bool:
+        return request.method == b"GET"
+
+    def render(self, request: Request, call: ApiCall) -> Any:
+        gateway = call.api.gateway
+        try:
+            media = negotiate(request.getHeader(b"accept"))
+            if media is None:
+                raise NotAcceptable("this API answers GET with " + ", ".join(FORMATS))
+            cursor = requestCursor(request, call.api.tag)
+            limit = intParameter(request, "limit", min(DEFAULT_LIMIT, gateway.maxPollLimit), gateway.maxPollLimit)
+            timeout = intParameter(request, "timeout", min(DEFAULT_TIMEOUT, gateway.maxPollTimeout),
+                                   gateway.maxPollTimeout)
+            filter = self.filterFor(request, call)
+        except Problem as problem:
+            return writeProblem(request, problem)
+        start: Any = cursor if cursor is not None else call.api.config.start
+        PollSubscriber(request, call, media, limit, timeout / 1000.0).start(start, filter)
+        return NOT_DONE_YET
+
+    def filterFor(self, request: Request, call: ApiCall) -> Any:
+        """
+        The message filter of this request (none yet; see evgate.filters).
+        """
+        return None

@@ -1,0 +1,493 @@
+"""
+The fan-out hub: one upstream subscription per (endpoint, topic) on a node,
+shared by every live subscriber of that topic.
+
+Design
+======
+
+A L{SharedStream} reads its topic from the live head.  Every message it
+receives becomes one L{Event}: the message plus the cursor that resumes right
+after it.  The event is made once and handed to every subscriber, so any
+per-message work an entrypoint caches on it (an encoded cursor, an SSE frame)
+is done once per message, not once per subscriber.
+
+The stream keeps its last C{window} events in a L{ReplayWindow}.  A
+subscriber that arrives with a cursor inside the window is replayed from
+memory and then joins the live stream; one with an older cursor (or
+C{start = earliest}) gets a L{PrivateStream}, its own upstream subscription
+that seeks to its cursor.  Private streams never hand over to the shared one:
+the handover would race the live stream for the same offsets, and a client
+that catches up reconnects into the window anyway.
+
+A subscriber's ids are the stream's cursors, except while a subscriber that
+resumed with a cursor is ahead of the stream on some partition (only possible
+with several partitions); until the stream overtakes it there, its events
+carry the per-partition maximum of both, so that an id never points before
+what the client already saw.
+
+Pausing: a subscriber whose transport pushes back calls
+L{HubSubscription.pause}; it keeps receiving and queues up to its own bound
+(and is cut when that overflows: see the entrypoints).  The upstream read is
+paused only when every subscriber of the stream is paused, so one slow client
+never slows the others.  A private stream pauses its upstream read with its
+only subscriber.
+
+Idle shared streams stay open for C{idleGrace} seconds after their last
+subscriber left, so that long-polling clients find a warm window between
+polls.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from evgate.interfaces import IConnector, ISubscriber, IUpstreamSink
+from evgate.message import Cursor, Message
+
+Filter = Callable[[Message], bool]
+Start = Union[str, Cursor]
+
+
+class Event:
+    """
+    One message as the hub hands it to subscribers: the message, the cursor
+    that resumes right after it, and a cache of encodings that entrypoints
+    compute once per message.
+    """
+
+    __slots__ = ("message", "cursor", "_tokens", "frames")
+
+    def __init__(self, message: Message, cursor: Cursor) -> None:
+        self.message = message
+        self.cursor = cursor
+        self._tokens: Optional[Dict[bytes, str]] = None
+        self.frames: Dict[Any, Any] = {}
+
+    def token(self, tag: bytes) -> str:
+        """
+        The encoded cursor of this event for the API whose tag is C{tag},
+        computed once.
+        """
+        tokens = self._tokens
+        if tokens is None:
+            tokens = self._tokens = {}
+        token = tokens.get(tag)
+        if token is None:
+            token = tokens[tag] = self.cursor.encode(tag)
+        return token
+
+
+class ReplayWindow:
+    """
+    The last C{size} events of a shared stream, and the cursor at which the
+    oldest of them begins.
+    """
+
+    def __init__(self, size: int, start: Cursor) -> None:
+        self.size = size
+        self.events: Deque[Event] = deque()
+        self.start = start
+
+    def append(self, events: Sequence[Event]) -> None:
+        """
+        Keep C{events}, forgetting the oldest beyond C{size}.
+        """
+        if self.size == 0:
+            if events:
+                self.start = events[-1].cursor
+            return
+        self.events.extend(events)
+        while len(self.events) > self.size:
+            self.start = self.events.popleft().cursor
+
+    def covers(self, cursor: Cursor, head: Cursor) -> bool:
+        """
+        Whether every message after C{cursor} up to C{head} is in the
+        window.
+        """
+        if cursor.epoch != self.start.epoch:
+            return False
+        offsets = cursor.asDict()
+        headOffsets = head.asDict()
+        if set(offsets) - set(headOffsets):
+            return False
+        for partition, first in self.start.offsets:
+            wanted = offsets.get(partition)
+            if wanted is None or wanted < first or wanted > headOffsets.get(partition, first):
+                return False
+        return True
+
+
+class HubSubscription:
+    """
+    One subscriber's attachment to a stream.  The entrypoint holds it to
+    pause, resume and close.
+    """
+
+    def __init__(self, stream: "_Stream", subscriber: ISubscriber, filter: Optional[Filter],
+                 floor: Optional[Cursor]) -> None:
+        self.stream = stream
+        self.subscriber = subscriber
+        self.filter = filter
+        self.floor = floor
+        self.paused = False
+        self.closed = False
+        self.cursor: Optional[Cursor] = None
+
+    def pause(self) -> None:
+        """
+        The subscriber cannot write for now.
+        """
+        if not self.paused and not self.closed:
+            self.paused = True
+            self.stream.subscriberPaused(self)
+
+    def resume(self) -> None:
+        """
+        The subscriber can write again.
+        """
+        if self.paused and not self.closed:
+            self.paused = False
+            self.stream.subscriberResumed(self)
+
+    def close(self) -> None:
+        """
+        Detach from the stream.  Idempotent.
+        """
+        if not self.closed:
+            self.closed = True
+            self.stream.detach(self)
+
+    def offer(self, events: Sequence[Event]) -> None:
+        """
+        Hand C{events} to the subscriber, through the floor and the filter.
+        """
+        if self.closed or not events:
+            return
+        if self.floor is not None:
+            events = self._applyFloor(events)
+            if not events:
+                return
+        last = events[-1].cursor
+        if self.filter is not None:
+            check = self.filter
+            passing = [e for e in events if check(e.message)]
+        else:
+            passing = list(events)
+        self.cursor = last
+        if passing:
+            self.subscriber.deliver(passing)
+        if not self.closed and (not passing or passing[-1].cursor is not last):
+            self.subscriber.advanced(last)
+
+    def _applyFloor(self, events: Sequence[Event]) -> List[Event]:
+        # Drop what the subscriber saw already and give the rest ids that
+        # never point before its floor, until the stream overtakes it.
+        floor = self.floor
+        assert floor is not None
+        out: List[Event] = []
+        for index, event in enumerate(events):
+            message = event.message
+            wanted = floor.get(message.partition)
+            if wanted is not None and message.offset < wanted:
+                continue
+            if event.cursor.dominates(floor):
+                self.floor = None
+                out.append(event)
+                out.extend(events[index + 1:])
+                return out
+            out.append(Event(message, event.cursor.merged(floor)))
+        return out
+
+
+class _Stream:
+    """
+    What shared and private streams have in common: turning upstream
+    batches into events.
+    """
+
+    log = Logger()
+
+    def __init__(self, hub: "Hub", connector: IConnector, topic: str) -> None:
+        self.hub = hub
+        self.connector = connector
+        self.topic = topic
+        self.head: Optional[Cursor] = None
+        self.upstream: Any = None
+        self.error: Optional[Failure] = None
+
+    def makeEvents(self, messages: Sequence[Message]) -> List[Event]:
+        """
+        Events for C{messages}, advancing C{head}.
+        """
+        assert self.head is not None
+        offsets = self.head.asDict()
+        epoch = self.head.epoch
+        events = []
+        for message in messages:
+            offsets[message.partition] = message.offset + 1
+            events.append(Event(message, Cursor(epoch, tuple(sorted(offsets.items())))))
+        if events:
+            self.head = events[-1].cursor
+        return events
+
+    def subscriberPaused(self, subscription: HubSubscription) -> None:
+        raise NotImplementedError
+
+    def subscriberResumed(self, subscription: HubSubscription) -> None:
+        raise NotImplementedError
+
+    def detach(self, subscription: HubSubscription) -> None:
+        raise NotImplementedError
+
+
+@implementer(IUpstreamSink)
+class SharedStream(_Stream):
+    """
+    The live read of one (endpoint, topic), fanned out to its subscribers.
+    """
+
+    def __init__(self, hub: "Hub", connector: IConnector, topic: str, windowSize: int) -> None:
+        super().__init__(hub, connector, topic)
+        self.windowSize = windowSize
+        self.window: Optional[ReplayWindow] = None
+        self.subscriptions: List[HubSubscription] = []
+        self.pending: List[Tuple[HubSubscription, Start]] = []
+        self.upstreamPaused = False
+        self._idleCall: Any = None
+        self.upstream = connector.subscribe(topic, "latest", self)
+
+    # IUpstreamSink
+
+    def started(self, cursor: Cursor) -> None:
+        self.head = cursor
+        self.window = ReplayWindow(self.windowSize, cursor)
+        pending, self.pending = self.pending, []
+        for subscription, start in pending:
+            if not subscription.closed:
+                self._attach(subscription, start)
+
+    def deliver(self, messages: Sequence[Message]) -> None:
+        events = self.makeEvents(messages)
+        assert self.window is not None
+        self.window.append(events)
+        for subscription in list(self.subscriptions):
+            subscription.offer(events)
+
+    def gap(self, cursor: Cursor, reason: str) -> None:
+        self.head = cursor if self.head is None else self.head.merged(cursor)
+        if self.window is not None:
+            self.window = ReplayWindow(self.windowSize, self.head)
+        for subscription in list(self.subscriptions):
+            subscription.subscriber.gap(self.head, reason)
+
+    def failed(self, reason: Failure) -> None:
+        self.error = reason
+        self.hub.streamEnded(self)
+        for subscription, _ in self.pending:
+            subscription.closed = True
+            subscription.subscriber.failed(reason)
+        self.pending = []
+        for subscription in list(self.subscriptions):
+            subscription.closed = True
+            subscription.subscriber.failed(reason)
+        self.subscriptions = []
+
+    # attaching
+
+    def attach(self, subscription: HubSubscription, start: Start) -> None:
+        """
+        Add a subscriber that starts at the live head (C{"latest"}) or at a
+        cursor the window covers.
+        """
+        self._cancelIdle()
+        if self.head is None:
+            self.pending.append((subscription, start))
+        else:
+            self._attach(subscription, start)
+
+    def canReplay(self, cursor: Cursor) -> bool:
+        """
+        Whether a subscriber starting at C{cursor} can be served from the
+        window.
+        """
+        return (self.window is not None and self.head is not None
+                and self.window.covers(cursor, self.head))
+
+    def _attach(self, subscription: HubSubscription, start: Start) -> None:
+        assert self.head is not None and self.window is not None
+        if isinstance(start, Cursor) and not self.window.covers(start, self.head):
+            # The window moved on while this subscriber waited for the
+            # stream to start: hand it to a private stream after all.
+            self.hub.attachPrivate(subscription, start)
+            return
+        self.subscriptions.append(subscription)
+        if isinstance(start, Cursor):
+            subscription.subscriber.started(start)
+            if not start.dominates(self.head):
+                subscription.floor = start
+            backlog = list(self.window.events)
+            if backlog and not subscription.closed:
+                subscription.offer(backlog)
+        else:
+            subscription.subscriber.started(self.head)
+        if self.upstreamPaused and not subscription.paused:
+            self.upstreamPaused = False
+            self.upstream.resume()
+
+    def subscriberPaused(self, subscription: HubSubscription) -> None:
+        if all(s.paused for s in self.subscriptions) and not self.upstreamPaused:
+            self.upstreamPaused = True
+            self.upstream.pause()
+
+    def subscriberResumed(self, subscription: HubSubscription) -> None:
+        if self.upstreamPaused:
+            self.upstreamPaused = False
+            self.upstream.resume()
+
+    def detach(self, subscription: HubSubscription) -> None:
+        if subscription in self.subscriptions:
+            self.subscriptions.remove(subscription)
+        self.pending = [(s, start) for s, start in self.pending if s is not subscription]
+        if not self.subscriptions and not self.pending:
+            self.scheduleIdle()
+        elif self.upstreamPaused and not all(s.paused for s in self.subscriptions):
+            self.upstreamPaused = False
+            self.upstream.resume()
+
+    def scheduleIdle(self) -> None:
+        """
+        Close the stream after the idle grace unless a subscriber comes.
+        """
+        self._cancelIdle()
+        self._idleCall = self.hub.reactor.callLater(self.hub.idleGrace, self._closeIfIdle)
+
+    def _cancelIdle(self) -> None:
+        if self._idleCall is not None and self._idleCall.active():
+            self._idleCall.cancel()
+        self._idleCall = None
+
+    def _closeIfIdle(self) -> None:
+        self._idleCall = None
+        if not self.subscriptions and not self.pending:
+            self.close()
+
+    def close(self) -> None:
+        """
+        End the upstream read and forget the stream.
+        """
+        self._cancelIdle()
+        self.upstream.close()
+        self.hub.streamEnded(self)
+
+
+@implementer(IUpstreamSink)
+class PrivateStream(_Stream):
+    """
+    An upstream read of its own for one subscriber whose cursor is older
+    than the shared window.
+    """
+
+    def __init__(self, hub: "Hub", connector: IConnector, topic: str,
+                 subscription: HubSubscription, start: Start) -> None:
+        super().__init__(hub, connector, topic)
+        self.subscription = subscription
+        subscription.stream = self
+        self.upstream = connector.subscribe(topic, start, self)
+        if subscription.paused:
+            self.upstream.pause()
+
+    def started(self, cursor: Cursor) -> None:
+        self.head = cursor
+        if not self.subscription.closed:
+            self.subscription.subscriber.started(cursor)
+
+    def deliver(self, messages: Sequence[Message]) -> None:
+        self.subscription.offer(self.makeEvents(messages))
+
+    def gap(self, cursor: Cursor, reason: str) -> None:
+        self.head = cursor if self.head is None else self.head.merged(cursor)
+        if not self.subscription.closed:
+            self.subscription.subscriber.gap(self.head, reason)
+
+    def failed(self, reason: Failure) -> None:
+        self.error = reason
+        if not self.subscription.closed:
+            self.subscription.closed = True
+            self.subscription.subscriber.failed(reason)
+
+    def subscriberPaused(self, subscription: HubSubscription) -> None:
+        self.upstream.pause()
+
+    def subscriberResumed(self, subscription: HubSubscription) -> None:
+        self.upstream.resume()
+
+    def detach(self, subscription: HubSubscription) -> None:
+        self.upstream.close()
+
+
+class Hub:
+    """
+    The fan-out point of one gateway node.
+    """
+
+    log = Logger()
+
+    def __init__(self, connectors: Dict[str, IConnector], reactor: Any, window: int = 10000,
+                 idleGrace: float = 30.0) -> None:
+        self.connectors = connectors
+        self.reactor = reactor
+        self.window = window
+        self.idleGrace = idleGrace
+        self.streams: Dict[Tuple[str, str], SharedStream] = {}
+
+    def subscribe(self, endpoint: str, topic: str, start: Start, subscriber: ISubscriber,
+                  filter: Optional[Filter] = None) -> HubSubscription:
+        """
+        Attach C{subscriber} to C{topic} of C{endpoint} from C{start}
+        (C{"latest"}, C{"earliest"} or a L{Cursor}).
+        """
+        connector = self.connectors[endpoint]
+        stream = self.streams.get((endpoint, topic))
+        if stream is None:
+            stream = self.streams[(endpoint, topic)] = SharedStream(self, connector, topic, self.window)
+        subscription = HubSubscription(stream, subscriber, filter, None)
+        if start == "latest":
+            stream.attach(subscription, start)
+        elif isinstance(start, Cursor) and (stream.head is None or stream.canReplay(start)):
+            # A stream that is still starting decides when it knows its head.
+            stream.attach(subscription, start)
+        else:
+            if not stream.subscriptions and not stream.pending:
+                # Nobody is on the shared stream yet; it warms the window for
+                # the next reader, and closes if nobody comes.
+                stream.scheduleIdle()
+            self.attachPrivate(subscription, start)
+        return subscription
+
+    def attachPrivate(self, subscription: HubSubscription, start: Start) -> None:
+        """
+        Serve C{subscription} from an upstream read of its own.
+        """
+        shared = subscription.stream
+        PrivateStream(self, shared.connector, shared.topic, subscription, start)
+
+    def streamEnded(self, stream: SharedStream) -> None:
+        """
+        Forget a shared stream that closed or failed.
+        """
+        for key, value in list(self.streams.items()):
+            if value is stream:
+                del self.streams[key]
+
+    def close(self) -> None:
+        """
+        Close every shared stream (at shutdown).
+        """
+        for stream in list(self.streams.values()):
+            stream.close()

@@ -1,0 +1,300 @@
+"""
+Messages, positions and cursors: the values that travel between
+connectors, the hub and entrypoints.
+
+A L{Cursor} is the one resume token every entrypoint speaks (HTTP GET's
+C{nextCursor}, SSE's C{id:}, WebSocket's C{cursor} parameter, a webhook
+subscription's position).  It records, per partition, the offset of the next
+record a client has not seen yet, so a client may switch protocols and
+resume exactly where it was.
+
+On the wire a cursor is URL-safe base64 (no padding) of::
+
+    version (1 byte) | tag (4 bytes) | varint epoch | varint count |
+    count * (varint partition, varint next-offset)
+
+The tag binds a cursor to one API's topic: a cursor minted for another API
+is I{foreign} and rejected, never silently applied to the wrong stream.  The
+epoch identifies an incarnation of a log that can be reset (the in-memory
+broker starts a new epoch in every process); Kafka and MQTT use 0.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple
+
+CURSOR_VERSION = 1
+
+
+class CursorError(ValueError):
+    """
+    A cursor token is malformed, of an unknown version, or foreign to the
+    stream it was offered to.
+    """
+
+
+@dataclass(frozen=True)
+class Draft:
+    """
+    A message on its way in: what a publisher hands to a connector.
+
+    @ivar content: the payload bytes.
+    @ivar key: the record key, or L{None}.
+    @ivar headers: message headers, name to value, in order.
+    """
+
+    content: bytes
+    key: Optional[str] = None
+    headers: Tuple[Tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Position:
+    """
+    Where a broker stored one record: the answer to a publish.
+    """
+
+    topic: str
+    partition: int
+    offset: int
+
+    def asJSON(self) -> Dict[str, Any]:
+        """
+        The acknowledgement body of a publish.
+        """
+        return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
+
+
+@dataclass(frozen=True)
+class Message:
+    """
+    A record read from an endpoint.
+
+    @ivar timestamp: milliseconds since the epoch, as the broker reports it.
+    @ivar extra: endpoint-specific metadata (for example MQTT's qos).
+    """
+
+    content: bytes
+    key: Optional[str]
+    headers: Tuple[Tuple[str, str], ...]
+    topic: str
+    partition: int
+    offset: int
+    timestamp: int
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def metadata(self) -> Dict[str, Any]:
+        """
+        The C{metadata} object of the JSON envelope.
+        """
+        meta: Dict[str, Any] = {
+            "topic": self.topic,
+            "partition": self.partition,
+            "offset": self.offset,
+            "timestamp": self.timestamp,
+        }
+        meta.update(self.extra)
+        return meta
+
+
+def contentForJSON(content: bytes) -> Tuple[str, Optional[str]]:
+    """
+    Represent C{content} in a JSON document.
+
+    @return: the text and L{None} when C{content} is UTF-8; otherwise the
+        base64 text and C{"base64"}, the value of the envelope's C{encoding}.
+    """
+    try:
+        return content.decode("utf-8"), None
+    except UnicodeDecodeError:
+        return base64.b64encode(content).decode("ascii"), "base64"
+
+
+def envelope(message: Message, eventId: Optional[str] = None) -> Dict[str, Any]:
+    """
+    The JSON envelope of a message shared by every entrypoint.
+    """
+    text, encoding = contentForJSON(message.content)
+    env: Dict[str, Any] = {}
+    if eventId is not None:
+        env["id"] = eventId
+    env["key"] = message.key
+    env["headers"] = dict(message.headers)
+    env["content"] = text
+    if encoding is not None:
+        env["encoding"] = encoding
+    env["metadata"] = message.metadata()
+    return env
+
+
+def envelopeJSON(message: Message, eventId: Optional[str] = None) -> bytes:
+    """
+    The envelope of L{envelope}, serialised compactly.
+    """
+    return json.dumps(envelope(message, eventId), separators=(",", ":")).encode("utf-8")
+
+
+def cursorTag(api: str, topic: str) -> bytes:
+    """
+    The 4-byte tag that binds cursors to one API's topic.
+    """
+    return hashlib.sha256(f"{api}\x00{topic}".encode("utf-8")).digest()[:4]
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _readVarint(data: bytes, index: int) -> Tuple[int, int]:
+    value = 0
+    shift = 0
+    while True:
+        if index >= len(data):
+            raise CursorError("cursor is truncated")
+        byte = data[index]
+        index += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, index
+        shift += 7
+        if shift > 63:
+            raise CursorError("cursor holds an oversized number")
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """
+    A position in a stream: per partition, the offset of the next record to
+    read.  Immutable; L{advance} returns a new cursor.
+
+    @ivar epoch: the incarnation of the log the offsets refer to.
+    @ivar offsets: sorted pairs of (partition, next offset).
+    """
+
+    epoch: int = 0
+    offsets: Tuple[Tuple[int, int], ...] = ()
+
+    @classmethod
+    def fromMapping(cls, offsets: Mapping[int, int], epoch: int = 0) -> "Cursor":
+        """
+        Build a cursor from a mapping of partition to next offset.
+        """
+        return cls(epoch, tuple(sorted(offsets.items())))
+
+    def asDict(self) -> Dict[int, int]:
+        """
+        The offsets as a new mutable dictionary.
+        """
+        return dict(self.offsets)
+
+    def get(self, partition: int) -> Optional[int]:
+        """
+        The next offset of C{partition}, or L{None} if the cursor does not
+        know the partition.
+        """
+        for p, o in self.offsets:
+            if p == partition:
+                return o
+        return None
+
+    def advance(self, partition: int, nextOffset: int) -> "Cursor":
+        """
+        A cursor that has moved C{partition} to C{nextOffset}.
+        """
+        offsets = self.asDict()
+        offsets[partition] = nextOffset
+        return Cursor.fromMapping(offsets, self.epoch)
+
+    def after(self, message: Message) -> "Cursor":
+        """
+        The cursor that resumes right after C{message}.
+        """
+        return self.advance(message.partition, message.offset + 1)
+
+    def dominates(self, other: "Cursor") -> bool:
+        """
+        Whether every partition of C{other} is at or behind this cursor.
+        """
+        mine = self.asDict()
+        return all(mine.get(p, -1) >= o for p, o in other.offsets)
+
+    def merged(self, other: "Cursor") -> "Cursor":
+        """
+        The per-partition maximum of two cursors.
+        """
+        offsets = self.asDict()
+        for p, o in other.offsets:
+            if offsets.get(p, -1) < o:
+                offsets[p] = o
+        return Cursor.fromMapping(offsets, self.epoch)
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        return iter(self.offsets)
+
+    def encode(self, tag: bytes) -> str:
+        """
+        The URL-safe token of this cursor for the stream named by C{tag}.
+        """
+        parts = [bytes([CURSOR_VERSION]), tag, _varint(self.epoch), _varint(len(self.offsets))]
+        for partition, offset in self.offsets:
+            parts.append(_varint(partition))
+            parts.append(_varint(offset))
+        return base64.urlsafe_b64encode(b"".join(parts)).rstrip(b"=").decode("ascii")
+
+    @classmethod
+    def decode(cls, token: str, tag: bytes) -> "Cursor":
+        """
+        Parse a token made by L{encode} for the stream named by C{tag}.
+
+        @raise CursorError: if the token is malformed or foreign.
+        """
+        if not token or len(token) > 4096:
+            raise CursorError("cursor is empty or too long")
+        try:
+            raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        except (binascii.Error, ValueError):
+            raise CursorError("cursor is not valid base64url") from None
+        if len(raw) < 7:
+            raise CursorError("cursor is truncated")
+        if raw[0] != CURSOR_VERSION:
+            raise CursorError(f"cursor version {raw[0]} is not supported")
+        if raw[1:5] != tag:
+            raise CursorError("cursor belongs to another API or topic")
+        epoch, index = _readVarint(raw, 5)
+        count, index = _readVarint(raw, index)
+        if count > 100000:
+            raise CursorError("cursor names too many partitions")
+        offsets: Dict[int, int] = {}
+        for _ in range(count):
+            partition, index = _readVarint(raw, index)
+            offset, index = _readVarint(raw, index)
+            if partition in offsets:
+                raise CursorError("cursor names a partition twice")
+            offsets[partition] = offset
+        if index != len(raw):
+            raise CursorError("cursor has trailing bytes")
+        return cls.fromMapping(offsets, epoch)
+
+
+def cursorsAfter(start: Cursor, messages: Iterable[Message]) -> Iterator[Tuple[Message, Cursor]]:
+    """
+    Pair each message with the cursor that resumes right after it, starting
+    from C{start}.
+    """
+    offsets = start.asDict()
+    for message in messages:
+        offsets[message.partition] = message.offset + 1
+        yield message, Cursor.fromMapping(offsets, start.epoch)

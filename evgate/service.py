@@ -1,0 +1,109 @@
+"""
+The gateway node as a twisted.application service: connectors, the hub,
+the data-plane site and its listeners.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.endpoints import serverFromString
+from twisted.logger import Logger
+
+from evgate.config import Config, GatewayConfig
+from evgate.connectors import buildConnector
+from evgate.gateway import ApiRuntime, GatewayResource, GatewaySite, buildApis
+from evgate.hub import Hub
+from evgate.interfaces import IConnector
+
+
+class ListenerService(StreamServerEndpointService):
+    """
+    A listener that fails start-up when it cannot bind, and logs where it
+    listens once it does (tests and operators read that line).
+    """
+
+    log = Logger()
+
+    def __init__(self, description: str, factory: Any, reactor: Any, role: str) -> None:
+        super().__init__(serverFromString(reactor, description), factory)
+        self._raiseSynchronously = True
+        self.description = description
+        self.role = role
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        if self._waitingForPort is not None:
+            self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        self.port = port
+        host = port.getHost()
+        where = f"port {host.port}" if hasattr(host, "port") else str(getattr(host, "name", host))
+        self.log.info("evgate {role} listening on {where} ({description})",
+                      role=self.role, where=where, description=self.description)
+        return port
+
+
+class GatewayService(MultiService):
+    """
+    One evgate node.
+
+    Entrypoints reach the node's settings through C{api.gateway}: the
+    attributes of L{GatewayConfig} are readable on this object, and
+    C{reactor} is the reactor it runs on.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.settings: GatewayConfig = config.gateway
+        self.reactor = reactor
+        self.connectors: Dict[str, IConnector] = {}
+        for name, endpoint in config.endpoints.items():
+            connector = buildConnector(endpoint, reactor)
+            connector.setServiceParent(self)
+            self.connectors[name] = connector
+        self.hub = Hub(self.connectors, reactor, window=self.settings.replayWindow)
+        self.apis: List[ApiRuntime] = buildApis(config, self.connectors, self.hub, self)
+        self.resource = GatewayResource(self.apis)
+        self.site = GatewaySite(self.resource, self.settings.maxMessageBytes, self.settings.accessLog,
+                                reactor=reactor)
+        self.listeners: List[ListenerService] = []
+        for description in self.settings.listen:
+            listener = ListenerService(description, self.site, reactor, "gateway")
+            listener.setServiceParent(self)
+            self.listeners.append(listener)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names the service itself lacks: the settings.
+        settings = self.__dict__.get("settings")
+        if settings is not None and hasattr(settings, name):
+            return getattr(settings, name)
+        raise AttributeError(name)
+
+    def api(self, name: str) -> Optional[ApiRuntime]:
+        """
+        The runtime of the API called C{name}.
+        """
+        for api in self.apis:
+            if api.name == name:
+                return api
+        return None
+
+    def stopService(self) -> Deferred:
+        # Streams first, so that connectors close with no reader left.
+        self.hub.close()
+        for api in self.apis:
+            for entrypoint in api.entrypoints:
+                stop = getattr(entrypoint, "stop", None)
+                if stop is not None:
+                    stop()
+        return maybeDeferred(super().stopService)
+
