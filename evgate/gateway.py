@@ -24,6 +24,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from evgate.config import ApiConfig, Config
+from evgate.entrypoints.cors import applyCors, preflight
 from evgate.errors import (
     MethodNotAllowed, NotFound, PayloadTooLarge, Problem, Unauthorized,
 )
@@ -181,11 +182,12 @@ class GatewayRequest(Request):
         self.setHeader(b"Connection", b"close")
         body = writeProblem(self, problem)
         self.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
+        channel = self.channel
         self.write(body)
         self.finish()
         # The rest of the body is still on its way: close rather than read it.
-        if self.channel is not None:
-            self.channel.loseConnection()
+        if channel is not None:
+            channel.loseConnection()
 
 
 class _Discard:
@@ -248,6 +250,12 @@ class GatewayResource(Resource):
         api = self.byPath.get(request.path)
         if api is None:
             return writeProblem(request, NotFound(f"no API is served at {request.path.decode('latin-1')}"))
+        # CORS: preflights carry no credentials, so they are answered before
+        # the plans; every other answer, errors included, names the origin.
+        answer = preflight(request, api)
+        if answer is not None:
+            return answer
+        applyCors(request, api)
         entrypoint = None
         for candidate in api.entrypoints:
             if candidate.accepts(request):

@@ -114,6 +114,9 @@ class GatewayProcess:
                 timeout, what="the gateway to listen")
         if self.process.poll() is not None:
             raise AssertionError("gateway exited at start:\n" + self.output())
+        # Listening happens before the reactor runs; one answered request
+        # proves the process serves (and has its signal handlers).
+        httpRequest("GET", self.url("/"), timeout=timeout)
         return self
 
     def listenerCount(self) -> int:

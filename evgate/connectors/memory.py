@@ -200,7 +200,10 @@ class MemoryConnector(Service):
             sink.started(cursor)
             if gapReason is not None:
                 sink.gap(cursor, gapReason)
-            subscription.wake()
+            # Hand over the backlog in this same turn, so that a reader with
+            # a zero timeout sees what is already there.
+            if not subscription._closed and not subscription._paused:
+                subscription._drain()
 
         self.reactor.callLater(0, begin)
         return subscription

@@ -1,0 +1,430 @@
+"""
+Tests for the HTTP POST and HTTP GET entrypoints over the memory endpoint,
+in memory: treq's StubTreq and a Clock, no sockets and no sleeps.
+"""
+
+import json
+from typing import Any
+from xml.etree import ElementTree
+
+from treq.testing import StubTreq
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+from zope.interface.verify import verifyObject
+
+from evgate.entrypoints.http_get import HttpGetEntrypoint, negotiate
+from evgate.entrypoints.http_post import HttpPostEntrypoint
+from evgate.interfaces import IEntrypoint
+from evgate.message import Cursor, cursorTag
+
+from .helpers import memoryGateway
+
+URL = "http://gateway.test/demo"
+TAG = cursorTag("demo", "demo")
+
+
+class GatewayTestCase(SynchronousTestCase):
+    """
+    A memory gateway on a Clock, spoken to through StubTreq.
+    """
+
+    retention = 100
+    start = "latest"
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.gateway = memoryGateway(retention=self.retention, start=self.start, clock=self.clock)
+        self.treq = StubTreq(self.gateway.resource)
+
+    def call(self, method: str, url: str = URL, advance: float = 0, **kwargs: Any) -> Any:
+        """
+        Make a request, let the clock run C{advance} seconds, and return the
+        response with its body read.
+        """
+        d = self.treq.request(method, url, **kwargs)
+        self.clock.advance(0)
+        self.treq.flush()
+        if advance:
+            self.clock.advance(advance)
+            self.treq.flush()
+        response = self.successResultOf(d)
+        body = self.successResultOf(response.content())
+        response.body = body
+        return response
+
+    def post(self, content: bytes, **kwargs: Any) -> Any:
+        """
+        POST C{content} and return the response.
+        """
+        return self.call("POST", kwargs.pop("url", URL), data=content, **kwargs)
+
+    def problem(self, response: Any, status: int) -> dict:
+        """
+        Assert C{response} is a problem document of C{status}; return it.
+        """
+        self.assertEqual(response.code, status, response.body)
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["application/problem+json"])
+        doc = json.loads(response.body)
+        self.assertEqual(doc["status"], status)
+        self.assertTrue(doc["type"].startswith("https://"))
+        self.assertTrue(doc["title"] and doc["detail"])
+        return doc
+
+
+class InterfaceTests(SynchronousTestCase):
+    """
+    The entrypoints provide L{IEntrypoint}.
+    """
+
+    def test_verify(self) -> None:
+        """
+        Both HTTP entrypoints verify against the interface.
+        """
+        gateway = memoryGateway()
+        for entrypoint in gateway.apis[0].entrypoints:
+            self.assertTrue(verifyObject(IEntrypoint, entrypoint))
+        kinds = {type(e) for e in gateway.apis[0].entrypoints}
+        self.assertEqual(kinds, {HttpGetEntrypoint, HttpPostEntrypoint})
+
+
+class PostTests(GatewayTestCase):
+    """
+    HTTP POST publishes one message per request.
+    """
+
+    def test_accepted(self) -> None:
+        """
+        A POST answers 202 with the position the endpoint stored.
+        """
+        response = self.post(b"hello")
+        self.assertEqual(response.code, 202)
+        self.assertEqual(json.loads(response.body), {"topic": "demo", "partition": 0, "offset": 0})
+        self.assertEqual(json.loads(self.post(b"again").body)["offset"], 1)
+
+    def test_keyAndHeaders(self) -> None:
+        """
+        The key comes from the query or the key header; prefixed headers and
+        Content-Type become message headers; nothing else does.
+        """
+        self.post(b"{}", url=URL + "?key=k1", headers={
+            "X-Message-Header-Tenant": "acme", "Content-Type": "application/json",
+            "Authorization": "Bearer secret", "Cookie": "a=b", "X-Api-Key": "k",
+        })
+        self.post(b"two", headers={"X-Message-Key": "k2"})
+        stored = list(self.gateway.connectors["local"].topicLog("demo").messages)
+        self.assertEqual(stored[0].key, "k1")
+        self.assertEqual(dict(stored[0].headers), {"tenant": "acme", "content-type": "application/json"})
+        self.assertEqual(stored[1].key, "k2")
+        self.assertEqual(stored[1].content, b"two")
+
+    def test_empty(self) -> None:
+        """
+        An empty body is a 400 and nothing is published.
+        """
+        self.problem(self.post(b""), 400)
+        self.assertEqual(self.gateway.connectors["local"].topicLog("demo").nextOffset, 0)
+
+    def test_unavailable(self) -> None:
+        """
+        An endpoint that refuses gives a 503 with Retry-After.
+        """
+        from twisted.internet.defer import fail
+
+        from evgate.errors import EndpointUnavailable
+
+        connector = self.gateway.connectors["local"]
+        connector.publish = lambda *a: fail(EndpointUnavailable("broker said no", retryAfter=3))
+        response = self.post(b"x")
+        doc = self.problem(response, 503)
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["3"])
+        self.assertIn("broker said no", doc["detail"])
+
+    def test_timeout(self) -> None:
+        """
+        An endpoint that never acknowledges gives a 504 after the publish
+        timeout.
+        """
+        from twisted.internet.defer import Deferred
+
+        self.gateway.connectors["local"].publish = lambda *a: Deferred()
+        d = self.treq.post(URL, data=b"x")
+        self.treq.flush()
+        self.assertNoResult(d)
+        self.clock.advance(self.gateway.settings.publishTimeout)
+        self.treq.flush()
+        response = self.successResultOf(d)
+        response.body = self.successResultOf(response.content())
+        self.problem(response, 504)
+
+    def test_notFound(self) -> None:
+        """
+        A path no API owns is a 404, including tricks around an API's path.
+        """
+        for path in ["/", "/nothing", "//demo", "/demo/", "/demo/../demo", "/demo%2F", "/demo.", "/DEMO"]:
+            self.problem(self.call("POST", "http://gateway.test" + path, data=b"x"), 404)
+        self.assertEqual(self.gateway.connectors["local"].topicLog("demo").nextOffset, 0)
+
+    def test_methodNotAllowed(self) -> None:
+        """
+        A method no entrypoint serves is a 405 with Allow.
+        """
+        response = self.call("DELETE")
+        self.problem(response, 405)
+        self.assertEqual(response.headers.getRawHeaders("allow"), ["GET, POST"])
+
+
+class TooLargeTests(SynchronousTestCase):
+    """
+    A body over max-message-bytes is refused before it is read.
+    """
+
+    def connect(self) -> Any:
+        gateway = memoryGateway(extra="")
+        gateway.site.maxBodyBytes = 10
+        protocol = gateway.site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return gateway, protocol, transport
+
+    def test_declaredLength(self) -> None:
+        """
+        A Content-Length over the limit is answered 413 at once, without
+        waiting for the body, and the connection is closed.
+        """
+        gateway, protocol, transport = self.connect()
+        protocol.dataReceived(b"POST /demo HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n")
+        self.assertIn(b"HTTP/1.1 413", transport.value())
+        self.assertIn(b"application/problem+json", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(gateway.connectors["local"].topicLog("demo").nextOffset, 0)
+
+    def test_chunked(self) -> None:
+        """
+        A chunked body is refused as soon as it passes the limit.
+        """
+        gateway, protocol, transport = self.connect()
+        protocol.dataReceived(b"POST /demo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+                              b"8\r\n12345678\r\n8\r\n12345678\r\n")
+        self.assertIn(b"HTTP/1.1 413", transport.value())
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(gateway.connectors["local"].topicLog("demo").nextOffset, 0)
+
+    def test_withinLimit(self) -> None:
+        """
+        A body at the limit is published.
+        """
+        gateway, protocol, transport = self.connect()
+        protocol.dataReceived(b"POST /demo HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n0123456789")
+        self.assertIn(b"HTTP/1.1 202", transport.value())
+        self.assertEqual(gateway.connectors["local"].topicLog("demo").nextOffset, 1)
+
+
+class GetTests(GatewayTestCase):
+    """
+    HTTP GET reads with cursors and long polls.
+    """
+
+    def get(self, query: str = "", advance: float = 0, **kwargs: Any) -> Any:
+        """
+        GET with C{query}.
+        """
+        return self.call("GET", URL + query, advance=advance, **kwargs)
+
+    def page(self, response: Any) -> dict:
+        """
+        The JSON page of a 200 response.
+        """
+        self.assertEqual(response.code, 200, response.body)
+        return json.loads(response.body)
+
+    def test_longPollTimesOut(self) -> None:
+        """
+        With nothing to read, GET answers after C{timeout} ms with no items
+        and a nextCursor.
+        """
+        d = self.treq.get(URL + "?timeout=2000")
+        self.clock.advance(0)
+        self.treq.flush()
+        self.clock.advance(1.9)
+        self.treq.flush()
+        self.assertNoResult(d)
+        self.clock.advance(0.2)
+        self.treq.flush()
+        response = self.successResultOf(d)
+        page = json.loads(self.successResultOf(response.content()))
+        self.assertEqual(page["items"], [])
+        self.assertEqual(page["pagination"]["limit"], 100)
+        Cursor.decode(page["pagination"]["nextCursor"], TAG)
+
+    def test_longPollAnswersOnMessage(self) -> None:
+        """
+        A waiting GET answers as soon as a message arrives, and nextCursor
+        then gives exactly the following messages.
+        """
+        d = self.treq.get(URL + "?timeout=30000")
+        self.clock.advance(0)
+        self.treq.flush()
+        self.assertNoResult(d)
+        self.post(b"first", url=URL + "?key=a", headers={"X-Message-Header-H": "v", "Content-Type": "text/plain"})
+        self.clock.advance(0)
+        self.treq.flush()
+        response = self.successResultOf(d)
+        page = json.loads(self.successResultOf(response.content()))
+        [item] = page["items"]
+        self.assertEqual(item["content"], "first")
+        self.assertEqual(item["key"], "a")
+        self.assertEqual(item["headers"], {"h": "v", "content-type": "text/plain"})
+        self.assertEqual(item["metadata"]["offset"], 0)
+        self.assertEqual(item["metadata"]["topic"], "demo")
+        self.assertEqual(item["id"], page["pagination"]["nextCursor"])
+        self.post(b"second")
+        self.post(b"third")
+        page = self.page(self.get("?cursor=" + item["id"]))
+        self.assertEqual([i["content"] for i in page["items"]], ["second", "third"])
+
+    def test_noMissNoRepeat(self) -> None:
+        """
+        Polling with nextCursor and a small limit reads every message once,
+        in order.
+        """
+        for i in range(25):
+            self.post(str(i).encode())
+        seen = []
+        first = self.page(self.get("?timeout=0"))
+        cursor = first["pagination"]["nextCursor"]
+        for i in range(25, 40):
+            self.post(str(i).encode())
+        while True:
+            page = self.page(self.get(f"?cursor={cursor}&limit=4&timeout=0"))
+            seen.extend(int(i["content"]) for i in page["items"])
+            cursor = page["pagination"]["nextCursor"]
+            if not page["items"]:
+                break
+        self.assertEqual(seen, list(range(25, 40)))
+
+    def test_limitAndTimeoutValidated(self) -> None:
+        """
+        limit and timeout must be integers within the configured caps.
+        """
+        for query in ["?limit=x", "?limit=-1", "?limit=100000", "?timeout=soon", "?timeout=99999999"]:
+            self.problem(self.get(query), 400)
+
+    def test_badCursor(self) -> None:
+        """
+        A malformed or foreign cursor is a 400.
+        """
+        self.problem(self.get("?cursor=garbage!"), 400)
+        foreign = Cursor(0, ((0, 1),)).encode(cursorTag("other", "demo"))
+        doc = self.problem(self.get("?cursor=" + foreign), 400)
+        self.assertEqual(doc["type"], "https://evgate.dev/problems/bad-cursor")
+
+    def test_earlierEpoch(self) -> None:
+        """
+        A cursor from an earlier run of the memory broker resumes at the
+        oldest message kept and says so in C{gap}.
+        """
+        self.post(b"kept")
+        old = Cursor(1, ((0, 0),)).encode(TAG)
+        page = self.page(self.get("?cursor=" + old))
+        self.assertEqual([i["content"] for i in page["items"]], ["kept"])
+        self.assertIn("earlier run", page["gap"])
+
+    def test_notAcceptable(self) -> None:
+        """
+        An Accept header naming nothing we produce is a 406.
+        """
+        self.problem(self.get(headers={"Accept": "image/png"}), 406)
+
+    def test_binaryContent(self) -> None:
+        """
+        Content that is not UTF-8 is base64 in JSON.
+        """
+        cursor = self.page(self.get("?timeout=0"))["pagination"]["nextCursor"]
+        self.post(b"\xff\xfe\x00")
+        [item] = self.page(self.get("?cursor=" + cursor))["items"]
+        self.assertEqual((item["content"], item["encoding"]), ("//4A", "base64"))
+
+    def test_textPlain(self) -> None:
+        """
+        text/plain gives a header block and the exact content per message.
+        """
+        cursor = self.page(self.get("?timeout=0"))["pagination"]["nextCursor"]
+        self.post(b"line one\nline two", url=URL + "?key=k")
+        response = self.get("?cursor=" + cursor, headers={"Accept": "text/plain"})
+        self.assertEqual(response.headers.getRawHeaders("content-type"), ["text/plain; charset=utf-8"])
+        self.assertIn(b"count: 1\n", response.body)
+        self.assertIn(b"key: k\n", response.body)
+        self.assertIn(b"content-length: 17\n\nline one\nline two\n\n", response.body)
+
+    def test_xml(self) -> None:
+        """
+        application/xml gives well-formed XML with the same information.
+        """
+        cursor = self.page(self.get("?timeout=0"))["pagination"]["nextCursor"]
+        self.post(b"<b>&", url=URL + "?key=k")
+        self.post(b"\x00\x01")
+        response = self.get("?cursor=" + cursor, headers={"Accept": "application/xml"})
+        root = ElementTree.fromstring(response.body)
+        messages = root.findall("message")
+        self.assertEqual(messages[0].get("key"), "k")
+        self.assertEqual(messages[0].find("content").text, "<b>&")
+        self.assertEqual(messages[1].find("content").get("encoding"), "base64")
+        self.assertEqual(root.get("nextCursor"), messages[1].get("id"))
+
+    def test_clientGoneReleases(self) -> None:
+        """
+        A long poll whose client disconnects detaches from the hub.
+        """
+        d = self.treq.get(URL + "?timeout=30000")
+        self.clock.advance(0)
+        self.treq.flush()
+        stream = self.gateway.hub.streams[("local", "demo")]
+        self.assertEqual(len(stream.subscriptions), 1)
+        d.cancel()
+        self.treq.flush()
+        self.failureResultOf(d)
+        self.assertEqual(len(stream.subscriptions), 0)
+
+
+class EarliestTests(GatewayTestCase):
+    """
+    An API with C{start = earliest} reads from the oldest message kept.
+    """
+
+    start = "earliest"
+    retention = 3
+
+    def test_earliest(self) -> None:
+        """
+        Without a cursor, GET starts at the oldest retained message.
+        """
+        for i in range(5):
+            self.post(str(i).encode())
+        response = self.call("GET", URL)
+        page = json.loads(response.body)
+        self.assertEqual([i["content"] for i in page["items"]], ["2", "3", "4"])
+
+
+class NegotiationTests(SynchronousTestCase):
+    """
+    L{negotiate} follows the Accept header's preferences.
+    """
+
+    def test_choices(self) -> None:
+        """
+        Absent, wildcard, exact and weighted Accept headers pick the right
+        type, or none.
+        """
+        cases = {
+            None: "application/json",
+            b"*/*": "application/json",
+            b"text/*": "text/plain",
+            b"application/xml": "application/xml",
+            b"application/xml;q=0.5, text/plain": "text/plain",
+            b"text/html, application/*;q=0.1": "application/json",
+            b"image/png": None,
+            b"application/json;q=0": None,
+        }
+        for accept, expected in cases.items():
+            self.assertEqual(negotiate(accept), expected, accept)

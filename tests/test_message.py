@@ -1,0 +1,97 @@
+"""
+Tests for L{evgate.message}: cursors and envelopes.
+"""
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from evgate.message import Cursor, CursorError, Message, cursorTag, cursorsAfter, envelope
+
+TAG = cursorTag("demo", "demo")
+
+
+class CursorTests(SynchronousTestCase):
+    """
+    Cursors round-trip through their token and refuse anything else.
+    """
+
+    def test_roundTrip(self) -> None:
+        """
+        A decoded token equals the cursor it was made from, for one and for
+        many partitions, large offsets and a non-zero epoch.
+        """
+        for cursor in [
+            Cursor(0, ((0, 0),)),
+            Cursor(7, ((0, 5), (1, 2**40), (17, 3))),
+            Cursor(2**31 - 1, ()),
+        ]:
+            self.assertEqual(Cursor.decode(cursor.encode(TAG), TAG), cursor)
+
+    def test_urlSafe(self) -> None:
+        """
+        Tokens use only URL-safe characters and no padding.
+        """
+        token = Cursor(5, tuple((p, 2**33 + p) for p in range(20))).encode(TAG)
+        self.assertRegex(token, r"^[A-Za-z0-9_-]+$")
+
+    def test_foreign(self) -> None:
+        """
+        A cursor made for another API or topic is refused.
+        """
+        token = Cursor(0, ((0, 1),)).encode(cursorTag("other", "demo"))
+        error = self.assertRaises(CursorError, Cursor.decode, token, TAG)
+        self.assertIn("another API", str(error))
+
+    def test_malformed(self) -> None:
+        """
+        Garbage, truncation, trailing bytes, bad versions and empty tokens
+        are refused with L{CursorError}.
+        """
+        good = Cursor(0, ((0, 1), (1, 300))).encode(TAG)
+        for token in ["", "!!!!", "abc", good[:-2], good + "AA", "A" * 5000,
+                      "Ag" + good[2:]]:
+            self.assertRaises(CursorError, Cursor.decode, token, TAG)
+
+    def test_advanceAndDominate(self) -> None:
+        """
+        L{Cursor.advance} moves one partition; L{Cursor.dominates} compares
+        all; L{Cursor.merged} takes the maximum per partition.
+        """
+        a = Cursor(0, ((0, 5), (1, 5)))
+        b = a.advance(1, 9)
+        self.assertEqual(b.asDict(), {0: 5, 1: 9})
+        self.assertTrue(b.dominates(a))
+        self.assertFalse(a.dominates(b))
+        c = Cursor(0, ((0, 7),))
+        self.assertEqual(b.merged(c).asDict(), {0: 7, 1: 9})
+
+    def test_cursorsAfter(self) -> None:
+        """
+        Each message is paired with the cursor right after it.
+        """
+        messages = [Message(b"x", None, (), "t", p, o, 0) for p, o in [(0, 3), (1, 8), (0, 4)]]
+        cursors = [c.asDict() for _, c in cursorsAfter(Cursor(0, ((0, 3), (1, 8))), messages)]
+        self.assertEqual(cursors, [{0: 4, 1: 8}, {0: 4, 1: 9}, {0: 5, 1: 9}])
+
+
+class EnvelopeTests(SynchronousTestCase):
+    """
+    The JSON envelope carries text as text and anything else as base64.
+    """
+
+    def test_text(self) -> None:
+        """
+        UTF-8 content is carried as a string without an encoding field.
+        """
+        env = envelope(Message("héllo".encode(), "k", (("a", "b"),), "t", 0, 1, 2))
+        self.assertEqual(env["content"], "héllo")
+        self.assertNotIn("encoding", env)
+        self.assertEqual(env["headers"], {"a": "b"})
+        self.assertEqual(env["metadata"], {"topic": "t", "partition": 0, "offset": 1, "timestamp": 2})
+
+    def test_binary(self) -> None:
+        """
+        Content that is not UTF-8 is base64 with C{"encoding": "base64"}.
+        """
+        env = envelope(Message(b"\xff\x00", None, (), "t", 0, 1, 2))
+        self.assertEqual(env, {"key": None, "headers": {}, "content": "/wA=", "encoding": "base64",
+                               "metadata": {"topic": "t", "partition": 0, "offset": 1, "timestamp": 2}})
