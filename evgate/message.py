@@ -15,8 +15,10 @@ On the wire a cursor is URL-safe base64 (no padding) of::
 
 The tag binds a cursor to one API's topic: a cursor minted for another API
 is I{foreign} and rejected, never silently applied to the wrong stream.  The
-epoch identifies an incarnation of a log that can be reset (the in-memory
-broker starts a new epoch in every process); Kafka and MQTT use 0.
+epoch identifies an incarnation of a log that can be reset: the in-memory
+broker starts a new epoch in every process, and so does the MQTT connector,
+which numbers the messages it receives; Kafka's offsets are the broker's own
+and use epoch 0.
 """
 
 from __future__ import annotations
