@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import configparser
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from twisted.internet.endpoints import serverFromString
@@ -25,7 +25,7 @@ from twisted.internet.testing import MemoryReactor
 REQUIRED = object()
 
 ENTRYPOINT_NAMES = ("http-post", "http-get", "sse", "websocket", "webhook")
-PLAN_NAMES = ("keyless",)
+PLAN_NAMES = ("keyless", "api-key", "jwt", "oauth2")
 START_CHOICES = ("latest", "earliest")
 
 _API_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
@@ -73,6 +73,13 @@ class SectionReader:
         Whether the section sets C{key}.
         """
         return key in self._values
+
+    def keys(self) -> List[str]:
+        """
+        The keys the section sets, sorted (for families of keys such as
+        C{jwt.claims.<name>}).
+        """
+        return sorted(self._values)
 
     def get(self, key: str, default: Any = REQUIRED) -> Any:
         """
@@ -186,6 +193,8 @@ class GatewayConfig:
     replayWindow: int = 10000
     subscriberQueue: int = 1000
     accessLog: bool = False
+    # What the readers registered with gatewayKeys return, merged.
+    options: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -273,7 +282,19 @@ _apiOptionParsers: List[ApiOptionParser] = []
 
 # Modules that register more keys with apiOptionParser / gatewayKeys when
 # imported; parseConfig imports them first.
-EXTENSION_MODULES: Tuple[str, ...] = ()
+EXTENSION_MODULES: Tuple[str, ...] = (
+    "evgate.filters",
+    "evgate.entrypoints.streaming",
+    "evgate.entrypoints.cors",
+    "evgate.connectors.mqtt",
+    "evgate.security.apikey",
+    "evgate.security.jwt",
+    "evgate.security.oauth2",
+    "evgate.security.limits",
+    "evgate.store",
+    "evgate.entrypoints.webhook",
+    "evgate.admin.app",
+)
 
 
 def _loadExtensions() -> None:
@@ -323,25 +344,29 @@ def _gatewayConfig(parser: configparser.ConfigParser, path: str) -> GatewayConfi
         subscriberQueue=section.getInt("subscriber-queue", 1000, minimum=1, maximum=10_000_000),
         accessLog=section.getBool("access-log", False),
     )
-    _extraGatewayKeys(section)
+    config = replace(config, options=_extraGatewayKeys(section))
     section.finish()
     return config
 
 
-_gatewayKeyParsers: List[Callable[[SectionReader], None]] = []
+GatewayKeyParser = Callable[[SectionReader], Optional[Mapping[str, Any]]]
+_gatewayKeyParsers: List[GatewayKeyParser] = []
 
 
-def gatewayKeys(parser: Callable[[SectionReader], None]) -> Callable[[SectionReader], None]:
+def gatewayKeys(parser: GatewayKeyParser) -> GatewayKeyParser:
     """
-    Register a reader of more C{[gateway]} keys.
+    Register a reader of more C{[gateway]} keys.  What it returns (if
+    anything) is merged into L{GatewayConfig.options}.
     """
     _gatewayKeyParsers.append(parser)
     return parser
 
 
-def _extraGatewayKeys(section: SectionReader) -> None:
+def _extraGatewayKeys(section: SectionReader) -> Dict[str, Any]:
+    options: Dict[str, Any] = {}
     for parser in _gatewayKeyParsers:
-        parser(section)
+        options.update(parser(section) or {})
+    return options
 
 
 def _endpointConfig(path: str, name: str, values: Mapping[str, str]) -> EndpointConfig:

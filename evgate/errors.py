@@ -99,6 +99,18 @@ class Forbidden(Problem):
     title = "Forbidden"
 
 
+class AuthenticationUnavailable(Problem):
+    """The service that checks credentials (introspection, JWKS) cannot answer."""
+
+    status = 503
+    slug = "authentication-unavailable"
+    title = "Authentication unavailable"
+
+    def __init__(self, detail: str, retryAfter: int = 5, **kw: Any) -> None:
+        headers = list(kw.pop("headers", ())) + [("Retry-After", str(retryAfter))]
+        super().__init__(detail, headers=headers, **kw)
+
+
 class NotFound(Problem):
     """No API or resource at this path."""
 
@@ -113,6 +125,22 @@ class MethodNotAllowed(Problem):
     status = 405
     slug = "method-not-allowed"
     title = "Method not allowed"
+
+
+class Conflict(Problem):
+    """The request contradicts the state or configuration of its target."""
+
+    status = 409
+    slug = "conflict"
+    title = "Conflict"
+
+
+class UnsupportedMediaType(Problem):
+    """The request body is not in a format the route takes."""
+
+    status = 415
+    slug = "unsupported-media-type"
+    title = "Unsupported media type"
 
 
 class NotAcceptable(Problem):

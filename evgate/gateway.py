@@ -218,6 +218,10 @@ class GatewaySite(Site):
 
     def __init__(self, resource: Resource, maxBodyBytes: int, accessLog: bool = False,
                  **kwargs: Any) -> None:
+        # Credentials in query strings stay out of the access log.
+        from evgate.security import redactedLogFormatter
+
+        kwargs.setdefault("logFormatter", redactedLogFormatter)
         super().__init__(resource, **kwargs)
         self.maxBodyBytes = maxBodyBytes
         self.accessLog = accessLog
@@ -268,7 +272,7 @@ class GatewayResource(Resource):
             return writeProblem(request, MethodNotAllowed(
                 f"{request.method.decode('latin-1')} is not served by API {api.name}; "
                 f"allowed: {allow.decode('ascii') or 'none'}"))
-        consumer = authenticate(api, request)
+        consumer = admit(api, entrypoint, request, authenticate(api, request))
         if isinstance(consumer, Deferred):
             def authenticated(who: Consumer) -> None:
                 result = entrypoint.render(request, ApiCall(api, who))
@@ -280,6 +284,15 @@ class GatewayResource(Resource):
             consumer.addErrback(lambda f: finishWithFailure(request, f, "authenticating"))
             return NOT_DONE_YET
         return entrypoint.render(request, ApiCall(api, consumer))
+
+
+def admit(api: ApiRuntime, entrypoint: IEntrypoint, request: Request, consumer: Any) -> Any:
+    """
+    The limits step of the plan chain (see L{evgate.security.limits.admit}).
+    """
+    from evgate.security.limits import admit as admitWithin
+
+    return admitWithin(api, entrypoint, request, consumer)
 
 
 def authenticate(api: ApiRuntime, request: Request) -> Any:

@@ -49,7 +49,10 @@ from zope.interface import implementer
 from evgate.interfaces import IConnector, ISubscriber, IUpstreamSink
 from evgate.message import Cursor, Message
 
-Filter = Callable[[Message], bool]
+# A filter judges an Event, not a bare Message, so that what it derives from
+# a message (parsed content, its verdict) is cached on the event once for
+# every subscriber (see evgate.filters).
+Filter = Callable[["Event"], bool]
 Start = Union[str, Cursor]
 
 
@@ -176,7 +179,7 @@ class HubSubscription:
         last = events[-1].cursor
         if self.filter is not None:
             check = self.filter
-            passing = [e for e in events if check(e.message)]
+            passing = [e for e in events if check(e)]
         else:
             passing = list(events)
         self.cursor = last
@@ -329,9 +332,17 @@ class SharedStream(_Stream):
         self.subscriptions.append(subscription)
         if isinstance(start, Cursor):
             subscription.subscriber.started(start)
-            if not start.dominates(self.head):
-                subscription.floor = start
-            backlog = list(self.window.events)
+            # Walk back from the head to the last event the cursor has seen;
+            # a cursor near the head (the usual case) costs what it replays.
+            backlog: List[Event] = []
+            for event in reversed(self.window.events):
+                if start.dominates(event.cursor):
+                    break
+                backlog.append(event)
+            backlog.reverse()
+            # The floor drops what the cursor saw on some partitions but not
+            # on others, and keeps ids from pointing before the cursor.
+            subscription.floor = start
             if backlog and not subscription.closed:
                 subscription.offer(backlog)
         else:

@@ -180,3 +180,68 @@ class IPlan(Interface):
             failing with L{evgate.errors.Unauthorized} /
             L{evgate.errors.Forbidden}.
         """
+
+
+class IStore(Interface):
+    """
+    The gateway's durable records: webhook subscriptions and their
+    positions, API keys, and whatever features add later.
+
+    A record is a JSON object (a dict of JSON values) filed under a
+    C{kind} (C{"webhook-subscription"}, C{"api-key"} ...) and an C{id}
+    unique within its kind.  That one shape is all a backend has to keep,
+    so that a store shared by several gateway nodes (a Kafka compacted
+    topic keyed by C{kind/id}, a database table) can implement it as well
+    as the embedded SQLite store.  Typed views (L{evgate.webhook.records})
+    live above this interface, not in it.
+
+    Every method returns a Deferred that fires on the reactor thread; no
+    method blocks the reactor.  Stores are also
+    L{twisted.application.service.IService}s: they open on
+    C{startService} and close on C{stopService}, and calls made before
+    they are open wait for it.
+    """
+
+    description = Attribute("Where the records live, for logs (e.g. C{sqlite:/var/lib/evgate/evgate.sqlite}).")
+
+    def get(kind, id):
+        """
+        The record C{id} of C{kind}, or L{None}.
+        """
+
+    def list(kind):
+        """
+        Every record of C{kind}: a list of C{(id, record)} sorted by id.
+        """
+
+    def create(kind, id, record):
+        """
+        Store C{record} as C{id} of C{kind} unless that id is taken.
+
+        @return: a Deferred of whether it was stored (C{False}: taken).
+        """
+
+    def put(kind, id, record):
+        """
+        Store C{record} as C{id} of C{kind}, replacing any record there.
+        """
+
+    def update(kind, id, changes, increments=None):
+        """
+        Change some fields of a record atomically: set the top-level fields
+        of C{changes} (a dict), and add each number of C{increments} (a dict
+        of field to int) to the field's value (missing counts as 0).  Fields
+        not named keep their value, so that writers of different fields
+        (an operator pausing a subscription, a node moving its position)
+        do not undo each other.
+
+        @return: a Deferred of the record as it is after the change, or
+            L{None} (and nothing written) when there is no such record.
+        """
+
+    def delete(kind, id):
+        """
+        Remove the record C{id} of C{kind}.
+
+        @return: a Deferred of whether there was one.
+        """

@@ -18,6 +18,7 @@ from evgate.connectors import buildConnector
 from evgate.gateway import ApiRuntime, GatewayResource, GatewaySite, buildApis
 from evgate.hub import Hub
 from evgate.interfaces import IConnector
+from evgate.security.limits import buildLimits
 
 
 class ListenerService(StreamServerEndpointService):
@@ -71,6 +72,18 @@ class GatewayService(MultiService):
             connector.setServiceParent(self)
             self.connectors[name] = connector
         self.hub = Hub(self.connectors, reactor, window=self.settings.replayWindow)
+        # Before the listeners, so that the limits store is connecting by
+        # the time the first request comes.
+        self.limits = buildLimits(self.settings, reactor)
+        self.limits.setServiceParent(self)
+        # Durable records (webhook subscriptions, keys): before the features
+        # that use them, so that it stops after them (evgate.store).
+        self.store: Any = None
+        if self.settings.options.get("store") is not None:
+            from evgate.store import buildStore
+
+            self.store = buildStore(self.settings.options["store"], reactor)
+            self.store.setServiceParent(self)
         self.apis: List[ApiRuntime] = buildApis(config, self.connectors, self.hub, self)
         self.resource = GatewayResource(self.apis)
         self.site = GatewaySite(self.resource, self.settings.maxMessageBytes, self.settings.accessLog,
@@ -80,6 +93,23 @@ class GatewayService(MultiService):
             listener = ListenerService(description, self.site, reactor, "gateway")
             listener.setServiceParent(self)
             self.listeners.append(listener)
+        # Webhook deliveries (evgate.webhook.service), and the admin API on
+        # a listener of its own (evgate.admin.app).
+        self.webhooks: Any = None
+        if any("webhook" in api.config.entrypoints for api in self.apis):
+            from evgate.webhook.service import WebhookService
+
+            self.webhooks = WebhookService(self, self.store, reactor)
+            self.webhooks.setServiceParent(self)
+        self.admin: Any = None
+        adminSettings = self.settings.options.get("admin")
+        if adminSettings is not None:
+            from evgate.admin.app import AdminApp, adminSite
+
+            self.admin = AdminApp(self, adminSettings.token)
+            self.adminListener = ListenerService(adminSettings.listen, adminSite(self.admin, reactor), reactor,
+                                                 "admin")
+            self.adminListener.setServiceParent(self)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names the service itself lacks: the settings.

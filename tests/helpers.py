@@ -92,6 +92,7 @@ class GatewayProcess:
         self.process: Optional[subprocess.Popen] = None
         self.lines: List[str] = []
         self.ports: List[int] = []
+        self.adminPorts: List[int] = []
         self._reader: Optional[threading.Thread] = None
 
     def start(self, timeout: float = 30.0) -> "GatewayProcess":
@@ -102,6 +103,7 @@ class GatewayProcess:
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.lines = []
         self.ports = []
+        self.adminPorts = []
         self.process = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "evgate", "-c", self.ini],
             cwd=self.directory, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -110,8 +112,9 @@ class GatewayProcess:
         self._reader = threading.Thread(target=self._read, args=(self.process,), daemon=True)
         self._reader.start()
         expected = self.listenerCount()
-        waitFor(lambda: len(self.ports) >= expected or self.process.poll() is not None,
-                timeout, what="the gateway to listen")
+        admin = 1 if re.search(r"(?m)^\s*admin\s*=\s*(?!none\s*$)\S", open(self.ini).read()) else 0
+        waitFor(lambda: (len(self.ports) >= expected and len(self.adminPorts) >= admin)
+                or self.process.poll() is not None, timeout, what="the gateway to listen")
         if self.process.poll() is not None:
             raise AssertionError("gateway exited at start:\n" + self.output())
         # Listening happens before the reactor runs; one answered request
@@ -134,9 +137,9 @@ class GatewayProcess:
         for raw in process.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.lines.append(line)
-            match = re.search(r"evgate gateway listening on port (\d+)", line)
+            match = re.search(r"evgate (gateway|admin) listening on port (\d+)", line)
             if match:
-                self.ports.append(int(match.group(1)))
+                (self.ports if match.group(1) == "gateway" else self.adminPorts).append(int(match.group(2)))
 
     @property
     def port(self) -> int:
@@ -150,6 +153,12 @@ class GatewayProcess:
         An URL on the gateway.
         """
         return f"http://127.0.0.1:{self.port}{path}"
+
+    def adminUrl(self, path: str) -> str:
+        """
+        An URL on the admin listener.
+        """
+        return f"http://127.0.0.1:{self.adminPorts[0]}{path}"
 
     def output(self) -> str:
         """

@@ -5,6 +5,11 @@ C{GET {path}?cursor=&limit=&timeout=} answers as soon as at least one
 message after the cursor is there, or after C{timeout} milliseconds with
 none.  C{nextCursor} is always present, so a client that polls with it
 never misses and never repeats a message.
+
+Group mode: on an endpoint with consumer groups (Kafka), a client that
+sends a client id (C{X-Client-Id} or C{?client-id=}) instead of a cursor
+reads as a consumer group whose position the gateway commits after each
+response (L{GroupPoll}).
 """
 
 from __future__ import annotations
@@ -19,14 +24,18 @@ from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from evgate.errors import BadCursor, BadRequest, NotAcceptable, Problem
-from evgate.gateway import ApiCall, finishWithFailure, jsonBody, writeProblem
+from evgate.errors import BadCursor, BadRequest, EndpointUnavailable, NotAcceptable, Problem
+from evgate.filters import filterFor as subscriptionFilter
+from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, jsonBody, writeProblem
 from evgate.hub import Event, HubSubscription
 from evgate.interfaces import IEntrypoint, ISubscriber
-from evgate.message import Cursor, CursorError, contentForJSON
+from evgate.message import Cursor, CursorError, contentForJSON, cursorsAfter
 
 DEFAULT_LIMIT = 100
 DEFAULT_TIMEOUT = 5000
+# Seconds a poll waits, beyond its timeout, for the endpoint to say where
+# the read starts (a Kafka read resolves its offsets first).
+POSITION_GRACE = 10.0
 
 FORMATS = ("application/json", "text/plain", "application/xml")
 
@@ -233,14 +242,19 @@ class PollSubscriber:
         api = self.call.api
         reactor = api.gateway.reactor
         self.request.notifyFinish().addErrback(self._clientGone)
+        # Until the endpoint says where the read starts, the poll waits at
+        # most its timeout plus a grace; the timeout proper counts from there.
+        self.timer = reactor.callLater(self.timeout + POSITION_GRACE, self._timedOut)
         self.subscription = api.hub.subscribe(api.config.endpoint, api.config.topic, start, self, filter)
-        if not self.done:
-            self.timer = reactor.callLater(self.timeout, self._timedOut)
 
     def started(self, cursor: Cursor) -> None:
         self.cursor = cursor
         if self.limit == 0:
             self._answer()
+            return
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = self.call.api.gateway.reactor.callLater(self.timeout, self._timedOut)
 
     def deliver(self, events: List[Event]) -> None:
         if self.done:
@@ -288,9 +302,9 @@ class PollSubscriber:
         if self.done:
             return
         if self.cursor is None:
-            # The upstream has not said where it starts yet; wait for it.
-            if self.timer is None:
-                self.timer = self.call.api.gateway.reactor.callLater(1.0, self._timedOut)
+            self._stop()
+            finishWithProblem(self.request, EndpointUnavailable(
+                "the endpoint did not position the read in time", retryAfter=1))
             return
         self._stop()
         request = self.request
@@ -303,6 +317,82 @@ class PollSubscriber:
         request.setHeader(b"Cache-Control", b"no-store")
         request.write(body)
         request.finish()
+
+
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,100}")
+
+
+def requestClientId(request: Request) -> Optional[str]:
+    """
+    The client id of a group-mode poll: the C{client-id} query parameter,
+    else the C{X-Client-Id} header, else L{None}.
+
+    @raise BadRequest: if it is not 1 to 100 letters, digits, '.', '_' or
+        '-'.
+    """
+    values = request.args.get(b"client-id")
+    raw = values[0] if values else request.getHeader(b"x-client-id")
+    if raw is None:
+        return None
+    text = raw.decode("latin-1")
+    if not _CLIENT_ID.fullmatch(text):
+        raise BadRequest(f"client id {text[:120]!r} must be 1 to 100 letters, digits, '.', '_' or '-'")
+    return text
+
+
+class GroupPoll:
+    """
+    One long poll in group mode: a client that names itself with a client
+    id reads as the consumer group C{<api>.<client-id>} of the API's
+    endpoint (the endpoint's C{groupPoll}, e.g.
+    L{evgate.connectors.kafka.KafkaConnector.groupPoll}), so the gateway
+    keeps its position.  The position moves past the messages of a
+    response once that response is written; a response that cannot be
+    written gives its messages back to the group.
+    """
+
+    def __init__(self, request: Request, call: ApiCall, media: str, limit: int, timeout: float,
+                 clientId: str, filter: Any) -> None:
+        self.request = request
+        self.call = call
+        self.media = media
+        self.limit = limit
+        self.timeout = timeout
+        self.clientId = clientId
+        self.filter = filter
+
+    def start(self) -> None:
+        """
+        Poll the group and answer when the endpoint does.
+        """
+        api = self.call.api
+        d = api.connector.groupPoll(api.config.topic, f"{api.name}.{self.clientId}", self.limit,
+                                    self.timeout, api.config.start)
+        d.addCallback(self._answer)
+        d.addErrback(lambda f: finishWithFailure(self.request, f, "polling as a consumer group"))
+
+    def _answer(self, batch: Any) -> None:
+        request = self.request
+        if request.finished or getattr(request, "_disconnected", False):
+            batch.putBack()
+            return
+        try:
+            tag = self.call.api.tag
+            events = [Event(m, c) for m, c in cursorsAfter(batch.first, batch.messages)]
+            if self.filter is not None:
+                # Filtered-out messages are still read: the group moves past
+                # them with the rest.
+                events = [e for e in events if self.filter(e)]
+            body = renderPage(self.media, events, tag, batch.cursor.encode(tag), self.limit, None)
+        except Exception:
+            batch.putBack()
+            raise
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", (self.media + "; charset=utf-8").encode("ascii"))
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.write(body)
+        request.finish()
+        batch.commit()
 
 
 @implementer(IEntrypoint)
@@ -331,14 +421,28 @@ class HttpGetEntrypoint:
             timeout = intParameter(request, "timeout", min(DEFAULT_TIMEOUT, gateway.maxPollTimeout),
                                    gateway.maxPollTimeout)
             filter = self.filterFor(request, call)
+            clientId = requestClientId(request)
+            if clientId is not None:
+                if cursor is not None:
+                    raise BadRequest("send a cursor or a client id, not both: with a client id the gateway "
+                                     "keeps the position")
+                if getattr(call.api.connector, "groupPoll", None) is None:
+                    raise BadRequest(f"API {call.api.name} reads from an endpoint without consumer groups: "
+                                     "poll with cursors, without a client id")
         except Problem as problem:
             return writeProblem(request, problem)
+        if clientId is not None:
+            GroupPoll(request, call, media, limit, timeout / 1000.0, clientId, filter).start()
+            return NOT_DONE_YET
         start: Any = cursor if cursor is not None else call.api.config.start
         PollSubscriber(request, call, media, limit, timeout / 1000.0).start(start, filter)
         return NOT_DONE_YET
 
     def filterFor(self, request: Request, call: ApiCall) -> Any:
         """
-        The message filter of this request (none yet; see evgate.filters).
+        The message filter of this request: the API's operator filter and
+        the C{filter} query parameter (see evgate.filters).
+
+        @raise BadFilter: if the query parameter is not a valid filter.
         """
-        return None
+        return subscriptionFilter(request, call)

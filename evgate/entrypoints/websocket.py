@@ -1,0 +1,526 @@
+"""
+WebSocket: C{GET {path}} with C{Upgrade: websocket}, on the gateway's own
+port (autobahn's L{WebSocketResource} takes the connection over from
+twisted.web once the plan chain authenticated the request).
+
+Server to client, one frame per message: a text frame for UTF-8 content, a
+binary frame otherwise.  With the subprotocol C{evgate.json}, every frame
+is a JSON document instead::
+
+    {"subscribed": {"cursor": "..."}}                 first, where the stream starts
+    {"id": "...", "key": ..., "headers": {...},       a message; "id" resumes after it
+     "content": "...", "metadata": {...}}             (+ "encoding": "base64")
+    {"gap": {"detail": "...", "cursor": "..."}}       part of the stream is gone
+    {"ack": {"topic", "partition", "offset"}}         a publish was acknowledged
+    {"error": {"type", "title", "detail"}}            a publish was refused
+
+Client to server, each frame is published to the API's topic (unless the
+API sets C{websocket.publish = false}): the frame itself as the content, or
+under C{evgate.json} a document C{{"key", "headers", "content"}} (with
+C{"encoding": "base64"} for binary content, and an optional C{"ref"} that
+the answer echoes).  Answers come in the order of the frames, after the
+broker acknowledged.
+
+Resume with the C{cursor} query parameter (ids are only visible under
+C{evgate.json}).  Close codes: 1000 normal, 1008 policy (subscribe-only
+API without evgate.json, expired credentials), 1009 message too big, 1011
+server error, 1013 try again later (too slow a reader, broker unavailable,
+gateway stopping).  docs/entrypoints/websocket.md has the details.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Deque, Dict, List, Optional, Set, Tuple
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from evgate.entrypoints.http_get import requestCursor
+from evgate.entrypoints.streaming import StreamSubscriber, stopAll
+from evgate.errors import (
+    BadRequest, EndpointTimeout, EndpointUnavailable, Forbidden, Problem,
+)
+from evgate.filters import filterFor
+from evgate.gateway import ApiCall, writeProblem
+from evgate.hub import Event
+from evgate.interfaces import IEntrypoint
+from evgate.message import Cursor, Draft, Position, envelopeJSON
+
+SUBPROTOCOL = "evgate.json"
+
+CLOSE_NORMAL = WebSocketProtocol.CLOSE_STATUS_CODE_NORMAL
+CLOSE_POLICY = WebSocketProtocol.CLOSE_STATUS_CODE_POLICY_VIOLATION
+CLOSE_TOO_BIG = WebSocketProtocol.CLOSE_STATUS_CODE_MESSAGE_TOO_BIG
+CLOSE_SERVER_ERROR = WebSocketProtocol.CLOSE_STATUS_CODE_INTERNAL_ERROR
+CLOSE_TRY_AGAIN = WebSocketProtocol.CLOSE_STATUS_CODE_TRY_AGAIN_LATER
+
+# Publishes one connection may have waiting for the broker before the
+# gateway stops reading its frames: TCP then pushes back on the client.
+MAX_IN_FLIGHT = 64
+
+_MAX_KEY = 4096
+_FRAME_FIELDS = frozenset({"key", "headers", "content", "encoding", "ref"})
+# A close reason is at most 123 bytes of UTF-8 (RFC 6455, 5.5).
+_MAX_REASON = 123
+
+
+def _jsonFrame(document: Dict[str, Any]) -> bytes:
+    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+
+
+def errorDocument(problem: Problem, ref: Any = None) -> Dict[str, Any]:
+    """
+    The C{error} frame of C{problem}.
+    """
+    document: Dict[str, Any] = {"error": {"type": problem.type, "title": problem.title,
+                                          "detail": problem.detail}}
+    if ref is not None:
+        document["ref"] = ref
+    return document
+
+
+class FrameTooBig(Exception):
+    """
+    A frame's content is larger than max-message-bytes.
+    """
+
+
+def parseJsonFrame(payload: bytes, maxBytes: int) -> Tuple[Draft, Any]:
+    """
+    The message an C{evgate.json} frame asks to publish, and its C{ref}.
+
+    @raise BadRequest: for a frame that is not such a document.
+    @raise FrameTooBig: for content larger than C{maxBytes}.
+    """
+    try:
+        document = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("an evgate.json frame is one JSON object: "
+                         '{"key": ..., "headers": {...}, "content": "..."}') from None
+    if not isinstance(document, dict):
+        raise BadRequest("an evgate.json frame is a JSON object")
+    ref = document.get("ref")
+    unknown = sorted(set(document) - _FRAME_FIELDS)
+    if unknown:
+        raise BadRequest(f"unknown field {unknown[0]!r} (known: content, key, headers, encoding, ref)")
+    content = document.get("content")
+    if not isinstance(content, str):
+        raise BadRequest("field content is required and must be a string")
+    encoding = document.get("encoding")
+    if encoding is None:
+        raw = content.encode("utf-8")
+    elif encoding == "base64":
+        try:
+            raw = base64.b64decode(content, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest("field content is not valid base64") from None
+    else:
+        raise BadRequest(f"field encoding must be \"base64\" when present, got {encoding!r}")
+    if len(raw) > maxBytes:
+        raise FrameTooBig(f"the message is larger than max-message-bytes ({maxBytes} bytes)")
+    key = document.get("key")
+    if key is not None:
+        if not isinstance(key, str):
+            raise BadRequest("field key must be a string or null")
+        if len(key.encode("utf-8")) > _MAX_KEY:
+            raise BadRequest(f"the message key is longer than {_MAX_KEY} bytes")
+    headers = document.get("headers") or {}
+    if not isinstance(headers, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
+                                                for k, v in headers.items()):
+        raise BadRequest("field headers must be an object of non-empty names to string values")
+    return Draft(content=raw, key=key, headers=tuple(headers.items())), ref
+
+
+class WebSocketSubscriber(StreamSubscriber):
+    """
+    The hub side of one WebSocket: an L{ISubscriber} for the hub and an
+    L{IPushProducer} for the connection's transport.
+    """
+
+    log = Logger()
+
+    def __init__(self, protocol: "GatewayWebSocketProtocol", call: ApiCall,
+                 entrypoint: "WebSocketEntrypoint", json: bool) -> None:
+        # autobahn pings (autoPingInterval) keep this stream alive; no
+        # heartbeat of our own.
+        super().__init__(call, entrypoint, heartbeat=0.0)
+        self.protocol = protocol
+        self.json = json
+
+    def _open(self) -> bool:
+        return not self.closed and self.protocol.state == WebSocketProtocol.STATE_OPEN
+
+    def close(self, code: int, reason: str) -> None:
+        """
+        End the stream and start the closing handshake.
+        """
+        self.end()
+        self.protocol.closeWith(code, reason)
+
+    # StreamSubscriber
+
+    def streamOpened(self, cursor: Cursor) -> None:
+        if self.json and self._open():
+            self.protocol.sendMessage(_jsonFrame({"subscribed": {"cursor": cursor.encode(self.tag)}}))
+
+    def encode(self, event: Event) -> Any:
+        factory = self.protocol.factory
+        if self.json:
+            key: Tuple[Any, ...] = ("ws", "json", self.tag)
+            frame = event.frames.get(key)
+            if frame is None:
+                payload = envelopeJSON(event.message, event.token(self.tag))
+                frame = event.frames[key] = factory.prepareMessage(payload, False, True)
+            return frame
+        key = ("ws", "raw")
+        frame = event.frames.get(key)
+        if frame is None:
+            content = event.message.content
+            try:
+                content.decode("utf-8")
+                binary = False
+            except UnicodeDecodeError:
+                binary = True
+            frame = event.frames[key] = factory.prepareMessage(content, binary, True)
+        return frame
+
+    def frameSize(self, frame: Any) -> int:
+        return len(frame.payloadHybi)
+
+    def writeFrames(self, frames: List[Any]) -> None:
+        if not self._open():
+            return
+        # Prepared frames are complete WebSocket frames: a batch goes out in
+        # one write, as long as no per-message compression was negotiated
+        # (the gateway does not offer it).
+        if self.protocol._perMessageCompress is None:
+            self.protocol.sendData(b"".join(f.payloadHybi for f in frames))
+        else:  # pragma: no cover - compression is never accepted
+            for frame in frames:
+                self.protocol.sendPreparedMessage(frame)
+
+    def gapFrame(self, cursor: Cursor, reason: str) -> Any:
+        if not self.json:
+            # Without evgate.json there is no frame a client could tell
+            # from a message; such clients cannot resume either.
+            return None
+        payload = _jsonFrame({"gap": {"detail": reason, "cursor": cursor.encode(self.tag)}})
+        return self.protocol.factory.prepareMessage(payload, False, True)
+
+    def closeTooSlow(self) -> None:
+        self.close(CLOSE_TRY_AGAIN, f"too slow: more than {self.queueLimit} messages behind; "
+                   "reconnect with the last id")
+
+    def streamFailed(self, reason: Failure) -> None:
+        if reason.check(EndpointUnavailable, EndpointTimeout):
+            self.close(CLOSE_TRY_AGAIN, "the endpoint is unavailable; reconnect later")
+        else:
+            self.close(CLOSE_SERVER_ERROR, "the upstream subscription failed")
+
+    def credentialsExpired(self) -> None:
+        self.close(CLOSE_POLICY, "the credentials expired")
+
+    def limitReached(self, retryAfter: float) -> None:
+        self.close(CLOSE_TRY_AGAIN, f"message quota used up; reconnect in {math.ceil(retryAfter)} s")
+
+    def shutdown(self) -> None:
+        self.close(CLOSE_TRY_AGAIN, "the gateway is stopping; reconnect")
+
+
+@dataclass
+class Handoff:
+    """
+    What the entrypoint decided about an upgrade request, for the protocol
+    that autobahn builds while rendering it.
+    """
+
+    call: ApiCall
+    start: Any
+    filter: Any
+
+
+class GatewayWebSocketProtocol(WebSocketServerProtocol):
+    """
+    One WebSocket connection to an API: subscribes on open, publishes what
+    the client sends.
+    """
+
+    # autobahn's own `log` (txaio) stays; this one is the gateway's.
+    gatewayLog = Logger()
+
+    handoff: Optional[Handoff] = None
+    subscriber: Optional[WebSocketSubscriber] = None
+    json = False
+
+    def onConnect(self, request: Any) -> Optional[str]:
+        self.json = SUBPROTOCOL in request.protocols
+        entrypoint = self.factory.entrypoint
+        if self.json:
+            # A JSON frame carries its content escaped or base64: allow the
+            # frame that much more, and check the content itself.
+            self.maxMessagePayloadSize = entrypoint.maxBytes * 2 + 65536
+            self.maxFramePayloadSize = self.maxMessagePayloadSize
+        self.pending: Deque[List[Any]] = deque()
+        self.readingPaused = False
+        return SUBPROTOCOL if self.json else None
+
+    def onOpen(self) -> None:
+        handoff = self.handoff
+        if handoff is None:  # pragma: no cover - only the entrypoint builds these
+            self.closeWith(CLOSE_SERVER_ERROR, "no API for this connection")
+            return
+        self.handoff = None
+        self.call = handoff.call
+        subscriber = self.subscriber = WebSocketSubscriber(self, handoff.call, self.factory.entrypoint,
+                                                           self.json)
+        # The HTTP channel registered itself as the transport's producer
+        # before autobahn took the transport over; the stream is the
+        # producer now, so that a full socket pauses its subscription.
+        transport: Any = self.transport
+        transport.unregisterProducer()
+        transport.registerProducer(subscriber, True)
+        subscriber.subscribe(handoff.start, handoff.filter)
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        if self.subscriber is not None:
+            self.subscriber.end()
+
+    def closeWith(self, code: int, reason: str) -> None:
+        """
+        Start the closing handshake with C{code}, which may be one of the
+        codes RFC 6455 reserves for endpoints (1008, 1009, 1011, 1013):
+        autobahn's C{sendClose} only lets applications send 1000 and
+        3000-4999.
+        """
+        if self.state == WebSocketProtocol.STATE_OPEN:
+            # Cut at a character boundary within the 123 bytes allowed.
+            raw = reason.encode("utf-8")[:_MAX_REASON].decode("utf-8", "ignore").encode("utf-8")
+            self.sendCloseFrame(code, raw)
+
+    # publishing
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        api = self.call.api
+        entrypoint = self.factory.entrypoint
+        if not api.config.options.get("websocketPublish", True):
+            problem = Forbidden(f"the WebSocket of API {api.name} is subscribe-only")
+            if self.json:
+                self.sendMessage(_jsonFrame(errorDocument(problem)))
+            else:
+                self.closeWith(CLOSE_POLICY, problem.detail)
+            return
+        ref = None
+        if self.json:
+            if isBinary:
+                self.sendMessage(_jsonFrame(errorDocument(BadRequest(
+                    "evgate.json frames are text frames holding one JSON object"))))
+                return
+            try:
+                draft, ref = parseJsonFrame(payload, entrypoint.maxBytes)
+            except FrameTooBig as e:
+                self.closeWith(CLOSE_TOO_BIG, str(e))
+                return
+            except Problem as problem:
+                self.sendMessage(_jsonFrame(errorDocument(problem, _refOf(payload))))
+                return
+        else:
+            draft = Draft(content=payload)
+        self.publish(draft, ref)
+
+    def publish(self, draft: Draft, ref: Any) -> None:
+        """
+        Publish C{draft}; its answer is sent when it and every earlier
+        publish of this connection are answered.
+        """
+        api = self.call.api
+        timeout = self.factory.entrypoint.timeout
+        slot: List[Any] = [None, ref]
+        self.pending.append(slot)
+        connector: Any = api.connector
+        d: Deferred = connector.publish(api.config.topic, draft, timeout)
+        if not d.called:
+            d.addTimeout(timeout, api.gateway.reactor, onTimeoutCancel=_timedOut(timeout))
+
+        def settled(result: Any) -> None:
+            slot[0] = result
+            self._answer()
+
+        d.addBoth(settled)
+        if len(self.pending) >= MAX_IN_FLIGHT and not self.readingPaused:
+            self.readingPaused = True
+            transport: Any = self.transport
+            transport.pauseProducing()
+
+    def _answer(self) -> None:
+        while self.pending and self.pending[0][0] is not None:
+            result, ref = self.pending.popleft()
+            if isinstance(result, Failure):
+                if not self._publishFailed(result, ref):
+                    return
+            elif self.json and self.state == WebSocketProtocol.STATE_OPEN:
+                document: Dict[str, Any] = {"ack": result.asJSON() if isinstance(result, Position) else result}
+                if ref is not None:
+                    document["ref"] = ref
+                self.sendMessage(_jsonFrame(document))
+        if self.readingPaused and len(self.pending) <= MAX_IN_FLIGHT // 2:
+            self.readingPaused = False
+            transport: Any = self.transport
+            transport.resumeProducing()
+
+    def _publishFailed(self, failure: Failure, ref: Any) -> bool:
+        # Returns whether the connection stays open.
+        if failure.check(Problem):
+            problem = failure.value
+        else:
+            self.gatewayLog.failure("publishing from a WebSocket of {api}", failure, api=self.call.api.name)
+            problem = Problem("an internal error occurred; it has been logged")
+        if self.state != WebSocketProtocol.STATE_OPEN:
+            return False
+        if self.json:
+            self.sendMessage(_jsonFrame(errorDocument(problem, ref)))
+            return True
+        # Without evgate.json there is no frame to refuse a publish with:
+        # closing is the only way not to lose it silently.
+        code = CLOSE_TRY_AGAIN if failure.check(EndpointUnavailable, EndpointTimeout) else CLOSE_SERVER_ERROR
+        self.closeWith(code, "publish failed: " + problem.detail)
+        self.pending.clear()
+        return False
+
+
+def _refOf(payload: bytes) -> Any:
+    # The ref of a frame that was refused, when it is readable at all.
+    try:
+        document = json.loads(payload)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return document.get("ref") if isinstance(document, dict) else None
+
+
+def _timedOut(seconds: float) -> Any:
+    def onTimeout(result: Any, timeout: float) -> Any:
+        raise EndpointTimeout(f"the endpoint did not acknowledge within {seconds:g} s; "
+                              "the message may or may not have been stored")
+    return onTimeout
+
+
+class _Timer:
+    """
+    A timer of autobahn's on the gateway's reactor, which autobahn may
+    cancel after it fired.
+    """
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+
+    def cancel(self) -> None:
+        if self.call.active():
+            self.call.cancel()
+
+
+class _ReactorTimers:
+    """
+    autobahn's timer interface (C{call_later}) on a given reactor.
+
+    autobahn schedules its handshake, ping and close timeouts through the
+    factory's C{_batched_timer}, which txaio binds to the global reactor;
+    this binds them to the reactor the gateway was given, as everything
+    else is (and as tests on a Clock need).
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def call_later(self, delay: float, f: Any, *args: Any, **kwargs: Any) -> _Timer:
+        return _Timer(self.reactor.callLater(delay, f, *args, **kwargs))
+
+
+class GatewayWebSocketFactory(WebSocketServerFactory):
+    """
+    Builds the protocol of each upgraded request of one API, handing it
+    what the entrypoint decided (L{Handoff}).
+    """
+
+    protocol = GatewayWebSocketProtocol
+
+    def __init__(self, entrypoint: "WebSocketEntrypoint", reactor: Any) -> None:
+        super().__init__(server="evgate", reactor=reactor)
+        self._batched_timer = _ReactorTimers(reactor)
+        self.entrypoint = entrypoint
+        self.handoff: Optional[Handoff] = None
+
+    def buildProtocol(self, addr: Any) -> GatewayWebSocketProtocol:
+        protocol: Any = super().buildProtocol(addr)
+        protocol.handoff = self.handoff
+        self.handoff = None
+        return protocol  # type: ignore[no-any-return]
+
+
+@implementer(IEntrypoint)
+class WebSocketEntrypoint:
+    """
+    C{websocket}: subscribe and publish over one WebSocket.
+    """
+
+    name = "websocket"
+    methods = (b"GET",)
+    log = Logger()
+
+    def __init__(self, api: Any) -> None:
+        self.api = api
+        gateway = api.gateway
+        self.maxBytes: int = gateway.maxMessageBytes
+        self.timeout: float = gateway.publishTimeout
+        self.live: Set[WebSocketSubscriber] = set()
+        heartbeat = api.config.options.get("heartbeat", 15.0)
+        self.factory = GatewayWebSocketFactory(self, gateway.reactor)
+        self.factory.setProtocolOptions(
+            maxMessagePayloadSize=self.maxBytes,
+            maxFramePayloadSize=self.maxBytes,
+            autoPingInterval=heartbeat,
+            autoPingTimeout=heartbeat,
+            openHandshakeTimeout=10,
+            # Send 1009 and the like in a close frame rather than only
+            # dropping the connection, so that clients learn why.
+            failByDrop=False,
+            closeHandshakeTimeout=2,
+        )
+        self.resource = WebSocketResource(self.factory)
+
+    def accepts(self, request: Request) -> bool:
+        upgrade = request.getHeader(b"upgrade")
+        return request.method == b"GET" and upgrade is not None and b"websocket" in upgrade.lower()
+
+    def render(self, request: Request, call: ApiCall) -> Any:
+        try:
+            cursor = requestCursor(request, call.api.tag)
+            filter = filterFor(request, call)
+        except Problem as problem:
+            return writeProblem(request, problem)
+        start: Any = cursor if cursor is not None else call.api.config.start
+        # autobahn builds the protocol and runs the opening handshake
+        # synchronously inside render: the handoff is picked up there.
+        self.factory.handoff = Handoff(call, start, filter)
+        try:
+            return self.resource.render(request)
+        finally:
+            self.factory.handoff = None
+
+    def stop(self) -> None:
+        """
+        Close every WebSocket with 1013 (try again later): the gateway is
+        stopping.
+        """
+        stopAll(self.live)  # type: ignore[arg-type]
+

@@ -1,0 +1,725 @@
+"""
+One subscription's deliveries on one node: the L{Deliverer}.
+
+Design
+======
+
+A I{feed} (L{evgate.webhook.feeds}, L{evgate.webhook.kafka}) hands the
+deliverer the subscription's messages, already filtered, as hub
+L{evgate.hub.Event}s: each message with the cursor that resumes right after
+it.  The deliverer queues them and keeps at most C{maxInFlight} of them
+being delivered (one by default, which keeps the order of the stream).
+
+Messages taken from the queue enter the I{window}, in stream order.  Each
+one is I{settled} once the receiver answered 2xx or the message went to
+the dead-letter destination.  The subscription's I{position} moves only
+over the settled prefix of the window, so it never passes a message that
+is still being tried, whatever order concurrent deliveries finish in:
+after a crash, delivery resumes at the position and nothing unsettled is
+lost (at-least-once).  Messages a filter dropped move the position as soon
+as nothing before them is unsettled.
+
+An attempt that fails is tried again after a backoff
+(L{evgate.webhook.retry}); the window does not move meanwhile, so with one
+in flight the subscription waits for that message: order before
+throughput.  When a message cannot be delivered (the receiver rejected it,
+or the last attempt failed) it goes to the API's dead-letter destination
+and delivery goes on; an API without one pauses the subscription instead,
+with the reason, and the message is tried again (from its first attempt)
+when an operator resumes it.
+
+Writes to the store are coalesced: at most one update per subscription is
+in flight, and what changed meanwhile goes in the next one.  A crash loses
+at most the writes not yet made, which means delivering some messages
+again, never skipping them.
+
+Backpressure: the feed looks at L{Deliverer.backlog} after every batch and
+every settled message, and stops reading (pauses its upstream) above its
+bound.
+"""
+
+from __future__ import annotations
+
+import random as _random
+import string
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+from urllib.parse import quote
+
+from treq import collect
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
+from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import RESPONSES
+from twisted.web.http_headers import Headers
+
+from evgate.message import Cursor, Draft, Message
+from evgate.webhook import records
+from evgate.webhook.retry import DELIVERED, REJECTED, RETRYABLE, RetryPolicy, classifyStatus, parseRetryAfter
+from evgate.webhook.signing import signature
+from evgate.webhook.ssrf import ForbiddenAddress
+
+USER_AGENT = b"evgate-webhook/1"
+
+# Response bodies are read (so that the connection can be reused) and
+# thrown away; a receiver that sends more than this is cut off.
+MAX_RESPONSE_BYTES = 65536
+
+# Header names the subscription's own headers may not use: ours, and the
+# ones that frame the HTTP message.
+RESERVED_HEADERS = frozenset({
+    "content-type", "content-length", "content-encoding", "transfer-encoding", "host", "connection",
+    "keep-alive", "upgrade", "te", "trailer", "expect", "proxy-authorization", "user-agent",
+})
+RESERVED_PREFIXES = ("webhook-", "evgate-")
+
+_TCHAR = frozenset(string.ascii_letters + string.digits + "!#$&'*+-.^_`|~")
+_VALUE_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+
+# Attempt states.
+IDLE = "idle"                    # taken from the queue, waiting to be sent
+SENDING = "sending"              # a request is out
+WAITING = "waiting"              # a retry is scheduled
+DEADLETTERING = "dead-lettering"  # being published to the dead letters
+DONE = "done"                    # settled
+
+
+def headerName(name: str) -> str:
+    """
+    A message header name as an HTTP header name: lower-cased, with every
+    byte that is not a token character percent-encoded.
+    """
+    out = []
+    for char in name.lower():
+        if char in _TCHAR:
+            out.append(char)
+        else:
+            out.extend(f"%{byte:02X}" for byte in char.encode("utf-8"))
+    return "".join(out) or "%00"
+
+
+def headerValue(value: str) -> str:
+    """
+    A text as an HTTP header value: UTF-8, with every byte outside printable
+    ASCII, space and C{%} percent-encoded (so C{urllib.parse.unquote}
+    restores it).
+    """
+    return quote(value, safe=_VALUE_SAFE)
+
+
+def checkStaticHeaders(headers: Any) -> Dict[str, str]:
+    """
+    A subscription's own C{headers}, checked: an object of names to
+    strings, names that are HTTP tokens and not reserved, values without
+    control characters.
+
+    @raise ValueError: with a sentence for the client.
+    """
+    if headers is None:
+        return {}
+    if not isinstance(headers, dict):
+        raise ValueError("headers must be an object of header names to strings")
+    if len(headers) > 32:
+        raise ValueError("headers may name at most 32 headers")
+    checked: Dict[str, str] = {}
+    for name, value in headers.items():
+        if not name or len(name) > 256 or any(c not in _TCHAR for c in name):
+            raise ValueError(f"header name {name[:80]!r} is not a valid HTTP header name")
+        lowered = name.lower()
+        if lowered in RESERVED_HEADERS or lowered.startswith(RESERVED_PREFIXES):
+            raise ValueError(f"header {name} is set by the gateway and cannot be given")
+        if not isinstance(value, str) or len(value) > 8192:
+            raise ValueError(f"header {name} must have a string value of at most 8192 characters")
+        if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in value) or any(ord(c) > 0xFF for c in value):
+            raise ValueError(f"header {name} has characters that cannot be sent in an HTTP header")
+        checked[name] = value
+    return checked
+
+
+def describeFailure(failure: Failure, timeout: float) -> str:
+    """
+    One line for C{lastError} about a request that got no answer.
+    """
+    if failure.check(CancelledError, TimeoutError):
+        return f"no response within {timeout:g} s"
+    reasons = getattr(failure.value, "reasons", None)
+    if reasons:
+        if any(r.check(CancelledError, TimeoutError) for r in reasons):
+            return f"no response within {timeout:g} s"
+        return f"the connection failed before a response: {reasons[0].getErrorMessage()}"
+    if failure.check(ForbiddenAddress):
+        return f"refused to connect: {failure.value.args[0] if failure.value.args else 'forbidden address'}"
+    if failure.check(DNSLookupError):
+        return "the callback host does not resolve"
+    if failure.check(ConnectError):
+        return f"cannot connect: {failure.getErrorMessage()}"
+    return f"{failure.type.__name__}: {failure.getErrorMessage()}"[:300]
+
+
+class _Enough(Exception):
+    """
+    A response body passed L{MAX_RESPONSE_BYTES}.
+    """
+
+
+class _Drain:
+    """
+    Counts a response body, and stops it past the limit.
+    """
+
+    def __init__(self) -> None:
+        self.size = 0
+
+    def __call__(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > MAX_RESPONSE_BYTES:
+            raise _Enough()
+
+
+@dataclass
+class DeadLetters:
+    """
+    Where an API's undeliverable messages go: C{dlq = <endpoint>/<topic>}.
+    """
+
+    endpoint: str
+    topic: str
+    connector: Any
+    timeout: float
+
+
+@dataclass
+class DeliveryContext:
+    """
+    What a deliverer needs from its node and API.
+
+    @ivar http: a treq-like client (C{treq.client.HTTPClient}, or
+        C{treq.testing.StubTreq} in tests).
+    @ivar tag: the API's cursor tag (positions are stored as its tokens).
+    @ivar epoch: the epoch of the API's endpoint (part of message ids).
+    @ivar onPaused: called with the deliverer when it paused its
+        subscription for good (no dead-letter destination).
+    """
+
+    reactor: Any
+    http: Any
+    store: Any
+    api: str
+    tag: bytes
+    epoch: int
+    timeout: float
+    maxInFlight: int
+    dlq: Optional[DeadLetters]
+    random: Any = _random
+    onPaused: Callable[["Deliverer"], None] = lambda deliverer: None
+
+
+class Attempt:
+    """
+    One message in the window, and how its delivery goes.
+    """
+
+    __slots__ = ("event", "count", "state", "call", "request", "dlqTries")
+
+    def __init__(self, event: Any) -> None:
+        self.event = event
+        self.count = 0
+        self.state = IDLE
+        self.call: Any = None
+        self.request: Optional[Deferred] = None
+        self.dlqTries = 0
+
+
+class Deliverer:
+    """
+    The deliveries of one subscription on this node.
+
+    @ivar position: the cursor after the settled prefix: where delivery
+        resumes after a restart.
+    @ivar tail: the cursor after the last message the feed handed over (or
+        skipped).
+    """
+
+    log = Logger()
+
+    def __init__(self, record: Mapping[str, Any], key: bytes, policy: RetryPolicy,
+                 position: Optional[Cursor], context: DeliveryContext) -> None:
+        self.id: str = record["id"]
+        self.record = dict(record)
+        self.callbackUrl: str = record["callbackUrl"]
+        self.staticHeaders: Dict[str, str] = dict(record.get("headers") or {})
+        self.key = key
+        self.policy = policy
+        self.context = context
+        self.reactor = context.reactor
+        self.position = position
+        self.tail = position
+        self.state = record.get("state") or records.ACTIVE
+        self.queue: Deque[Any] = deque()
+        self.window: List[Attempt] = []
+        self.feed: Any = None
+        self.paused = False
+        self.stopped = False
+        self._reopenCall: Any = None
+        self._feedFactory: Optional[Callable[["Deliverer"], Any]] = None
+        self._feedFailures = 0
+        # coalesced store writes
+        self._changes: Dict[str, Any] = {}
+        self._increments: Dict[str, int] = {}
+        self._saving: Optional[Deferred] = None
+        self._savedWaiters: List[Deferred] = []
+        self._savedPosition = position
+
+    # -- lifecycle
+
+    def start(self, feedFactory: Callable[["Deliverer"], Any]) -> None:
+        """
+        Open the feed made by C{feedFactory} and start delivering.
+        """
+        self._feedFactory = feedFactory
+        self._openFeed()
+
+    def _openFeed(self) -> None:
+        self._reopenCall = None
+        if self.stopped or self._feedFactory is None:
+            return
+        self.feed = self._feedFactory(self)
+        self.feed.start(self.tail)
+
+    def stop(self) -> Deferred:
+        """
+        Stop delivering: cancel retries and requests under way (their
+        messages are delivered again by whoever delivers next), close the
+        feed, and fire once the store has the last position.
+        """
+        if self.stopped:
+            return self.flushed()
+        self.stopped = True
+        if self._reopenCall is not None and self._reopenCall.active():
+            self._reopenCall.cancel()
+        self._reopenCall = None
+        self._idleAll()
+        if self.feed is not None:
+            self.feed.close()
+        return self.flushed()
+
+    def _idleAll(self) -> None:
+        for attempt in self.window:
+            if attempt.state in (SENDING, WAITING):
+                self._cancel(attempt)
+
+    def _cancel(self, attempt: Attempt) -> None:
+        # IDLE first, so that the errback of the cancelled request sees an
+        # attempt nobody waits for.
+        attempt.state = IDLE
+        if attempt.call is not None and attempt.call.active():
+            attempt.call.cancel()
+        attempt.call = None
+        request, attempt.request = attempt.request, None
+        if request is not None:
+            request.cancel()
+
+    # -- what feeds call
+
+    def backlog(self) -> int:
+        """
+        Messages handed over and not settled yet.
+        """
+        return len(self.queue) + sum(1 for a in self.window if a.state != DONE)
+
+    def began(self, cursor: Cursor) -> None:
+        """
+        The feed knows where it starts.
+        """
+        if self.tail is None:
+            self.tail = cursor
+        if self.position is None:
+            self.position = cursor
+            self._savePosition()
+
+    def offer(self, events: Sequence[Any]) -> None:
+        """
+        Messages to deliver, in stream order (already filtered).
+        """
+        if self.stopped or not events:
+            return
+        self._feedFailures = 0
+        self.queue.extend(events)
+        self.tail = events[-1].cursor
+        self._pump()
+
+    def skipped(self, cursor: Cursor) -> None:
+        """
+        The stream moved to C{cursor} without a message to deliver (a
+        filter dropped them).
+        """
+        if self.stopped:
+            return
+        self.tail = cursor
+        self._advance()
+
+    def gap(self, cursor: Cursor, reason: str) -> None:
+        """
+        The stream lost messages (retention, a restart of the in-memory
+        broker) and goes on at C{cursor}.
+        """
+        if self.stopped:
+            return
+        self.log.warn("webhook subscription {subscription} of API {api}: messages were lost: {reason}",
+                      subscription=self.id, api=self.context.api, reason=reason)
+        self._save({"lastError": self._error(f"messages were lost: {reason}")})
+        self.tail = cursor
+        self._advance()
+
+    def feedFailed(self, reason: Failure) -> None:
+        """
+        The feed ended; open a new one from the tail after a while.
+        """
+        if self.stopped:
+            return
+        self._feedFailures += 1
+        self.feed = None
+        delay = self.policy.delay(min(self._feedFailures, 10), random=self.context.random)
+        self.log.warn("webhook subscription {subscription} of API {api}: reading failed ({reason}); "
+                      "reading again in {delay:.1f} s", subscription=self.id, api=self.context.api,
+                      reason=reason.getErrorMessage(), delay=delay)
+        self._setState(records.FAILING, self._error(f"reading the topic failed: {reason.getErrorMessage()}"))
+        self._reopenCall = self.reactor.callLater(max(delay, 0.1), self._openFeed)
+
+    def readFailed(self, detail: str) -> None:
+        """
+        The feed cannot read for now and keeps trying (the broker is away).
+        """
+        if not self.stopped:
+            self._setState(records.FAILING, self._error(detail))
+
+    # -- delivering
+
+    def _inFlight(self) -> int:
+        return sum(1 for a in self.window if a.state != DONE)
+
+    def _pump(self) -> None:
+        if self.paused or self.stopped:
+            return
+        for attempt in self.window:
+            if attempt.state == IDLE:
+                self._send(attempt)
+        while self.queue and self._inFlight() < self.context.maxInFlight:
+            attempt = Attempt(self.queue.popleft())
+            self.window.append(attempt)
+            self._send(attempt)
+
+    def messageId(self, message: Message) -> str:
+        """
+        The C{webhook-id} of C{message}: the same on every attempt and every
+        node, different for every message and subscription.
+        """
+        base = f"msg_{self.id}_{message.partition}_{message.offset}"
+        epoch = self.context.epoch
+        return base if not epoch else f"{base}_{epoch}"
+
+    def requestHeaders(self, message: Message, messageId: str, timestamp: int) -> Headers:
+        """
+        The headers of one attempt to deliver C{message}.
+        """
+        headers = Headers()
+        for name, value in self.staticHeaders.items():
+            headers.addRawHeader(name, value.encode("latin-1"))
+        contentType = b"application/octet-stream"
+        for name, value in message.headers:
+            if name.lower() == "content-type":
+                contentType = headerValue(value).encode("ascii")
+                continue
+            headers.addRawHeader(("evgate-header-" + headerName(name)).encode("ascii"),
+                                 headerValue(value).encode("ascii"))
+        headers.setRawHeaders(b"content-type", [contentType])
+        headers.setRawHeaders(b"user-agent", [USER_AGENT])
+        headers.setRawHeaders(b"webhook-id", [messageId.encode("ascii")])
+        headers.setRawHeaders(b"webhook-timestamp", [str(timestamp).encode("ascii")])
+        headers.setRawHeaders(b"webhook-signature", [
+            signature(self.key, messageId, timestamp, message.content).encode("ascii")])
+        meta = {
+            "evgate-subscription": self.id,
+            "evgate-topic": headerValue(message.topic),
+            "evgate-partition": str(message.partition),
+            "evgate-offset": str(message.offset),
+            "evgate-timestamp": str(message.timestamp),
+        }
+        if message.key is not None:
+            meta["evgate-key"] = headerValue(message.key)
+        for name, value in message.extra.items():
+            text = value if isinstance(value, str) else _json(value)
+            meta["evgate-meta-" + headerName(name)] = headerValue(text)
+        for name, value in meta.items():
+            headers.setRawHeaders(name.encode("ascii"), [value.encode("ascii")])
+        return headers
+
+    def _send(self, attempt: Attempt) -> None:
+        attempt.count += 1
+        attempt.state = SENDING
+        message = attempt.event.message
+        messageId = self.messageId(message)
+        headers = self.requestHeaders(message, messageId, int(self.reactor.seconds()))
+        try:
+            d = self.context.http.request(
+                "POST", self.callbackUrl, data=message.content, headers=headers,
+                timeout=self.context.timeout, allow_redirects=False, unbuffered=True, reactor=self.reactor)
+        except Exception:
+            d = fail()
+        attempt.request = d
+        d.addCallbacks(self._answered, self._unanswered, callbackArgs=(attempt,), errbackArgs=(attempt,))
+        d.addErrback(self._bug, "handling a delivery's outcome")
+
+    def _answered(self, response: Any, attempt: Attempt) -> None:
+        drained = collect(response, _Drain())
+        drained.addErrback(lambda f: None)
+        if attempt.state != SENDING or attempt.request is None:
+            return
+        attempt.request = None
+        code = response.code
+        outcome = classifyStatus(code)
+        if outcome == DELIVERED:
+            self._settled(attempt, "delivered")
+            return
+        phrase = RESPONSES.get(code, b"").decode("latin-1")
+        retryAfter = None
+        if code in (429, 503):
+            values = response.headers.getRawHeaders(b"retry-after")
+            retryAfter = parseRetryAfter(values[0].decode("latin-1") if values else None, self.reactor.seconds())
+        self._failed(attempt, outcome, f"HTTP {code} {phrase}".strip(), code, retryAfter)
+
+    def _unanswered(self, failure: Failure, attempt: Attempt) -> None:
+        if attempt.state != SENDING or attempt.request is None:
+            return
+        attempt.request = None
+        self._failed(attempt, RETRYABLE, describeFailure(failure, self.context.timeout), None, None)
+
+    def _failed(self, attempt: Attempt, outcome: str, detail: str, status: Optional[int],
+                retryAfter: Optional[float]) -> None:
+        message = attempt.event.message
+        self.log.info("webhook subscription {subscription}: attempt {attempt} at {topic}/{partition}@{offset} "
+                      "failed: {detail}", subscription=self.id, attempt=attempt.count, topic=message.topic,
+                      partition=message.partition, offset=message.offset, detail=detail)
+        self._setState(records.FAILING, self._error(detail, status, attempt), failedAttempts=1)
+        if outcome == REJECTED:
+            self._deadLetter(attempt, "rejected", status, detail)
+        elif attempt.count >= self.policy.maxAttempts:
+            self._deadLetter(attempt, "attempts-exhausted", status, detail)
+        else:
+            delay = self.policy.delay(attempt.count, retryAfter, self.context.random)
+            attempt.state = WAITING
+            attempt.call = self.reactor.callLater(delay, self._retry, attempt)
+
+    def _retry(self, attempt: Attempt) -> None:
+        attempt.call = None
+        if attempt.state != WAITING:
+            return
+        if self.paused or self.stopped:
+            attempt.state = IDLE
+            return
+        self._send(attempt)
+
+    def _settled(self, attempt: Attempt, how: str) -> None:
+        attempt.state = DONE
+        if how == "delivered":
+            changes: Dict[str, Any] = {"lastDeliveredAt": records.timestamp(self.reactor.seconds())}
+            if self.state != records.ACTIVE:
+                self.state = records.ACTIVE
+                changes["state"] = records.ACTIVE
+            self._save(changes, delivered=1)
+        else:
+            self._save({}, deadLettered=1)
+        self._advance()
+        self._pump()
+
+    def _advance(self) -> None:
+        moved = False
+        while self.window and self.window[0].state == DONE:
+            self.position = self.window.pop(0).event.cursor
+            moved = True
+        if not self.window and not self.queue and self.tail is not None and self.tail != self.position:
+            self.position = self.tail
+            moved = True
+        if moved:
+            self._savePosition()
+        if self.feed is not None:
+            self.feed.progress()
+
+    # -- dead letters
+
+    def _deadLetter(self, attempt: Attempt, reason: str, status: Optional[int], detail: str) -> None:
+        message = attempt.event.message
+        dlq = self.context.dlq
+        if dlq is None:
+            self._pauseForFailure(attempt, reason, detail)
+            return
+        attempt.state = DEADLETTERING
+        attempt.dlqTries += 1
+        headers = list(message.headers) + [
+            ("evgate-dlq-reason", reason),
+            ("evgate-dlq-status", "" if status is None else str(status)),
+            ("evgate-dlq-error", detail),
+            ("evgate-dlq-subscription", self.id),
+            ("evgate-dlq-api", self.context.api),
+            ("evgate-dlq-callback", self.callbackUrl),
+            ("evgate-dlq-attempts", str(attempt.count)),
+            ("evgate-dlq-topic", message.topic),
+            ("evgate-dlq-partition", str(message.partition)),
+            ("evgate-dlq-offset", str(message.offset)),
+            ("evgate-dlq-timestamp", str(message.timestamp)),
+            ("evgate-dlq-message-id", self.messageId(message)),
+        ]
+        draft = Draft(content=message.content, key=message.key, headers=tuple(headers))
+        try:
+            d = dlq.connector.publish(dlq.topic, draft, dlq.timeout)
+        except Exception:
+            d = fail()
+        d.addCallbacks(self._deadLettered, self._deadLetterFailed, callbackArgs=(attempt, reason),
+                       errbackArgs=(attempt, reason, status, detail))
+        d.addErrback(self._bug, "handling a dead-letter publish")
+
+    def _deadLettered(self, position: Any, attempt: Attempt, reason: str) -> None:
+        if attempt.state != DEADLETTERING:
+            return
+        message = attempt.event.message
+        self.log.warn("webhook subscription {subscription}: {topic}/{partition}@{offset} went to the dead "
+                      "letters ({dlqEndpoint}/{dlqTopic}): {reason}", subscription=self.id, topic=message.topic,
+                      partition=message.partition, offset=message.offset, reason=reason,
+                      dlqEndpoint=self.context.dlq.endpoint if self.context.dlq else "",
+                      dlqTopic=self.context.dlq.topic if self.context.dlq else "")
+        self._settled(attempt, "dead-lettered")
+
+    def _deadLetterFailed(self, failure: Failure, attempt: Attempt, reason: str, status: Optional[int],
+                          detail: str) -> None:
+        if attempt.state != DEADLETTERING:
+            return
+        # The message must not be lost: the dead-letter publish is tried
+        # again, as long as it takes, and the window waits.
+        delay = self.policy.delay(min(attempt.dlqTries, 20), random=self.context.random)
+        self.log.warn("webhook subscription {subscription}: publishing to the dead letters failed "
+                      "({error}); trying again in {delay:.1f} s", subscription=self.id,
+                      error=failure.getErrorMessage(), delay=delay)
+        self._setState(records.FAILING, self._error(
+            f"publishing to the dead letters failed: {failure.getErrorMessage()}", None, attempt))
+        attempt.state = WAITING
+        attempt.call = self.reactor.callLater(delay, self._deadLetterAgain, attempt, reason, status, detail)
+
+    def _deadLetterAgain(self, attempt: Attempt, reason: str, status: Optional[int], detail: str) -> None:
+        attempt.call = None
+        if attempt.state != WAITING or self.stopped:
+            return
+        self._deadLetter(attempt, reason, status, detail)
+
+    def _pauseForFailure(self, attempt: Attempt, reason: str, detail: str) -> None:
+        message = attempt.event.message
+        why = (f"the message at {message.topic}/{message.partition}@{message.offset} could not be delivered "
+               f"({reason}: {detail}) and API {self.context.api} has no dlq; resume to try it again")
+        self.log.warn("webhook subscription {subscription} paused: {why}", subscription=self.id, why=why)
+        attempt.state = IDLE
+        attempt.count = 0
+        self.paused = True
+        self._idleAll()
+        self._save({"paused": True, "pausedReason": why})
+        self.context.onPaused(self)
+
+    # -- the store
+
+    def _error(self, detail: str, status: Optional[int] = None, attempt: Optional[Attempt] = None) -> Dict[str, Any]:
+        error: Dict[str, Any] = {"at": records.timestamp(self.reactor.seconds()), "message": detail,
+                                 "status": status}
+        if attempt is not None:
+            message = attempt.event.message
+            error.update(attempt=attempt.count, partition=message.partition, offset=message.offset)
+        return error
+
+    def _setState(self, state: str, lastError: Dict[str, Any], **increments: int) -> None:
+        changes: Dict[str, Any] = {"lastError": lastError}
+        if state != self.state:
+            self.state = state
+            changes["state"] = state
+        self._save(changes, **increments)
+
+    def _savePosition(self) -> None:
+        if self.position is not None and self.position != self._savedPosition:
+            self._save({"position": self.position})
+
+    def _save(self, changes: Mapping[str, Any], **increments: int) -> None:
+        self._changes.update(changes)
+        for name, amount in increments.items():
+            self._increments[name] = self._increments.get(name, 0) + amount
+        if self._saving is None:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._changes and not self._increments:
+            waiters, self._savedWaiters = self._savedWaiters, []
+            for d in waiters:
+                d.callback(None)
+            return
+        changes, self._changes = self._changes, {}
+        increments, self._increments = self._increments, {}
+        position = changes.get("position")
+        if isinstance(position, Cursor):
+            changes["position"] = position.encode(self.context.tag)
+        d = self.context.store.update(records.KIND, self.id, changes, increments)
+        self._saving = d
+
+        def saved(result: Any) -> None:
+            self._saving = None
+            if result is None:
+                self.log.info("webhook subscription {subscription} is no longer in the store", subscription=self.id)
+            elif isinstance(position, Cursor):
+                self._savedPosition = position
+            self._flush()
+
+        def notSaved(failure: Failure) -> None:
+            self._saving = None
+            self.log.failure("webhook subscription {subscription}: the store refused an update; trying again",
+                             failure, subscription=self.id)
+            # Put the lost changes back under anything newer, and try again
+            # later rather than in a tight loop.
+            for name, value in changes.items():
+                self._changes.setdefault(name, position if name == "position" else value)
+            for name, amount in increments.items():
+                self._increments[name] = self._increments.get(name, 0) + amount
+            self.reactor.callLater(1.0, self._flushIfIdle)
+
+        d.addCallbacks(saved, notSaved)
+
+    def _flushIfIdle(self) -> None:
+        if self._saving is None:
+            self._flush()
+
+    def flushed(self) -> Deferred:
+        """
+        A Deferred that fires when every change so far is in the store.
+        """
+        if self._saving is None and not self._changes and not self._increments:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._savedWaiters.append(d)
+        return d
+
+    def _bug(self, failure: Failure, what: str) -> None:
+        self.log.failure("webhook subscription {subscription}: unexpected error {what}", failure,
+                         subscription=self.id, what=what)
+
+
+def _json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+def splitDeadLetterTarget(text: str) -> Tuple[str, str]:
+    """
+    The endpoint and topic of a C{dlq = <endpoint>/<topic>} value.
+
+    @raise ValueError: if it has no C{/} or an empty part.
+    """
+    endpoint, sep, topic = text.partition("/")
+    if not sep or not endpoint or not topic:
+        raise ValueError("expected <endpoint>/<topic>")
+    return endpoint, topic
