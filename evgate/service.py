@@ -9,7 +9,7 @@ from typing import Any, Dict, List, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
@@ -128,12 +128,21 @@ class GatewayService(MultiService):
         return None
 
     def stopService(self) -> Deferred:
-        # Streams first, so that connectors close with no reader left.
-        self.hub.close()
+        # Entrypoints first, so that streams end with their own goodbye
+        # (an SSE comment, WebSocket close 1013) while the hub still runs;
+        # then the hub, so that connectors close with no reader left.
+        stopping = []
         for api in self.apis:
             for entrypoint in api.entrypoints:
                 stop = getattr(entrypoint, "stop", None)
                 if stop is not None:
-                    stop()
-        return maybeDeferred(super().stopService)
+                    stopping.append(maybeDeferred(stop))
+        d = DeferredList(stopping, consumeErrors=True)
+
+        def stopRest(_: Any) -> Deferred:
+            self.hub.close()
+            return maybeDeferred(super(GatewayService, self).stopService)
+
+        d.addCallback(stopRest)
+        return d
 

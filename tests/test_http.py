@@ -428,3 +428,32 @@ class NegotiationTests(SynchronousTestCase):
         }
         for accept, expected in cases.items():
             self.assertEqual(negotiate(accept), expected, accept)
+
+
+class GroupNameTests(SynchronousTestCase):
+    """
+    Group-mode consumer groups belong to the caller.
+    """
+
+    def test_anonymous(self) -> None:
+        """
+        Keyless callers name their group with the client id alone.
+        """
+        from evgate.entrypoints.http_get import groupName
+        from evgate.gateway import Consumer
+
+        self.assertEqual(groupName("orders", Consumer("anonymous", "keyless"), "billing"), "orders.billing")
+
+    def test_ownedByCaller(self) -> None:
+        """
+        Two authenticated callers using the same client id get different
+        groups, and one caller always gets the same one.
+        """
+        from evgate.entrypoints.http_get import groupName
+        from evgate.gateway import Consumer
+
+        alice = groupName("orders", Consumer("alice", "jwt"), "billing")
+        bob = groupName("orders", Consumer("bob", "jwt"), "billing")
+        self.assertNotEqual(alice, bob)
+        self.assertEqual(alice, groupName("orders", Consumer("alice", "jwt"), "billing"))
+        self.assertRegex(alice, r"^orders\.[0-9a-f]{16}\.billing$")

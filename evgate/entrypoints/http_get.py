@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from evgate.errors import BadCursor, BadRequest, EndpointUnavailable, NotAcceptable, Problem
 from evgate.filters import filterFor as subscriptionFilter
-from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, jsonBody, writeProblem
+from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, writeProblem
 from evgate.hub import Event, HubSubscription
 from evgate.interfaces import IEntrypoint, ISubscriber
 from evgate.message import Cursor, CursorError, contentForJSON, cursorsAfter
@@ -340,6 +340,21 @@ def requestClientId(request: Request) -> Optional[str]:
     return text
 
 
+def groupName(api: str, consumer: Any, clientId: str) -> str:
+    """
+    The consumer group (before the endpoint's prefix) of a group-mode
+    client.  An authenticated caller's groups are its own: its identity is
+    part of the name, so knowing another caller's client id does not let
+    anyone read as that caller's group.
+    """
+    if consumer.id == "anonymous":
+        return f"{api}.{clientId}"
+    import hashlib
+
+    owner = hashlib.sha256(f"{consumer.plan}\x00{consumer.id}".encode("utf-8")).hexdigest()[:16]
+    return f"{api}.{owner}.{clientId}"
+
+
 class GroupPoll:
     """
     One long poll in group mode: a client that names itself with a client
@@ -366,8 +381,8 @@ class GroupPoll:
         Poll the group and answer when the endpoint does.
         """
         api = self.call.api
-        d = api.connector.groupPoll(api.config.topic, f"{api.name}.{self.clientId}", self.limit,
-                                    self.timeout, api.config.start)
+        d = api.connector.groupPoll(api.config.topic, groupName(api.name, self.call.consumer, self.clientId),
+                                    self.limit, self.timeout, api.config.start)
         d.addCallback(self._answer)
         d.addErrback(lambda f: finishWithFailure(self.request, f, "polling as a consumer group"))
 
