@@ -234,6 +234,9 @@ class Config:
     gateway: GatewayConfig
     endpoints: Mapping[str, EndpointConfig]
     apis: Mapping[str, ApiConfig]
+    # The text of every section as read ({section: {key: value}}), which a
+    # reload compares with the running one (evgate.reload).
+    sections: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
 EndpointParser = Callable[[SectionReader], Mapping[str, Any]]
@@ -294,6 +297,7 @@ EXTENSION_MODULES: Tuple[str, ...] = (
     "evgate.store",
     "evgate.entrypoints.webhook",
     "evgate.admin.app",
+    "evgate.logs",
 )
 
 
@@ -463,7 +467,8 @@ def parseConfig(text: str, path: str = "<string>") -> Config:
             apis[api.name] = api
     if not apis:
         raise ConfigError(path, None, None, "no [api:NAME] section: nothing to serve")
-    return Config(path=path, gateway=gateway, endpoints=endpoints, apis=apis)
+    sections = {name: {k: v.strip() for k, v in parser[name].items()} for name in parser.sections()}
+    return Config(path=path, gateway=gateway, endpoints=endpoints, apis=apis, sections=sections)
 
 
 def loadConfig(path: str) -> Config:

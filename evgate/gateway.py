@@ -31,6 +31,7 @@ from evgate.errors import (
 from evgate.hub import Hub
 from evgate.interfaces import IConnector, IEntrypoint, IPlan
 from evgate.message import cursorTag
+from evgate.metrics import tallyFor
 
 log = Logger()
 
@@ -67,9 +68,13 @@ class ApiRuntime:
     plans: List[IPlan]
     gateway: Any
     tag: bytes = b""
+    # Counts of requests that reached the API but none of its entrypoints
+    # (405s, preflights): see evgate.metrics.
+    tally: Any = None
 
     def __post_init__(self) -> None:
         self.tag = cursorTag(self.config.name, self.config.topic)
+        self.tally = tallyFor(self, "-")
 
     @property
     def name(self) -> str:
@@ -168,7 +173,20 @@ class GatewayRequest(Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             return
+        # For the access log's duration; one clock read per request.
+        site = getattr(self.channel, "site", None)
+        if site is not None:
+            self.evgateStarted = site.reactor.seconds()
         super().requestReceived(command, path, version)
+
+    def connectionLost(self, reason: Any) -> None:
+        # A request whose client left before it was finished (a stream the
+        # client closed, a long poll given up) is never finished: this is
+        # where it ends for the access log and the request counts.
+        site = getattr(self, "site", None)
+        super().connectionLost(reason)
+        if not self.finished and site is not None and getattr(site, "requestLog", None) is not None:
+            site.requestLog.requestEnded(self, lost=True)
 
     def _refuse(self) -> None:
         self._refused = True
@@ -210,25 +228,33 @@ class _Discard:
 
 class GatewaySite(Site):
     """
-    The gateway's site: L{GatewayRequest}s, and an access log only when the
-    operator asks for it.
+    The gateway's site: L{GatewayRequest}s, counted and logged by its
+    L{evgate.logs.RequestLog} (the data plane's; the admin site has none).
     """
 
     requestFactory = GatewayRequest
 
     def __init__(self, resource: Resource, maxBodyBytes: int, accessLog: bool = False,
-                 **kwargs: Any) -> None:
-        # Credentials in query strings stay out of the access log.
+                 requestLog: Any = None, metrics: Any = None, **kwargs: Any) -> None:
+        # Credentials in query strings stay out of twisted.web's own
+        # formatter, should anything use it.
         from evgate.security import redactedLogFormatter
 
         kwargs.setdefault("logFormatter", redactedLogFormatter)
         super().__init__(resource, **kwargs)
         self.maxBodyBytes = maxBodyBytes
-        self.accessLog = accessLog
+        if requestLog is None and accessLog:
+            from evgate.logs import RequestLog
+
+            requestLog = RequestLog(True)
+        self.requestLog = requestLog
+        self.metrics = metrics
 
     def log(self, request: Request) -> None:
-        if self.accessLog:
-            super().log(request)
+        # evgate's own line (evgate.logs), not twisted.web's combined log:
+        # it names the API and consumer, and costs little when off.
+        if self.requestLog is not None:
+            self.requestLog.requestEnded(request)
 
 
 class GatewayResource(Resource):
@@ -254,6 +280,8 @@ class GatewayResource(Resource):
         api = self.byPath.get(request.path)
         if api is None:
             return writeProblem(request, NotFound(f"no API is served at {request.path.decode('latin-1')}"))
+        # What the access log and the request counts need (evgate.logs).
+        request.evgateTally = api.tally
         # CORS: preflights carry no credentials, so they are answered before
         # the plans; every other answer, errors included, names the origin.
         answer = preflight(request, api)
@@ -265,6 +293,8 @@ class GatewayResource(Resource):
             if candidate.accepts(request):
                 entrypoint = candidate
                 break
+        if entrypoint is not None:
+            request.evgateTally = entrypoint.tally
         if entrypoint is None:
             allowed = api.allowedMethods()
             allow = b", ".join(allowed)
@@ -275,6 +305,7 @@ class GatewayResource(Resource):
         consumer = admit(api, entrypoint, request, authenticate(api, request))
         if isinstance(consumer, Deferred):
             def authenticated(who: Consumer) -> None:
+                request.evgateConsumer = who.id
                 result = entrypoint.render(request, ApiCall(api, who))
                 if result is not NOT_DONE_YET and not request.finished:
                     request.write(result)
@@ -283,6 +314,7 @@ class GatewayResource(Resource):
             consumer.addCallback(authenticated)
             consumer.addErrback(lambda f: finishWithFailure(request, f, "authenticating"))
             return NOT_DONE_YET
+        request.evgateConsumer = consumer.id
         return entrypoint.render(request, ApiCall(api, consumer))
 
 

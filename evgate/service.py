@@ -18,6 +18,9 @@ from evgate.connectors import buildConnector
 from evgate.gateway import ApiRuntime, GatewayResource, GatewaySite, buildApis
 from evgate.hub import Hub
 from evgate.interfaces import IConnector
+from evgate.logs import RequestLog, offerLogObserver
+from evgate.metrics import CountingStore, GatewayMetrics, RateSampler
+from evgate.reload import Reloader, ReloadService, checkConfig, reconfigService
 from evgate.security.limits import buildLimits
 
 
@@ -66,6 +69,10 @@ class GatewayService(MultiService):
         self.config = config
         self.settings: GatewayConfig = config.gateway
         self.reactor = reactor
+        # Counters and the Prometheus registry of this node (evgate.metrics),
+        # before anything that counts; and the access log (evgate.logs).
+        self.metrics = GatewayMetrics(self)
+        self.requestLog = RequestLog(self.settings.accessLog)
         self.connectors: Dict[str, IConnector] = {}
         for name, endpoint in config.endpoints.items():
             connector = buildConnector(endpoint, reactor)
@@ -86,8 +93,8 @@ class GatewayService(MultiService):
             self.store.setServiceParent(self)
         self.apis: List[ApiRuntime] = buildApis(config, self.connectors, self.hub, self)
         self.resource = GatewayResource(self.apis)
-        self.site = GatewaySite(self.resource, self.settings.maxMessageBytes, self.settings.accessLog,
-                                reactor=reactor)
+        self.site = GatewaySite(self.resource, self.settings.maxMessageBytes, requestLog=self.requestLog,
+                                metrics=self.metrics, reactor=reactor)
         self.listeners: List[ListenerService] = []
         for description in self.settings.listen:
             listener = ListenerService(description, self.site, reactor, "gateway")
@@ -99,8 +106,15 @@ class GatewayService(MultiService):
         if any("webhook" in api.config.entrypoints for api in self.apis):
             from evgate.webhook.service import WebhookService
 
-            self.webhooks = WebhookService(self, self.store, reactor)
+            # Delivery outcomes are counted for /metrics as they are stored.
+            self.webhooks = WebhookService(self, CountingStore(self.store, self.metrics), reactor)
             self.webhooks.setServiceParent(self)
+        # Reload (SIGHUP, POST /reload: evgate.reload) and recent rates.
+        self.reloader = Reloader(self)
+        ReloadService(self.reloader).setServiceParent(self)
+        self.rates = RateSampler(self.metrics, reactor)
+        self.rates.setServiceParent(self)
+        self.metrics.lastReload = reactor.seconds()
         self.admin: Any = None
         adminSettings = self.settings.options.get("admin")
         if adminSettings is not None:
@@ -110,6 +124,25 @@ class GatewayService(MultiService):
             self.adminListener = ListenerService(adminSettings.listen, adminSite(self.admin, reactor), reactor,
                                                  "admin")
             self.adminListener.setServiceParent(self)
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd's application: offer it the log observer of log-format
+        # before twistd starts logging (evgate.logs).
+        offerLogObserver(self.settings.options, parent)
+        super().setServiceParent(parent)
+
+    def checkConfig(self, path: Optional[str] = None) -> Any:
+        """
+        Read the configuration file again and plan a reload (see
+        L{evgate.reload.checkConfig}).
+        """
+        return checkConfig(self, path)
+
+    def reconfigService(self, plan: Any) -> Deferred:
+        """
+        Apply a plan of L{checkConfig} (see L{evgate.reload.reconfigService}).
+        """
+        return reconfigService(self, plan)
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names the service itself lacks: the settings.

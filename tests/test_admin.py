@@ -148,7 +148,8 @@ class TokenTests(SynchronousTestCase):
         for value in ("Bearer nope", f"Basic {TOKEN}", TOKEN, f"Bearer {TOKEN}x", "Bearer "):
             status, _, _ = self.admin.call("GET", "/apis/orders/subscriptions", headers={"Authorization": value})
             self.assertEqual(status, 401, value)
-        status, _, _ = self.admin.call("GET", "/apis/orders/subscriptions", headers={"Authorization": f"bearer {TOKEN}"})
+        status, _, _ = self.admin.call("GET", "/apis/orders/subscriptions",
+                                       headers={"Authorization": f"bearer {TOKEN}"})
         self.assertEqual(status, 200)
 
     def test_unknownPathHidden(self) -> None:

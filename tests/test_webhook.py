@@ -6,7 +6,6 @@ treq's L{StubTreq} stands in for the network: no sockets, no sleeps.
 
 from __future__ import annotations
 
-import json
 import time
 from email.utils import formatdate
 from typing import Any, Dict, List, Optional, Tuple
@@ -27,7 +26,6 @@ from zope.interface.verify import verifyObject
 
 from evgate.config import ConfigError, parseConfig
 from evgate.connectors.kafka import GroupBatch
-from evgate.entrypoints.webhook import WebhookEntrypoint
 from evgate.errors import BadCursor, BadFilter, BadRequest, Conflict, EndpointUnavailable, NotFound
 from evgate.interfaces import IEntrypoint, ISubscriber, IUpstreamSink
 from evgate.message import Cursor, Draft, Message
@@ -496,9 +494,13 @@ class HeaderTests(SynchronousTestCase):
         self.assertEqual(headerName("Trace-Id"), "trace-id")
         self.assertEqual(headerName("a b/ü"), "a%20b%2F%C3%BC")
         self.assertEqual(headerValue("plain-value"), "plain-value")
-        for text in ("ünïcode ✓", "100%", "line\nbreak", " spaced "):
-            self.assertEqual(unquote(headerValue(text)), text)
-            self.assertTrue(all(0x21 <= ord(c) < 0x7F for c in headerValue(text)))
+        self.assertEqual(headerValue("eu west"), "eu west")
+        self.assertEqual(headerValue(" padded "), "%20padded%20")
+        for text in ("ünïcode ✓", "100%", "line\nbreak", " spaced ", "a\tb"):
+            encoded = headerValue(text)
+            self.assertEqual(unquote(encoded), text)
+            self.assertTrue(all(0x20 <= ord(c) < 0x7F for c in encoded))
+            self.assertEqual(encoded, encoded.strip())
 
     def test_staticHeaders(self) -> None:
         """
@@ -544,11 +546,12 @@ class DeliveryTests(SynchronousTestCase):
         harness = Harness()
         record = harness.create(headers={"Authorization": "Bearer receiver-token"})
         harness.publish(b'{"amount": 42}', key="order-1",
-                        headers=(("content-type", "application/json"), ("Trace", "t-1"), ("Region", "eu west")))
+                        headers=(("content-type", "application/json; charset=utf-8"), ("Trace", "t-1"),
+                                 ("Region", "eu west")))
         [received] = harness.receiver.requests
         self.assertEqual(Webhook(record["secret"]).verify(received.body, received.single()), {"amount": 42})
         self.assertEqual(received.header("webhook-id"), f"msg_{record['id']}_0_0_{harness.connector.epoch()}")
-        self.assertEqual(received.header("content-type"), "application/json")
+        self.assertEqual(received.header("content-type"), "application/json; charset=utf-8")
         self.assertEqual(received.header("authorization"), "Bearer receiver-token")
         self.assertEqual(received.header("evgate-key"), "order-1")
         self.assertEqual(received.header("evgate-topic"), "orders")
@@ -556,7 +559,7 @@ class DeliveryTests(SynchronousTestCase):
         self.assertEqual(received.header("evgate-offset"), "0")
         self.assertEqual(received.header("evgate-subscription"), record["id"])
         self.assertEqual(received.header("evgate-header-trace"), "t-1")
-        self.assertEqual(unquote(received.header("evgate-header-region") or ""), "eu west")
+        self.assertEqual(received.header("evgate-header-region"), "eu west")
         self.assertTrue(received.header("evgate-timestamp"))
         stored = harness.record(record["id"])
         self.assertEqual(stored["delivered"], 1)
@@ -706,6 +709,29 @@ class DeliveryTests(SynchronousTestCase):
         harness.advance(1.0)
         self.assertEqual(len(calls), 2)
         self.assertIn("cannot connect", harness.record(record["id"])["lastError"]["message"])
+
+    def test_rebindingRefusedAtConnect(self) -> None:
+        """
+        With the gateway's real HTTP client, a callback whose name resolves
+        to an internal address after the subscription was made (DNS
+        rebinding) is refused when connecting, reported, and retried; the
+        gateway never connects.
+        """
+        harness = Harness()
+        record = harness.create()
+        reactor = MemoryReactorClock()
+        reactor.advance(harness.clock.seconds())
+        harness.service.reactor = reactor
+        client = harness.service._makeHttp()
+        harness.service.deliverers[record["id"]].context.http = client
+        harness.answers["hooks.example"] = ["10.20.30.40"]
+        harness.publish(b"m0")
+        self.assertEqual(reactor.tcpClients, [])
+        stored = harness.record(record["id"])
+        self.assertEqual(stored["lastError"]["message"],
+                         "refused to connect to hooks.example: 10.20.30.40 is a private address "
+                         "(set webhook-allow-private = true in [gateway] to allow non-public receivers)")
+        self.assertEqual(stored["state"], records.FAILING)
 
     def test_rejectionGoesToDeadLetters(self) -> None:
         """
@@ -1168,6 +1194,9 @@ class FakeDeliverer:
 
     def readFailed(self, detail: str) -> None:
         self.errors.append(detail)
+
+    def readRecovered(self) -> None:
+        self.errors.append("recovered")
 
 
 class KafkaFeedTests(SynchronousTestCase):

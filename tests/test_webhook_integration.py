@@ -1,13 +1,13 @@
 """
-End-to-end tests of webhooks: a C{twistd -n evgate} subprocess in front of
-the real Kafka broker (127.0.0.1:${EVGATE_KAFKA_PORT:-9092}, from
-C{scripts/dev-services up}), driven through its admin API, delivering to a
-real HTTP receiver (the standard library's C{http.server} on a thread of
-this process).  Signatures are checked with the C{standardwebhooks}
-package, dead letters read back with kcat.
+End-to-end tests of webhooks: C{twistd -n evgate} subprocesses in front of
+the real Kafka broker (127.0.0.1:${EVGATE_KAFKA_PORT:-9092}) and Mosquitto
+(both from C{scripts/dev-services up}), driven through their admin API,
+delivering to a real HTTP receiver (the standard library's C{http.server}
+on a thread of this process).  Signatures are checked with the
+C{standardwebhooks} package, dead letters read back with kcat.
 
-These tests fail (they never skip) when the broker is not there.  The test
-methods block; the gateway runs in another process.
+These tests fail (they never skip) when a broker is not there.  The test
+methods block; the gateways run in other processes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import tempfile
 import threading
 import time
@@ -26,7 +27,9 @@ from standardwebhooks.webhooks import Webhook
 from twisted.trial.unittest import TestCase
 
 from .helpers import GatewayProcess, httpRequest, jsonOf, waitFor
-from .test_kafka_integration import KAFKA, admin as kafkaAdmin, freshTopic, kcat, kcatRead, requireKafka
+from .test_kafka_integration import KAFKA, freshTopic, kcat, kcatRead, requireKafka
+from .test_kafka_integration import admin as kafkaAdmin
+from .test_mqtt_integration import MQTT_HOST, MQTT_PORT, requireBroker
 
 TOKEN = "e2e-admin-token-" + uuid.uuid4().hex
 
@@ -62,6 +65,29 @@ webhook.retry.max-delay = 1
 webhook.retry.max-attempts = 3
 webhook.timeout = 5
 dlq = kafka/{dlq}
+"""
+
+MQTT_INI = """
+[gateway]
+listen = tcp:0:interface=127.0.0.1
+store = sqlite:{store}
+admin = tcp:0
+admin-token = {token}
+webhook-allow-private = true
+webhook-allow-http = true
+webhook-sync-interval = 1
+
+[endpoint:mqtt]
+type = mqtt5
+host = {host}
+port = {port}
+
+[api:sensors]
+path = /sensors
+endpoint = mqtt
+topic = {prefix}/+/temperature
+entrypoints = webhook
+qos = 1
 """
 
 STRICT_INI = """
@@ -316,7 +342,8 @@ class WebhookKafkaTests(KafkaWebhookCase):
     def test_pauseResumeAndDelete(self) -> None:
         """
         A paused subscription receives nothing and keeps its position;
-        resumed, it gets what was published meanwhile; deleted, nothing.
+        resumed, it gets what was published meanwhile; deleted, nothing
+        more.
         """
         receiver = self.startReceiver()
         gateway = self.startGateway()
@@ -331,12 +358,15 @@ class WebhookKafkaTests(KafkaWebhookCase):
         self.assertEqual(resumed["status"], "active")
         waitFor(lambda: receiver.delivered() == [b"one", b"two"], 30, what="the delivery after resuming")
         self.assertEqual(admin(gateway, "DELETE", f"/apis/orders/subscriptions/{id}")[0], 204)
-        publish(gateway, b"three", "c")
         status, listed = admin(gateway, "GET", "/apis/orders/subscriptions")
         self.assertEqual(listed, {"items": []})
-        # The third message would have taken well under this to arrive.
-        time.sleep(1.5)
-        self.assertEqual(receiver.delivered(), [b"one", b"two"])
+        # A second subscription shows when the next message has gone
+        # through; the deleted one must not have had it.
+        _, sentinel = admin(gateway, "POST", "/apis/orders/subscriptions", {"callbackUrl": receiver.url})
+        publish(gateway, b"three", "c")
+        waitFor(lambda: b"three" in receiver.delivered(), 30, what="the sentinel's delivery")
+        self.assertEqual([(r.body, r.headers["evgate-subscription"]) for r in receiver.all()],
+                         [(b"one", id), (b"two", id), (b"three", sentinel["id"])])
 
 
 class WebhookScaleOutTests(KafkaWebhookCase):
@@ -381,6 +411,49 @@ class WebhookScaleOutTests(KafkaWebhookCase):
             if any(tp.partition == 0 for tp in member.assignment.topic_partitions):
                 return member.client_id  # type: ignore[no-any-return]
         return None
+
+
+class WebhookMqttTests(TestCase):
+    """
+    Webhooks of an MQTT 5 API, through the subscription's share group.
+    """
+
+    timeout = 90
+
+    def test_shareGroupAcrossNodes(self) -> None:
+        """
+        Two nodes join the subscription's share group
+        ($share/evgate-<id>/...): the broker hands each message to one of
+        them, so the receiver gets every message once, not once per node.
+        """
+        requireBroker()
+        receiver = Receiver()
+        self.addCleanup(receiver.stop)
+        prefix = f"evgate-it/{uuid.uuid4().hex[:10]}"
+        shared = os.path.join(tempfile.mkdtemp(prefix="evgate-shared-"), "evgate.sqlite")
+        nodes = []
+        for _ in range(2):
+            node = GatewayProcess(MQTT_INI.format(token=TOKEN, store=shared, host=MQTT_HOST, port=MQTT_PORT,
+                                                  prefix=prefix))
+            node.start()
+            self.addCleanup(node.stop)
+            nodes.append(node)
+        status, created = admin(nodes[0], "POST", "/apis/sensors/subscriptions", {"callbackUrl": receiver.url})
+        self.assertEqual(status, 201, created)
+        group = f"$share/evgate-{created['id']}/{prefix}/+/temperature"
+        waitFor(lambda: all(created["id"] in node.output() for node in nodes), 30,
+                what="both nodes to deliver the subscription")
+        sent = [b"t%02d" % i for i in range(20)]
+        for body in sent:
+            published = subprocess.run(
+                ["mosquitto_pub", "-V", "mqttv5", "-h", MQTT_HOST, "-p", str(MQTT_PORT), "-q", "1",
+                 "-t", f"{prefix}/kitchen/temperature", "-m", body.decode()], capture_output=True, timeout=10)
+            self.assertEqual(published.returncode, 0, published.stderr)
+        waitFor(lambda: set(receiver.delivered()) >= set(sent), 30, what="every MQTT message")
+        self.assertEqual(sorted(receiver.delivered()), sent, f"each message once through {group}")
+        headers = receiver.all()[0].headers
+        self.assertEqual(headers["evgate-topic"], f"{prefix}/kitchen/temperature")
+        Webhook(created["secret"]).verify(receiver.all()[0].body, headers, json_parse=False)
 
 
 class WebhookGuardTests(TestCase):

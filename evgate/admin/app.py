@@ -55,11 +55,12 @@ from typing import Any, Callable, Dict, List, Mapping, Sequence, Set, Tuple
 
 from klein import Klein
 from twisted.internet.defer import maybeDeferred
-from twisted.internet.testing import MemoryReactor
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.resource import Resource
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
@@ -71,6 +72,9 @@ from evgate.errors import BadRequest, MethodNotAllowed, NotFound, Problem, Unaut
 ADMIN_MODULES: Tuple[str, ...] = (
     "evgate.admin.subscriptions",
     "evgate.admin.keys",
+    "evgate.admin.ops",
+    "evgate.admin.asyncapi",
+    "evgate.admin.console",
 )
 
 # The largest request body the admin API reads.
@@ -154,7 +158,9 @@ def parseAdminKeys(section: SectionReader) -> Mapping[str, Any]:
 class Answer:
     """
     A route's answer other than a plain 200: a status, a JSON document (or
-    L{None} for no body) and extra headers.
+    L{None} for no body, or C{bytes} for a body in another format, whose
+    C{Content-Type} is then in C{headers}) and extra headers.  A route may
+    also return an C{IResource} (a stream), which renders itself.
     """
 
     status: int
@@ -182,6 +188,21 @@ class AdminApp:
         The resource to serve: the token check in front of the routes.
         """
         return AdminResource(self, self.routes.resource())
+
+    @routes.handle_errors(HTTPException)
+    def routingError(self, request: IRequest, failure: Failure) -> bytes:
+        """
+        Werkzeug's routing errors (no such route, wrong method) as problem
+        documents.
+        """
+        assert isinstance(request, Request)
+        code = getattr(failure.value, "code", 404)
+        if code == 405:
+            allowed = getattr(failure.value, "valid_methods", None) or []
+            return _problemBody(request, MethodNotAllowed(
+                f"{request.method.decode('latin-1')} is not served here; allowed: {', '.join(allowed)}",
+                headers=[("Allow", ", ".join(allowed))]))
+        return _problemBody(request, NotFound(f"no admin route at {request.path.decode('latin-1')[:200]}"))
 
     def authorized(self, request: Request) -> bool:
         """
@@ -237,7 +258,10 @@ def _problemBody(request: Request, problem: Problem) -> bytes:
     return writeProblem(request, problem)
 
 
-def _render(request: Request, result: Any) -> bytes:
+def _render(request: Request, result: Any) -> Any:
+    if IResource.providedBy(result):
+        # A response that renders itself (a stream): Klein renders it.
+        return result
     if isinstance(result, Answer):
         answer = result
     elif result is None:
@@ -249,6 +273,9 @@ def _render(request: Request, result: Any) -> bytes:
         request.setHeader(name.encode("ascii"), value.encode("utf-8"))
     if answer.document is None or answer.status == 204:
         return b""
+    if isinstance(answer.document, bytes):
+        # A body in a format of its own; its Content-Type is in headers.
+        return answer.document
     request.setHeader(b"Content-Type", b"application/json")
     return json.dumps(answer.document, indent=None, separators=(",", ":")).encode("utf-8")
 
@@ -260,14 +287,17 @@ def _renderFailure(request: Request, failure: Failure, where: str) -> bytes:
     return _problemBody(request, Problem("an internal error occurred; it has been logged"))
 
 
-def adminRoute(path: str, methods: List[str], public: bool = False) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+Handler = Callable[..., Any]
+
+
+def adminRoute(path: str, methods: List[str], public: bool = False) -> Callable[[Handler], Handler]:
     """
     Register the decorated function as the handler of C{methods} on
     C{path} (a Werkzeug rule); see the module docstring.
 
     @param public: serve it without the token (exact paths only).
     """
-    def register(f: Callable[..., Any]) -> Callable[..., Any]:
+    def register(f: Handler) -> Handler:
         where = f"{f.__module__}.{f.__qualname__}"
         if public:
             if "<" in path:
@@ -288,18 +318,6 @@ def adminRoute(path: str, methods: List[str], public: bool = False) -> Callable[
         return f
 
     return register
-
-
-@AdminApp.routes.handle_errors(HTTPException)
-def _routingError(admin: AdminApp, request: Request, failure: Failure) -> bytes:
-    # Werkzeug's routing errors (no such route, wrong method) as problems.
-    code = getattr(failure.value, "code", 404)
-    if code == 405:
-        allowed = getattr(failure.value, "valid_methods", None) or []
-        return _problemBody(request, MethodNotAllowed(
-            f"{request.method.decode('latin-1')} is not served here; allowed: {', '.join(allowed)}",
-            headers=[("Allow", ", ".join(allowed))]))
-    return _problemBody(request, NotFound(f"no admin route at {request.path.decode('latin-1')[:200]}"))
 
 
 def readJson(request: Request) -> Any:

@@ -30,6 +30,7 @@ from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, writeP
 from evgate.hub import Event, HubSubscription
 from evgate.interfaces import IEntrypoint, ISubscriber
 from evgate.message import Cursor, CursorError, contentForJSON, cursorsAfter
+from evgate.metrics import countPage, tallyFor, tallyOf
 
 DEFAULT_LIMIT = 100
 DEFAULT_TIMEOUT = 5000
@@ -234,6 +235,7 @@ class PollSubscriber:
         self.subscription: Optional[HubSubscription] = None
         self.timer: Optional[IDelayedCall] = None
         self.done = False
+        self.tally = tallyOf(request, call.api, "http-get")
 
     def start(self, start: Any, filter: Any = None) -> None:
         """
@@ -241,6 +243,7 @@ class PollSubscriber:
         """
         api = self.call.api
         reactor = api.gateway.reactor
+        self.tally.waiting += 1
         self.request.notifyFinish().addErrback(self._clientGone)
         # Until the endpoint says where the read starts, the poll waits at
         # most its timeout plus a grace; the timeout proper counts from there.
@@ -291,6 +294,8 @@ class PollSubscriber:
         self._stop()
 
     def _stop(self) -> None:
+        if not self.done:
+            self.tally.waiting -= 1
         self.done = True
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
@@ -312,6 +317,7 @@ class PollSubscriber:
             return
         tag = self.call.api.tag
         body = renderPage(self.media, self.events, tag, self.cursor.encode(tag), self.limit, self.gapReason)
+        countPage(self.tally, request, len(self.events), len(body))
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", (self.media + "; charset=utf-8").encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")
@@ -402,6 +408,7 @@ class GroupPoll:
         except Exception:
             batch.putBack()
             raise
+        countPage(tallyOf(request, self.call.api, "http-get"), request, len(events), len(body))
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", (self.media + "; charset=utf-8").encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")
@@ -421,6 +428,7 @@ class HttpGetEntrypoint:
 
     def __init__(self, api: Any) -> None:
         self.api = api
+        self.tally = tallyFor(api, self.name)
 
     def accepts(self, request: Request) -> bool:
         return request.method == b"GET"

@@ -21,6 +21,7 @@ from evgate.errors import BadRequest, EndpointTimeout, Problem
 from evgate.gateway import ApiCall, finishWithFailure, jsonBody, writeProblem
 from evgate.interfaces import IEntrypoint
 from evgate.message import Draft, Position
+from evgate.metrics import tallyFor
 
 _MAX_KEY = 4096
 
@@ -89,6 +90,7 @@ class HttpPostEntrypoint:
         self.prefix = gateway.headerPrefix.encode("ascii")
         self.keyHeader = gateway.keyHeader.encode("ascii")
         self.timeout = gateway.publishTimeout
+        self.tally = tallyFor(api, self.name)
 
     def accepts(self, request: Request) -> bool:
         return request.method == b"POST"
@@ -111,15 +113,18 @@ class HttpPostEntrypoint:
         except Problem as problem:
             return writeProblem(request, problem)
         api = call.api
+        reactor = api.gateway.reactor
+        started = reactor.seconds()
         d = api.connector.publish(api.config.topic, draft, self.timeout)
         if not d.called:
-            reactor = api.gateway.reactor
             d.addTimeout(self.timeout, reactor, onTimeoutCancel=_timedOut(self.timeout))
-        d.addCallback(self._acknowledged, request)
+        d.addCallback(self._acknowledged, request, len(draft.content), started)
         d.addErrback(lambda f: finishWithFailure(request, f, "publishing"))
         return NOT_DONE_YET
 
-    def _acknowledged(self, position: Position, request: Request) -> None:
+    def _acknowledged(self, position: Position, request: Request, size: int, started: float) -> None:
+        # Published whether or not the client is still there to hear it.
+        self.tally.published(size, self.api.gateway.reactor.seconds() - started)
         if request.finished or getattr(request, "_disconnected", False):
             return
         request.write(jsonBody(request, 202, position.asJSON()))

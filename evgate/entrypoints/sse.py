@@ -55,6 +55,7 @@ from evgate.gateway import ApiCall, finishWithFailure, writeProblem
 from evgate.hub import Event
 from evgate.interfaces import IEntrypoint
 from evgate.message import Cursor, CursorError, envelopeJSON
+from evgate.metrics import tallyFor
 
 FORMATS = ("text", "json")
 
@@ -160,6 +161,8 @@ class SseSubscriber(StreamSubscriber):
 
     def subscribe(self, start: Any, filter: Any) -> None:
         self.request.notifyFinish().addErrback(self._clientGone)
+        # The access log's line for this request counts its messages.
+        self.request.evgateStream = self
         super().subscribe(start, filter)
 
     def _clientGone(self, reason: Failure) -> None:
@@ -218,7 +221,9 @@ class SseSubscriber(StreamSubscriber):
 
     def writeFrames(self, frames: List[bytes]) -> None:
         if not self._gone():
-            self.request.write(frames[0] if len(frames) == 1 else b"".join(frames))
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            self.tally.bytesOut += len(data)
+            self.request.write(data)
 
     def advanceFrame(self, cursor: Cursor) -> bytes:
         # An event with an id and no data: EventSource takes the id as its
@@ -299,6 +304,7 @@ class SseEntrypoint:
     def __init__(self, api: Any) -> None:
         self.api = api
         self.live: Set[SseSubscriber] = set()
+        self.tally = tallyFor(api, self.name)
 
     def accepts(self, request: Request) -> bool:
         return request.method == b"GET" and acceptsEventStream(request.getHeader(b"accept"))

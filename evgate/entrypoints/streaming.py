@@ -111,7 +111,12 @@ class StreamSubscriber:
         self.subscription: Optional[HubSubscription] = None
         self.written: Optional[Cursor] = None
         self.lastWrite = self.reactor.seconds()
+        self.openedAt = self.lastWrite
         self._timers: Dict[str, Any] = {}
+        # Counted per batch (evgate.metrics): messages handed to this
+        # stream, and its entrypoint's tally.
+        self.sent = 0
+        self.tally = entrypoint.tally
         # The consumer's message budget (rate-limit / quota), if its plan
         # has one: a stream over it holds its messages back (throttled)
         # like a transport that pushes back, or ends when the wait is long.
@@ -180,6 +185,8 @@ class StreamSubscriber:
     def deliver(self, events: List[Event]) -> None:
         if self.closed:
             return
+        self.sent += len(events)
+        self.tally.messagesOut += len(events)
         entries = []
         for event in events:
             frame = self.encode(event)
@@ -292,6 +299,7 @@ class StreamSubscriber:
     def _tooSlow(self) -> None:
         self.log.info("{api}: subscriber {consumer} fell {count} messages behind; closing it",
                       api=self.api.name, consumer=self.call.consumer.id, count=self.queuedMessages)
+        self.tally.dropped += self.queuedMessages
         self.queue.clear()
         self.queuedMessages = 0
         self.closeTooSlow()

@@ -57,6 +57,7 @@ from evgate.gateway import ApiCall, writeProblem
 from evgate.hub import Event
 from evgate.interfaces import IEntrypoint
 from evgate.message import Cursor, Draft, Position, envelopeJSON
+from evgate.metrics import tallyFor
 
 SUBPROTOCOL = "evgate.json"
 
@@ -158,6 +159,9 @@ class WebSocketSubscriber(StreamSubscriber):
         super().__init__(call, entrypoint, heartbeat=0.0)
         self.protocol = protocol
         self.json = json
+        # For the access log's line when the connection closes.
+        self.bytesOut = 0
+        self.received = 0
 
     def _open(self) -> bool:
         return not self.closed and self.protocol.state == WebSocketProtocol.STATE_OPEN
@@ -206,7 +210,10 @@ class WebSocketSubscriber(StreamSubscriber):
         # one write, as long as no per-message compression was negotiated
         # (the gateway does not offer it).
         if self.protocol._perMessageCompress is None:
-            self.protocol.sendData(b"".join(f.payloadHybi for f in frames))
+            data = b"".join(f.payloadHybi for f in frames)
+            self.bytesOut += len(data)
+            self.tally.bytesOut += len(data)
+            self.protocol.sendData(data)
         else:  # pragma: no cover - compression is never accepted
             for frame in frames:
                 self.protocol.sendPreparedMessage(frame)
@@ -294,8 +301,16 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         subscriber.subscribe(handoff.start, handoff.filter)
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
-        if self.subscriber is not None:
-            self.subscriber.end()
+        subscriber = self.subscriber
+        if subscriber is not None:
+            subscriber.end()
+            # One access line per WebSocket, when it ends (evgate.logs).
+            requestLog = getattr(subscriber.api.gateway, "requestLog", None)
+            if requestLog is not None:
+                peer = getattr(self.transport, "getPeer", lambda: None)()
+                requestLog.streamEnded(subscriber.tally, subscriber, 101,
+                                       subscriber.reactor.seconds() - subscriber.openedAt, subscriber.bytesOut,
+                                       peer=getattr(peer, "host", "-"))
 
     def closeWith(self, code: int, reason: str) -> None:
         """
@@ -349,12 +364,18 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         slot: List[Any] = [None, ref]
         self.pending.append(slot)
         connector: Any = api.connector
+        reactor = api.gateway.reactor
+        started = reactor.seconds()
         d: Deferred = connector.publish(api.config.topic, draft, timeout)
         if not d.called:
-            d.addTimeout(timeout, api.gateway.reactor, onTimeoutCancel=_timedOut(timeout))
+            d.addTimeout(timeout, reactor, onTimeoutCancel=_timedOut(timeout))
 
         def settled(result: Any) -> None:
             slot[0] = result
+            if not isinstance(result, Failure):
+                self.factory.entrypoint.tally.published(len(draft.content), reactor.seconds() - started)
+                if self.subscriber is not None:
+                    self.subscriber.received += len(draft.content)
             self._answer()
 
         d.addBoth(settled)
@@ -483,6 +504,7 @@ class WebSocketEntrypoint:
         self.maxBytes: int = gateway.maxMessageBytes
         self.timeout: float = gateway.publishTimeout
         self.live: Set[WebSocketSubscriber] = set()
+        self.tally = tallyFor(api, self.name)
         heartbeat = api.config.options.get("heartbeat", 15.0)
         self.factory = GatewayWebSocketFactory(self, gateway.reactor)
         self.factory.setProtocolOptions(

@@ -102,11 +102,16 @@ def headerName(name: str) -> str:
 
 def headerValue(value: str) -> str:
     """
-    A text as an HTTP header value: UTF-8, with every byte outside printable
-    ASCII, space and C{%} percent-encoded (so C{urllib.parse.unquote}
-    restores it).
+    A text as an HTTP header value: UTF-8, with C{%}, every byte outside
+    printable ASCII, and spaces at either end (which HTTP would strip)
+    percent-encoded, so that C{urllib.parse.unquote} restores it.
     """
-    return quote(value, safe=_VALUE_SAFE)
+    encoded = quote(value, safe=_VALUE_SAFE + " ")
+    if encoded.startswith(" "):
+        encoded = "%20" + encoded[1:]
+    if encoded.endswith(" "):
+        encoded = encoded[:-1] + "%20"
+    return encoded
 
 
 def checkStaticHeaders(headers: Any) -> Dict[str, str]:
@@ -150,7 +155,7 @@ def describeFailure(failure: Failure, timeout: float) -> str:
             return f"no response within {timeout:g} s"
         return f"the connection failed before a response: {reasons[0].getErrorMessage()}"
     if failure.check(ForbiddenAddress):
-        return f"refused to connect: {failure.value.args[0] if failure.value.args else 'forbidden address'}"
+        return f"refused to connect to {failure.value.args[0] if failure.value.args else 'a forbidden address'}"
     if failure.check(DNSLookupError):
         return "the callback host does not resolve"
     if failure.check(ConnectError):
@@ -247,7 +252,6 @@ class Deliverer:
     def __init__(self, record: Mapping[str, Any], key: bytes, policy: RetryPolicy,
                  position: Optional[Cursor], context: DeliveryContext) -> None:
         self.id: str = record["id"]
-        self.record = dict(record)
         self.callbackUrl: str = record["callbackUrl"]
         self.staticHeaders: Dict[str, str] = dict(record.get("headers") or {})
         self.key = key
@@ -307,7 +311,10 @@ class Deliverer:
 
     def _idleAll(self) -> None:
         for attempt in self.window:
-            if attempt.state in (SENDING, WAITING):
+            if attempt.state in (SENDING, WAITING, DEADLETTERING):
+                # A dead-letter publish under way cannot be called back; if
+                # it lands, the message is dead-lettered again next time,
+                # which at-least-once allows.
                 self._cancel(attempt)
 
     def _cancel(self, attempt: Attempt) -> None:
@@ -338,6 +345,7 @@ class Deliverer:
         if self.position is None:
             self.position = cursor
             self._savePosition()
+        self.readRecovered()
 
     def offer(self, events: Sequence[Any]) -> None:
         """
@@ -395,6 +403,23 @@ class Deliverer:
         if not self.stopped:
             self._setState(records.FAILING, self._error(detail))
 
+    def readRecovered(self) -> None:
+        """
+        The feed reads again after L{readFailed} or L{feedFailed}.
+        """
+        self._feedFailures = 0
+        self._settleState()
+
+    def _settleState(self) -> None:
+        # Back to active once nothing is failing: no attempt waiting for a
+        # retry or being dead-lettered.
+        if self.state == records.ACTIVE or self.stopped or self.paused:
+            return
+        if any(a.state in (WAITING, DEADLETTERING) or (a.state != DONE and a.count > 1) for a in self.window):
+            return
+        self.state = records.ACTIVE
+        self._save({"state": records.ACTIVE})
+
     # -- delivering
 
     def _inFlight(self) -> int:
@@ -430,7 +455,10 @@ class Deliverer:
         contentType = b"application/octet-stream"
         for name, value in message.headers:
             if name.lower() == "content-type":
-                contentType = headerValue(value).encode("ascii")
+                # As it is, when HTTP can carry it; a receiver decodes
+                # nothing here.
+                if value and all(0x20 <= ord(c) < 0x7F for c in value):
+                    contentType = value.strip().encode("ascii")
                 continue
             headers.addRawHeader(("evgate-header-" + headerName(name)).encode("ascii"),
                                  headerValue(value).encode("ascii"))
@@ -524,13 +552,10 @@ class Deliverer:
     def _settled(self, attempt: Attempt, how: str) -> None:
         attempt.state = DONE
         if how == "delivered":
-            changes: Dict[str, Any] = {"lastDeliveredAt": records.timestamp(self.reactor.seconds())}
-            if self.state != records.ACTIVE:
-                self.state = records.ACTIVE
-                changes["state"] = records.ACTIVE
-            self._save(changes, delivered=1)
+            self._save({"lastDeliveredAt": records.timestamp(self.reactor.seconds())}, delivered=1)
         else:
             self._save({}, deadLettered=1)
+        self._settleState()
         self._advance()
         self._pump()
 
@@ -563,7 +588,6 @@ class Deliverer:
             ("evgate-dlq-error", detail),
             ("evgate-dlq-subscription", self.id),
             ("evgate-dlq-api", self.context.api),
-            ("evgate-dlq-callback", self.callbackUrl),
             ("evgate-dlq-attempts", str(attempt.count)),
             ("evgate-dlq-topic", message.topic),
             ("evgate-dlq-partition", str(message.partition)),
@@ -676,6 +700,15 @@ class Deliverer:
 
         def notSaved(failure: Failure) -> None:
             self._saving = None
+            if self.stopped:
+                # No retrying after the stop: what was not written is
+                # delivered again next time, as at-least-once allows.
+                self.log.warn("webhook subscription {subscription}: its last position was not stored: {error}",
+                              subscription=self.id, error=failure.getErrorMessage())
+                waiters, self._savedWaiters = self._savedWaiters, []
+                for d in waiters:
+                    d.callback(None)
+                return
             self.log.failure("webhook subscription {subscription}: the store refused an update; trying again",
                              failure, subscription=self.id)
             # Put the lost changes back under anything newer, and try again

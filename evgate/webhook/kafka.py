@@ -143,7 +143,9 @@ class KafkaGroupFeed:
             if result == "seeded":
                 self.log.info("webhook: consumer group {group} starts at {offsets}", group=self.groupId,
                               offsets=offsets)
-            self.failures = 0
+            if self.failures:
+                self.failures = 0
+                self.deliverer.readRecovered()
             self._poll()
 
         def notSeeded(failure: Failure) -> None:
@@ -175,7 +177,9 @@ class KafkaGroupFeed:
         if self.closed:
             batch.putBack()
             return
-        self.failures = 0
+        if self.failures:
+            self.failures = 0
+            self.deliverer.readRecovered()
         if not batch.messages:
             batch.commit()
             self._poll()

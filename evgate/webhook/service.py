@@ -32,12 +32,13 @@ from evgate.errors import BadCursor, BadFilter, BadRequest, Conflict, EndpointUn
 from evgate.interfaces import IUpstreamSink
 from evgate.message import Cursor, CursorError
 from evgate.webhook import records
-from evgate.webhook.delivery import DeliveryContext, Deliverer, checkStaticHeaders
+from evgate.webhook.delivery import Deliverer, DeliveryContext, checkStaticHeaders
 from evgate.webhook.feeds import HubFeed, ShareGroupFeed
 from evgate.webhook.retry import RetryPolicy, parsePolicy
 from evgate.webhook.signing import newSecret, secretKey
 from evgate.webhook.ssrf import (
-    AddressPolicy, BadCallback, GuardedEndpointFactory, Resolver, checkCallback, parseCallbackUrl, reactorResolver,
+    AddressPolicy, BadCallback, GuardedEndpointFactory, Resolver, checkCallback, loggableUrl, parseCallbackUrl,
+    reactorResolver,
 )
 
 # How long creating a subscription waits to learn where the topic starts.
@@ -144,9 +145,7 @@ class WebhookService(Service):
 
     def _makeHttp(self) -> Any:
         from treq.client import HTTPClient
-        from twisted.web.client import Agent, HTTPConnectionPool
-
-        from twisted.web.client import _HTTP11ClientFactory
+        from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
         class QuietFactory(_HTTP11ClientFactory):
             # One log line per connection to a receiver says nothing useful.
@@ -250,7 +249,7 @@ class WebhookService(Service):
         self.deliverers[id] = deliverer
         deliverer.start(self.feedFactory(api, id, filter))
         self.log.info("webhook subscription {subscription} of API {api}: delivering to {url}",
-                      subscription=id, api=api.name, url=record["callbackUrl"])
+                      subscription=id, api=api.name, url=loggableUrl(record["callbackUrl"]))
         return deliverer
 
     def feedFactory(self, api: Any, id: str, filter: Any) -> Callable[[Deliverer], Any]:
@@ -429,7 +428,7 @@ class WebhookService(Service):
                 if not stored:  # 80 random bits colliding: try once more
                     return store(position)
                 self.log.info("admin: created webhook subscription {subscription} of API {api} to {url}",
-                              subscription=record["id"], api=api.name, url=url.url)
+                              subscription=record["id"], api=api.name, url=loggableUrl(url.url))
                 if self.running:
                     self._startDeliverer(api, record)
                 return record

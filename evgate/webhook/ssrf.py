@@ -206,6 +206,15 @@ def parseCallbackUrl(text: Any, allowHttp: bool) -> CallbackUrl:
     return CallbackUrl(text, scheme, host, port if port is not None else (443 if scheme == "https" else 80))
 
 
+def loggableUrl(url: str) -> str:
+    """
+    C{url} for logs: without its query string, which may carry a
+    receiver's credentials.
+    """
+    base, sep, _ = url.partition("?")
+    return base + ("?..." if sep else "")
+
+
 Resolver = Callable[[str, int], "Deferred[List[str]]"]
 
 
@@ -252,7 +261,7 @@ def checkCallback(url: CallbackUrl, policy: AddressPolicy, resolve: Resolver) ->
         for address in addresses:
             refusal = policy.refusal(address)
             if refusal is not None:
-                raise BadCallback(f"callbackUrl's host {url.host} resolves to {refusal}")
+                raise BadCallback(f"callbackUrl's host {url.host} resolves to a refused address: {refusal}")
         return addresses
 
     def unresolved(failure: Any) -> None:
@@ -293,7 +302,7 @@ class GuardedEndpoint:
             if refusal is not None:
                 # One bad answer refuses them all: a name that points at an
                 # internal address at all is not a receiver to trust.
-                raise ForbiddenAddress(string=f"{self.host} resolves to {refusal}")
+                raise ForbiddenAddress(string=f"{self.host}: {refusal}")
         return addresses
 
     def _connectTo(self, addresses: List[str], protocolFactory: Any) -> Deferred:
