@@ -428,7 +428,10 @@ def parseConfig(text: str, path: str = "<string>") -> Config:
     @raise ConfigError: on any mistake.
     """
     _loadExtensions()
-    parser = configparser.ConfigParser(interpolation=None, default_section="\x00no-defaults")
+    # "key = value ; comment" is a comment after whitespace, as in the
+    # examples users copy; "#" is not, because MQTT topic filters use it.
+    parser = configparser.ConfigParser(interpolation=None, default_section="\x00no-defaults",
+                                       inline_comment_prefixes=(";",))
     parser.optionxform = str  # type: ignore[assignment,method-assign]
     try:
         parser.read_string(text, source=path)

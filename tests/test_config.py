@@ -76,6 +76,15 @@ class ParseTests(SynchronousTestCase):
         config = parseConfig(replaced("topic = demo", "topic = de%(mo)s"))
         self.assertEqual(config.apis["demo"].topic, "de%(mo)s")
 
+    def test_inlineComments(self) -> None:
+        """
+        C{; comment} after a value is a comment; C{#} inside a value is not.
+        """
+        config = parseConfig(replaced("retention = 10000", "retention = 500   ; per topic")
+                             .replace("topic = demo", "topic = sensors/#"))
+        self.assertEqual(config.endpoints["local"].options["retention"], 500)
+        self.assertEqual(config.apis["demo"].topic, "sensors/#")
+
     def test_severalListeners(self) -> None:
         """
         C{listen} takes several endpoint strings.

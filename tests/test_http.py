@@ -442,7 +442,7 @@ class GroupNameTests(SynchronousTestCase):
         from evgate.entrypoints.http_get import groupName
         from evgate.gateway import Consumer
 
-        self.assertEqual(groupName("orders", Consumer("anonymous", "keyless"), "billing"), "orders.billing")
+        self.assertEqual(groupName("orders", Consumer("anonymous", "keyless"), "billing"), "get.orders.billing")
 
     def test_ownedByCaller(self) -> None:
         """
@@ -456,4 +456,4 @@ class GroupNameTests(SynchronousTestCase):
         bob = groupName("orders", Consumer("bob", "jwt"), "billing")
         self.assertNotEqual(alice, bob)
         self.assertEqual(alice, groupName("orders", Consumer("alice", "jwt"), "billing"))
-        self.assertRegex(alice, r"^orders\.[0-9a-f]{16}\.billing$")
+        self.assertRegex(alice, r"^get\.orders\.[0-9a-f]{16}\.billing$")

@@ -1388,7 +1388,7 @@ class HttpGroupModeTests(SynchronousTestCase):
 
     def test_groupPage(self) -> None:
         """
-        A client id reads as the group C{<api>.<client-id>}; the page has
+        A client id reads as the group C{get.<api>.<client-id>}; the page has
         the cursor-mode shape; the position is committed after the response
         was written.
         """
@@ -1401,7 +1401,7 @@ class HttpGroupModeTests(SynchronousTestCase):
         self.assertEqual([item["content"] for item in doc["items"]], ["m7", "m8"])
         self.assertEqual(Cursor.decode(doc["items"][0]["id"], tag), Cursor.fromMapping({0: 8}))
         self.assertEqual(Cursor.decode(doc["pagination"]["nextCursor"], tag), Cursor.fromMapping({0: 9}))
-        self.assertEqual(self.connector.polls, [("demo", "demo.alice-1", 5, 2.0, "latest")])
+        self.assertEqual(self.connector.polls, [("demo", "get.demo.alice-1", 5, 2.0, "latest")])
         self.assertEqual(self.connector.reader.commits, [{0: 9}])
 
     def test_queryParameter(self) -> None:
@@ -1411,7 +1411,7 @@ class HttpGroupModeTests(SynchronousTestCase):
         self.api.connector = self.connector
         response, _ = self.get("http://gateway.test/demo?client-id=bob")
         self.assertEqual(response.code, 200)
-        self.assertEqual(self.connector.polls[0][1], "demo.bob")
+        self.assertEqual(self.connector.polls[0][1], "get.demo.bob")
 
     def test_badClientId(self) -> None:
         """

@@ -375,7 +375,7 @@ class GroupModeTests(KafkaGatewayTestCase):
         self.assertEqual(sum(alice, []), [f"m{i}" for i in range(5)])
         self.assertEqual(sum(self.pollUntil(gateway, "bob", 5), []), [f"m{i}" for i in range(5)])
         self.assertEqual(self.poll(gateway, "alice", timeout=500), [])
-        waitFor(lambda: self.committed("evgate.orders.alice", topic) == 5, 20, 0.2,
+        waitFor(lambda: self.committed("evgate.get.orders.alice", topic) == 5, 20, 0.2,
                 "alice's position to be committed")
         self.stopGateway(gateway)
         kcatProduce(topic, ["k:m5"])

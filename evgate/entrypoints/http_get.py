@@ -353,12 +353,15 @@ def groupName(api: str, consumer: Any, clientId: str) -> str:
     part of the name, so knowing another caller's client id does not let
     anyone read as that caller's group.
     """
+    # "get." keeps these groups apart from every other group the gateway
+    # runs (webhook subscriptions are "webhook.<api>.<id>"), whatever the
+    # API and client are called.
     if consumer.id == "anonymous":
-        return f"{api}.{clientId}"
+        return f"get.{api}.{clientId}"
     import hashlib
 
     owner = hashlib.sha256(f"{consumer.plan}\x00{consumer.id}".encode("utf-8")).hexdigest()[:16]
-    return f"{api}.{owner}.{clientId}"
+    return f"get.{api}.{owner}.{clientId}"
 
 
 class GroupPoll:
