@@ -126,6 +126,7 @@ def finishWithProblem(request: Request, problem: Problem) -> None:
     if request.finished or getattr(request, "_disconnected", False):
         return
     body = writeProblem(request, problem)
+    request.setHeader(b"Content-Length", b"%d" % (len(body),))
     request.write(body)
     request.finish()
 
@@ -150,6 +151,13 @@ class GatewayRequest(Request):
 
     _received = 0
     _refused = False
+    # What the access log and the request counts read (evgate.logs): set
+    # by the gateway resource and the entrypoints as the request goes.
+    evgateStarted: Optional[float] = None
+    evgateTally: Any = None
+    evgateConsumer: Optional[str] = None
+    evgateStream: Any = None
+    evgateMessages: Optional[int] = None
 
     def _limit(self) -> int:
         return getattr(self.channel.site, "maxBodyBytes", 1 << 62) if self.channel else 1 << 62
@@ -281,7 +289,7 @@ class GatewayResource(Resource):
         if api is None:
             return writeProblem(request, NotFound(f"no API is served at {request.path.decode('latin-1')}"))
         # What the access log and the request counts need (evgate.logs).
-        request.evgateTally = api.tally
+        request.evgateTally = api.tally  # type: ignore[attr-defined]
         # CORS: preflights carry no credentials, so they are answered before
         # the plans; every other answer, errors included, names the origin.
         answer = preflight(request, api)
@@ -294,7 +302,7 @@ class GatewayResource(Resource):
                 entrypoint = candidate
                 break
         if entrypoint is not None:
-            request.evgateTally = entrypoint.tally
+            request.evgateTally = entrypoint.tally  # type: ignore[attr-defined]
         if entrypoint is None:
             allowed = api.allowedMethods()
             allow = b", ".join(allowed)
@@ -305,7 +313,7 @@ class GatewayResource(Resource):
         consumer = admit(api, entrypoint, request, authenticate(api, request))
         if isinstance(consumer, Deferred):
             def authenticated(who: Consumer) -> None:
-                request.evgateConsumer = who.id
+                request.evgateConsumer = who.id  # type: ignore[attr-defined]
                 result = entrypoint.render(request, ApiCall(api, who))
                 if result is not NOT_DONE_YET and not request.finished:
                     request.write(result)
@@ -314,7 +322,7 @@ class GatewayResource(Resource):
             consumer.addCallback(authenticated)
             consumer.addErrback(lambda f: finishWithFailure(request, f, "authenticating"))
             return NOT_DONE_YET
-        request.evgateConsumer = consumer.id
+        request.evgateConsumer = consumer.id  # type: ignore[attr-defined]
         return entrypoint.render(request, ApiCall(api, consumer))
 
 
@@ -360,7 +368,11 @@ def jsonBody(request: Request, status: int, document: Any) -> bytes:
     """
     request.setResponseCode(status)
     request.setHeader(b"Content-Type", b"application/json")
-    return json.dumps(document, separators=(",", ":")).encode("utf-8")
+    body = json.dumps(document, separators=(",", ":")).encode("utf-8")
+    # Known length: a plain body rather than chunked framing, also when
+    # the body is written later (after a broker's acknowledgement).
+    request.setHeader(b"Content-Length", b"%d" % (len(body),))
+    return body
 
 
 def buildApis(config: Config, connectors: Mapping[str, IConnector], hub: Hub, gateway: Any) -> List[ApiRuntime]:

@@ -321,6 +321,7 @@ class PollSubscriber:
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", (self.media + "; charset=utf-8").encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Content-Length", b"%d" % (len(body),))
         request.write(body)
         request.finish()
 
@@ -415,6 +416,7 @@ class GroupPoll:
         request.setResponseCode(200)
         request.setHeader(b"Content-Type", (self.media + "; charset=utf-8").encode("ascii"))
         request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"Content-Length", b"%d" % (len(body),))
         request.write(body)
         request.finish()
         batch.commit()
