@@ -128,6 +128,11 @@ class RequestLog:
             "duration={duration:.3f}s in={bytesIn} out={bytesOut} messages={messages}", **fields)
 
 
+# What events of twisted.python.log carry besides their text: the text is
+# in "message" already, the failure in "traceback".
+_LEGACY_KEYS = frozenset({"format", "isError", "why", "failure", "time", "message"})
+
+
 @implementer(ILogObserver)
 class JsonLinesObserver:
     """
@@ -155,10 +160,7 @@ class JsonLinesObserver:
             except Exception:  # a broken failure must not break logging
                 record["traceback"] = repr(failure)
         for key, value in event.items():
-            if key.startswith("log_") or key in record or key.startswith("_"):
-                continue
-            if key in ("format", "message", "system", "time", "isError", "why", "failure") and not isinstance(
-                    value, (str, int, float, bool)):
+            if key.startswith(("log_", "_")) or key in record or key in _LEGACY_KEYS:
                 continue
             record[key] = value if isinstance(value, (str, int, float, bool, type(None))) else _text(value)
         self.out.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")

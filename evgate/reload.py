@@ -313,7 +313,12 @@ class Reloader:
         """
         if self.running is not None:
             after: Deferred = Deferred()
-            self.running.addBoth(lambda result: (self.reload().chainDeferred(after), result)[1])
+
+            def again(result: Any) -> Any:
+                self.reload().chainDeferred(after)
+                return result
+
+            self.running.addBoth(again)
             return after
         gateway = self.gateway
         metrics = gateway.metrics

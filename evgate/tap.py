@@ -54,7 +54,7 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     try:
         config = loadConfig(options["config"])
     except ConfigError as e:
-        raise _fail(str(e))
+        raise _fail(str(e)) from None
     if options["check"]:
         apis = ", ".join(sorted(config.apis))
         sys.stdout.write(f"evgate: {options['config']} is valid ({len(config.apis)} APIs: {apis})\n")
@@ -65,4 +65,4 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
     try:
         return GatewayService(config, reactor)
     except ConfigError as e:
-        raise _fail(str(e))
+        raise _fail(str(e)) from None

@@ -18,6 +18,8 @@ from evgate.admin.asyncapi import MEDIA_TYPE, asyncapiDocument, listenerAddresse
 from .test_ops import AUTH, OpsHarness
 
 SCHEMA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "asyncapi-3.0.0.json")
+# schemas/3.0.0.json of the npm package @asyncapi/specs 6.11.1 (tests/data/README.md).
+SCHEMA_SHA256 = "d4571a420e6ffb7fcc7066c95a6db1202f299a3c51daa103d0706bf30f95e626"
 
 EXTRA = """
 [api:secured]
@@ -83,6 +85,15 @@ class AsyncApiTests(SynchronousTestCase):
         errors = sorted(self.validator.iter_errors(document), key=lambda e: list(e.absolute_path))
         self.assertEqual([f"{list(e.absolute_path)}: {e.message}" for e in errors], [])
         return document
+
+    def test_officialSchema(self) -> None:
+        """
+        The schema validated against is the official file, unchanged.
+        """
+        import hashlib
+
+        with open(SCHEMA, "rb") as f:
+            self.assertEqual(hashlib.sha256(f.read()).hexdigest(), SCHEMA_SHA256)
 
     def test_schemaCatchesMistakes(self) -> None:
         """

@@ -59,12 +59,16 @@ plans = api-key
 
 class _Receiver(http.server.BaseHTTPRequestHandler):
     """
-    A webhook receiver that accepts everything.
+    A webhook receiver that accepts everything, over keep-alive
+    connections as real receivers do.
     """
+
+    protocol_version = "HTTP/1.1"
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("content-length", 0)))
         self.send_response(204)
+        self.send_header("Content-Length", "0")
         self.end_headers()
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -661,3 +661,57 @@ class TallyTests(SynchronousTestCase):
         self.assertIs(metrics.tally("demo", "sse"), ops.gateway.api("demo").entrypoints[0].tally)
         metrics.forget("demo")
         self.assertNotIn(("demo", "sse"), metrics.tallies)
+
+
+class JsonLinesTests(SynchronousTestCase):
+    """
+    The JSON lines of log-format = json.
+    """
+
+    def test_event(self) -> None:
+        """
+        An event is one JSON line: time, level, namespace, the text, and
+        its fields as keys; values that are not JSON become text.
+        """
+        import io
+
+        from twisted.logger import ILogObserver, Logger
+
+        from evgate.logs import JsonLinesObserver, observerFor
+
+        out = io.StringIO()
+        observer = JsonLinesObserver(out)
+        verifyObject(ILogObserver, observer)
+        log = Logger(namespace="evgate.test", observer=observer)
+        log.warn("{api} refused {count}", api="orders", count=3, where=("a", 1))
+        try:
+            raise ZeroDivisionError("division by zero")
+        except ZeroDivisionError:
+            log.failure("oops {api}", api="orders")
+        first, second = [json.loads(line) for line in out.getvalue().splitlines()]
+        self.assertEqual((first["level"], first["namespace"], first["message"], first["api"], first["count"]),
+                         ("warn", "evgate.test", "orders refused 3", "orders", 3))
+        self.assertEqual(first["where"], "('a', 1)")
+        self.assertTrue(first["time"].endswith("Z"))
+        self.assertEqual(second["level"], "critical")
+        self.assertIn("ZeroDivisionError", second["traceback"])
+        self.assertIsNone(observerFor({"logFormat": "text"}))
+        self.assertIsInstance(observerFor({"logFormat": "json"}), JsonLinesObserver)
+
+    def test_offeredToTwistd(self) -> None:
+        """
+        Added to twistd's application, a gateway with log-format = json
+        offers it the JSON observer (twistd uses it unless --logger is
+        given); with text it offers nothing.
+        """
+        from twisted.application.service import Application
+        from twisted.logger import ILogObserver
+
+        from evgate.logs import JsonLinesObserver
+
+        application = Application("evgate")
+        OpsHarness(gateway="log-format = json\n", start=False).gateway.setServiceParent(application)
+        self.assertIsInstance(application.getComponent(ILogObserver), JsonLinesObserver)
+        plain = Application("evgate")
+        OpsHarness(start=False).gateway.setServiceParent(plain)
+        self.assertIsNone(plain.getComponent(ILogObserver, None))

@@ -162,7 +162,7 @@ class SseSubscriber(StreamSubscriber):
     def subscribe(self, start: Any, filter: Any) -> None:
         self.request.notifyFinish().addErrback(self._clientGone)
         # The access log's line for this request counts its messages.
-        self.request.evgateStream = self
+        self.request.evgateStream = self  # type: ignore[attr-defined]
         super().subscribe(start, filter)
 
     def _clientGone(self, reason: Failure) -> None:
