@@ -25,9 +25,7 @@ from twisted.web.server import NOT_DONE_YET, Request, Site
 
 from evgate.config import ApiConfig, Config
 from evgate.entrypoints.cors import applyCors, preflight
-from evgate.errors import (
-    MethodNotAllowed, NotFound, PayloadTooLarge, Problem, Unauthorized,
-)
+from evgate.errors import MethodNotAllowed, NotFound, PayloadTooLarge, Problem, Unauthorized
 from evgate.hub import Hub
 from evgate.interfaces import IConnector, IEntrypoint, IPlan
 from evgate.message import cursorTag

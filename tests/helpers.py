@@ -179,7 +179,7 @@ class GatewayProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-                raise AssertionError(f"gateway did not stop within {timeout}s:\n" + self.output())
+                raise AssertionError(f"gateway did not stop within {timeout}s:\n" + self.output()) from None
         if self._reader is not None:
             self._reader.join(5)
         return self.process.returncode

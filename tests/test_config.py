@@ -4,7 +4,6 @@ Tests for L{evgate.config}: the INI model and its error messages.
 
 import os
 import subprocess
-import sys
 import tempfile
 
 from twisted.trial.unittest import SynchronousTestCase

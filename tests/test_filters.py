@@ -17,9 +17,7 @@ from twisted.web.test.requesthelper import DummyRequest
 from evgate import filters
 from evgate.config import ConfigError
 from evgate.errors import BadFilter
-from evgate.filters import (
-    MAX_LENGTH, FilterSyntaxError, SubscriptionFilter, compileFilter, filterFor,
-)
+from evgate.filters import MAX_LENGTH, FilterSyntaxError, SubscriptionFilter, compileFilter, filterFor
 from evgate.hub import Event
 from evgate.message import Cursor, Draft, Message
 

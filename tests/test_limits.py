@@ -11,15 +11,7 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from evgate.config import ConfigError, parseConfig
-from evgate.security.limits import (
-    Limits,
-    LocalCounters,
-    MessageMeter,
-    Policy,
-    consumerKey,
-    meterFor,
-    parseLimit,
-)
+from evgate.security.limits import Limits, LocalCounters, MessageMeter, Policy, consumerKey, meterFor, parseLimit
 
 from .helpers import MEMORY_INI
 from .test_security_helpers import NOW, PlanTestCase, token

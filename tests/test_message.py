@@ -4,7 +4,7 @@ Tests for L{evgate.message}: cursors and envelopes.
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from evgate.message import Cursor, CursorError, Message, cursorTag, cursorsAfter, envelope
+from evgate.message import Cursor, CursorError, Message, cursorsAfter, cursorTag, envelope
 
 TAG = cursorTag("demo", "demo")
 

@@ -31,7 +31,12 @@ from zope.interface.verify import verifyObject
 from evgate.config import ConfigError, SectionReader, parseConfig
 from evgate.connectors import mqtt
 from evgate.connectors.mqtt import (
-    MqttApiOptions, MqttConnector, MqttSubscription, TopicTemplate, filterProblem, parseOptions,
+    MqttApiOptions,
+    MqttConnector,
+    MqttSubscription,
+    TopicTemplate,
+    filterProblem,
+    parseOptions,
 )
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, PayloadTooLarge
 from evgate.interfaces import IConnector, IUpstreamSink, IUpstreamSubscription

@@ -387,7 +387,7 @@ class FanOutTests(E2ETestCase):
                 return [e["data"] for e in sseEvents(body) if "data" in e]
 
             results = await asyncio.gather(*(collect(reader) for reader, writer in connections))
-            for reader, writer in connections:
+            for _reader, writer in connections:
                 writer.close()
             return results
 

@@ -35,11 +35,22 @@ from evgate.webhook.delivery import checkStaticHeaders, headerName, headerValue
 from evgate.webhook.feeds import HubFeed, ShareGroupFeed
 from evgate.webhook.kafka import KafkaGroupFeed, webhookGroup
 from evgate.webhook.retry import (
-    DELIVERED, REJECTED, RETRYABLE, RetryPolicy, classifyStatus, parsePolicy, parseRetryAfter,
+    DELIVERED,
+    REJECTED,
+    RETRYABLE,
+    RetryPolicy,
+    classifyStatus,
+    parsePolicy,
+    parseRetryAfter,
 )
 from evgate.webhook.signing import BadSecret, newSecret, secretKey, signature
 from evgate.webhook.ssrf import (
-    AddressPolicy, BadCallback, ForbiddenAddress, GuardedEndpointFactory, addressClass, checkCallback,
+    AddressPolicy,
+    BadCallback,
+    ForbiddenAddress,
+    GuardedEndpointFactory,
+    addressClass,
+    checkCallback,
     parseCallbackUrl,
 )
 

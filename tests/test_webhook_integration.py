@@ -293,7 +293,7 @@ class WebhookKafkaTests(KafkaWebhookCase):
 
         [dead] = kcatRead(self.dlq, 1)
         self.assertEqual((dead["payload"], dead["key"]), ("poison", "k3"))
-        headers = dict(zip(dead["headers"][::2], dead["headers"][1::2]))
+        headers = dict(zip(dead["headers"][::2], dead["headers"][1::2], strict=True))
         self.assertEqual((headers["evgate-dlq-reason"], headers["evgate-dlq-status"],
                           headers["evgate-dlq-subscription"], headers["evgate-dlq-topic"],
                           headers["evgate-dlq-offset"], headers["trace"]),

@@ -22,8 +22,16 @@ from evgate.message import Cursor, Draft, Position, cursorTag
 
 from .test_sse import ClaimsPlan, StreamTestCase
 from .wire import (
-    OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT, UPGRADE_HEADERS, WireConnection, clientFrame, closeCode,
-    serverFrames, splitHead,
+    OP_BINARY,
+    OP_CLOSE,
+    OP_PING,
+    OP_TEXT,
+    UPGRADE_HEADERS,
+    WireConnection,
+    clientFrame,
+    closeCode,
+    serverFrames,
+    splitHead,
 )
 
 TAG = cursorTag("demo", "demo")

@@ -48,7 +48,13 @@ from zope.interface import implementer
 from evgate.entrypoints.http_get import requestCursor
 from evgate.entrypoints.streaming import StreamSubscriber, stopAll
 from evgate.errors import (
-    PROBLEM_BASE, BadCursor, BadRequest, EndpointUnavailable, Problem, TooManyRequests, Unauthorized,
+    PROBLEM_BASE,
+    BadCursor,
+    BadRequest,
+    EndpointUnavailable,
+    Problem,
+    TooManyRequests,
+    Unauthorized,
 )
 from evgate.filters import filterFor
 from evgate.gateway import ApiCall, finishWithFailure, writeProblem

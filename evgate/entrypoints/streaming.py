@@ -257,10 +257,11 @@ class StreamSubscriber:
         granted, wait = self.meter.take(count)
         if granted == count:
             return entries
-        cut, seen = 0, 0
-        for cut, entry in enumerate(entries):
+        cut, seen = len(entries), 0
+        for index, entry in enumerate(entries):
             if entry.kind == MESSAGE:
                 if seen == granted:
+                    cut = index
                     break
                 seen += 1
         head, rest = entries[:cut], entries[cut:]

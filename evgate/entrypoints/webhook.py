@@ -44,7 +44,11 @@ from evgate.gateway import ApiCall, writeProblem
 from evgate.interfaces import IEntrypoint
 from evgate.webhook.delivery import DeadLetters, splitDeadLetterTarget
 from evgate.webhook.retry import (
-    DEFAULT_INITIAL_DELAY, DEFAULT_MAX_ATTEMPTS, DEFAULT_MAX_DELAY, MAX_ATTEMPTS_LIMIT, MAX_DELAY_LIMIT,
+    DEFAULT_INITIAL_DELAY,
+    DEFAULT_MAX_ATTEMPTS,
+    DEFAULT_MAX_DELAY,
+    MAX_ATTEMPTS_LIMIT,
+    MAX_DELAY_LIMIT,
     RetryPolicy,
 )
 

@@ -49,9 +49,7 @@ from zope.interface import implementer
 
 from evgate.entrypoints.http_get import requestCursor
 from evgate.entrypoints.streaming import StreamSubscriber, stopAll
-from evgate.errors import (
-    BadRequest, EndpointTimeout, EndpointUnavailable, Forbidden, Problem,
-)
+from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, Forbidden, Problem
 from evgate.filters import filterFor
 from evgate.gateway import ApiCall, writeProblem
 from evgate.hub import Event

@@ -37,7 +37,13 @@ from evgate.webhook.feeds import HubFeed, ShareGroupFeed
 from evgate.webhook.retry import RetryPolicy, parsePolicy
 from evgate.webhook.signing import newSecret, secretKey
 from evgate.webhook.ssrf import (
-    AddressPolicy, BadCallback, GuardedEndpointFactory, Resolver, checkCallback, loggableUrl, parseCallbackUrl,
+    AddressPolicy,
+    BadCallback,
+    GuardedEndpointFactory,
+    Resolver,
+    checkCallback,
+    loggableUrl,
+    parseCallbackUrl,
     reactorResolver,
 )
 
