@@ -158,11 +158,11 @@ class GatewayRequest(Request):
     evgateMessages: Optional[int] = None
 
     def _limit(self) -> int:
-        return getattr(self.channel.site, "maxBodyBytes", 1 << 62) if self.channel else 1 << 62
+        return getattr(getattr(self.channel, "site", None), "maxBodyBytes", 1 << 62) if self.channel else 1 << 62
 
     def gotLength(self, length: Optional[int]) -> None:
         if length is not None and length > self._limit():
-            self.content = _Discard()
+            self.content = _Discard()  # type: ignore[assignment]
             self._refuse()
             return
         super().gotLength(length)
@@ -256,7 +256,7 @@ class GatewaySite(Site):
         self.requestLog = requestLog
         self.metrics = metrics
 
-    def log(self, request: Request) -> None:
+    def log(self, request: Any) -> None:
         # evgate's own line (evgate.logs), not twisted.web's combined log:
         # it names the API and consumer, and costs little when off.
         if self.requestLog is not None:
@@ -358,6 +358,13 @@ def authenticate(api: ApiRuntime, request: Request) -> Any:
         headers=[("WWW-Authenticate", ", ".join(challenges))],
     ))
     return d
+
+
+def queryArgs(request: Request) -> Dict[bytes, List[bytes]]:
+    """
+    The query parameters of C{request} (never L{None}).
+    """
+    return request.args or {}
 
 
 def jsonBody(request: Request, status: int, document: Any) -> bytes:

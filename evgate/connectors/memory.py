@@ -137,7 +137,7 @@ class MemoryConnector(Service):
 
     def __init__(self, name: str, retention: int, reactor: IReactorTime,
                  epoch: Optional[int] = None) -> None:
-        self.name = name
+        self.name = name  # type: ignore[assignment]  # Service.name is Optional
         self.retention = retention
         self.reactor = reactor
         self._epoch = epoch if epoch is not None else random.SystemRandom().randrange(1, 2**31)
@@ -174,7 +174,7 @@ class MemoryConnector(Service):
 
     def subscribe(self, topic: str, start: Union[str, Cursor], sink: IUpstreamSink) -> MemorySubscription:
         log = self.topicLog(topic)
-        gapReason = None
+        gapReason: Optional[str] = None
         if start == "earliest":
             offset = log.firstOffset
         elif start == "latest":

@@ -754,7 +754,7 @@ class MqttConnector(Service):
                  clientFactory: Callable[[str], Any] = pahoClient,
                  startThread: Callable[[Callable[[], None], str], None] = startDaemonThread,
                  epoch: Optional[int] = None) -> None:
-        self.name = name
+        self.name = name  # type: ignore[assignment]  # Service.name is Optional
         self.options = dict(options)
         self.reactor = reactor
         self.connected = False

@@ -26,7 +26,7 @@ from zope.interface import implementer
 
 from evgate.errors import BadCursor, BadRequest, EndpointUnavailable, NotAcceptable, Problem
 from evgate.filters import filterFor as subscriptionFilter
-from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, writeProblem
+from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, queryArgs, writeProblem
 from evgate.hub import Event, HubSubscription
 from evgate.interfaces import IEntrypoint, ISubscriber
 from evgate.message import Cursor, CursorError, contentForJSON, cursorsAfter
@@ -90,7 +90,7 @@ def intParameter(request: Request, name: str, default: int, maximum: int) -> int
 
     @raise BadRequest: if it is not such an integer.
     """
-    values = request.args.get(name.encode("ascii"))
+    values = queryArgs(request).get(name.encode("ascii"))
     if not values:
         return default
     raw = values[0]
@@ -110,7 +110,7 @@ def requestCursor(request: Request, tag: bytes, header: Optional[bytes] = None) 
 
     @raise BadCursor: if the token is malformed or foreign.
     """
-    values = request.args.get(b"cursor")
+    values = queryArgs(request).get(b"cursor")
     raw = values[0] if values else (request.getHeader(header) if header else None)
     if raw is None or raw == b"":
         return None
@@ -337,7 +337,7 @@ def requestClientId(request: Request) -> Optional[str]:
     @raise BadRequest: if it is not 1 to 100 letters, digits, '.', '_' or
         '-'.
     """
-    values = request.args.get(b"client-id")
+    values = queryArgs(request).get(b"client-id")
     raw = values[0] if values else request.getHeader(b"x-client-id")
     if raw is None:
         return None
@@ -391,8 +391,9 @@ class GroupPoll:
         Poll the group and answer when the endpoint does.
         """
         api = self.call.api
-        d = api.connector.groupPoll(api.config.topic, groupName(api.name, self.call.consumer, self.clientId),
-                                    self.limit, self.timeout, api.config.start)
+        connector: Any = api.connector  # render checked that it has groupPoll
+        d = connector.groupPoll(api.config.topic, groupName(api.name, self.call.consumer, self.clientId),
+                                self.limit, self.timeout, api.config.start)
         d.addCallback(self._answer)
         d.addErrback(lambda f: finishWithFailure(self.request, f, "polling as a consumer group"))
 

@@ -18,7 +18,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from evgate.errors import BadRequest, EndpointTimeout, Problem
-from evgate.gateway import ApiCall, finishWithFailure, jsonBody, writeProblem
+from evgate.gateway import ApiCall, finishWithFailure, jsonBody, queryArgs, writeProblem
 from evgate.interfaces import IEntrypoint
 from evgate.message import Draft, Position
 from evgate.metrics import tallyFor
@@ -59,7 +59,7 @@ def messageKey(request: Request, keyHeader: bytes) -> Any:
     header, else L{None}.
     """
     raw = None
-    values = request.args.get(b"key")
+    values = queryArgs(request).get(b"key")
     if values:
         raw = values[0]
     else:
@@ -101,7 +101,7 @@ class HttpPostEntrypoint:
 
         @raise BadRequest: if the request is not a valid message.
         """
-        content = request.content.read()
+        content = request.content.read() if request.content is not None else b""
         if not content:
             raise BadRequest("the request body is empty: it is the message content")
         return Draft(content=content, key=messageKey(request, self.keyHeader),

@@ -202,7 +202,7 @@ class SseSubscriber(StreamSubscriber):
         if disconnect and channel is not None and channel.transport is not None:
             transport = channel.transport
             channel.loseConnection()
-            self.reactor.callLater(ABORT_GRACE, transport.abortConnection)
+            self.reactor.callLater(ABORT_GRACE, transport.abortConnection)  # type: ignore[attr-defined]
 
     # StreamSubscriber
 
