@@ -245,3 +245,26 @@ class IStore(Interface):
 
         @return: a Deferred of whether there was one.
         """
+
+
+class IWatchableStore(IStore):
+    """
+    An L{IStore} that tells its users about changes as it learns of them,
+    whichever node made them: a store that follows a log (the Kafka store)
+    learns of every change anyway, so callers need not poll it.
+
+    Optional: a user checks C{IWatchableStore.providedBy(store)} and falls
+    back to reading the store from time to time when it is not provided
+    (the SQLite store).
+    """
+
+    def watch(kind, callback):
+        """
+        Call C{callback(id, record)} on the reactor thread for every change
+        of a record of C{kind} that happens after the store is open, in
+        the order the store applies them; C{record} is a copy of the
+        record as it is now, or L{None} once it is deleted.  Changes this
+        node makes are reported too.
+
+        @return: a callable that stops the calls.
+        """

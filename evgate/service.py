@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
-from evgate.config import Config, GatewayConfig
+from evgate.config import Config, ConfigError, GatewayConfig
 from evgate.connectors import buildConnector
 from evgate.gateway import ApiRuntime, GatewayResource, GatewaySite, buildApis
 from evgate.hub import Hub
@@ -32,8 +32,17 @@ class ListenerService(StreamServerEndpointService):
 
     log = Logger()
 
-    def __init__(self, description: str, factory: Any, reactor: Any, role: str) -> None:
-        super().__init__(serverFromString(reactor, description), factory)
+    def __init__(self, description: str, factory: Any, reactor: Any, role: str,
+                 configPath: str = "<config>") -> None:
+        try:
+            endpoint = serverFromString(reactor, description)
+        except IndexError:
+            # Twisted's systemd parser looks the index up among the
+            # descriptors the process inherited.
+            key = "listen" if role == "gateway" else role
+            raise ConfigError(configPath, "gateway", key, f"{description}: no socket inherited from systemd at that "
+                              "index (is evgate.socket active, with a ListenStream= per listener?)") from None
+        super().__init__(endpoint, factory)
         self._raiseSynchronously = True
         self.description = description
         self.role = role
@@ -89,7 +98,7 @@ class GatewayService(MultiService):
         if self.settings.options.get("store") is not None:
             from evgate.store import buildStore
 
-            self.store = buildStore(self.settings.options["store"], reactor)
+            self.store = buildStore(self.settings.options["store"], reactor, self.connectors, config.path)
             self.store.setServiceParent(self)
         self.apis: List[ApiRuntime] = buildApis(config, self.connectors, self.hub, self)
         self.resource = GatewayResource(self.apis)
@@ -97,7 +106,7 @@ class GatewayService(MultiService):
                                 metrics=self.metrics, reactor=reactor)
         self.listeners: List[ListenerService] = []
         for description in self.settings.listen:
-            listener = ListenerService(description, self.site, reactor, "gateway")
+            listener = ListenerService(description, self.site, reactor, "gateway", config.path)
             listener.setServiceParent(self)
             self.listeners.append(listener)
         # Webhook deliveries (evgate.webhook.service), and the admin API on
@@ -122,7 +131,7 @@ class GatewayService(MultiService):
 
             self.admin = AdminApp(self, adminSettings.token)
             self.adminListener = ListenerService(adminSettings.listen, adminSite(self.admin, reactor), reactor,
-                                                 "admin")
+                                                 "admin", config.path)
             self.adminListener.setServiceParent(self)
 
     def setServiceParent(self, parent: Any) -> None:

@@ -25,8 +25,11 @@ Every node keeps the records of its APIs' keys in memory
 C{refresh} seconds, so that a request never waits on the store (until the
 first load has finished, an unknown id is looked up in the store).  A key
 revoked through this node's admin API stops working at once, and its
-streams are closed; one revoked on another node sharing the store within
-one refresh.
+streams are closed.  One issued or revoked on another node sharing the
+store is honoured here as soon as this node's store learns of it when the
+store reports its changes (an L{evgate.interfaces.IWatchableStore}, such
+as the Kafka store: within milliseconds), and otherwise within one refresh
+(SQLite).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ import evgate.store  # noqa: F401
 from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import Unauthorized
 from evgate.gateway import Consumer
-from evgate.interfaces import IPlan
+from evgate.interfaces import IPlan, IWatchableStore
 from evgate.security.jwt import ownedKeys, queryValue
 
 KIND = "api-key"
@@ -115,6 +118,10 @@ class KeyRegistry(Service):
         self.revokedListeners: List[Callable[[str, Mapping[str, Any]], None]] = []
         self._loop: Optional[LoopingCall] = None
         self._loading: Optional[Deferred] = None
+        self._unwatch: Optional[Callable[[], None]] = None
+        # Changes the store reported: a reload that began before one of
+        # them read older records, and must not undo it.
+        self._changes = 0
 
     @property
     def store(self) -> Any:
@@ -130,6 +137,9 @@ class KeyRegistry(Service):
 
     def startService(self) -> None:
         super().startService()
+        store = getattr(self.gateway, "store", None)
+        if store is not None and IWatchableStore.providedBy(store):
+            self._unwatch = store.watch(KIND, self._changed)
         self._loop = LoopingCall(self.reload)
         self._loop.clock = self.reactor
         self._loop.start(self.refresh, now=True).addErrback(
@@ -137,10 +147,29 @@ class KeyRegistry(Service):
 
     def stopService(self) -> Any:
         super().stopService()
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
         return self._loading
+
+    def _changed(self, keyId: str, record: Optional[Dict[str, Any]]) -> None:
+        """
+        The store says the key C{keyId} was issued or changed (C{record}) or
+        revoked (L{None}), on whichever node.
+        """
+        self._changes += 1
+        if isinstance(record, dict):
+            self.records[keyId] = record
+            return
+        known = self.records.pop(keyId, None)
+        if known is not None:
+            # Revoked through another node's admin API (this node's own
+            # revocations drop the key before the store hears of them).
+            self.log.info("API key {id} was revoked elsewhere", id=keyId)
+            self._revoked(keyId, known)
 
     def reload(self) -> Deferred:
         """
@@ -149,9 +178,14 @@ class KeyRegistry(Service):
         """
         if self._loading is not None:
             return self._loading
+        changes = self._changes
         d = self.store.list(KIND)
 
         def loaded(rows: List[Tuple[str, Dict[str, Any]]]) -> None:
+            if changes != self._changes and self.loaded:
+                # The store reported changes while this list was on its
+                # way: they are newer than it.  The next reload catches up.
+                return
             fresh = {keyId: record for keyId, record in rows if isinstance(record, dict)}
             gone = [k for k in self.records if k not in fresh]
             self.records = fresh

@@ -9,6 +9,9 @@ The C{[gateway]} key C{store} chooses the backend:
    one host may share the file.
  - C{memory}: records in the process's memory, gone at exit; for tests and
    demos (L{MemoryStore}).
+ - C{kafka:ENDPOINT/TOPIC}: a compacted topic on the C{[endpoint:ENDPOINT]}
+   of C{type = kafka}, shared by every gateway node that names it
+   (L{evgate.store.kafka.KafkaStore}).
 
 No key means no store: features that need one (webhook subscriptions)
 refuse to start without it, with a configuration error that says so.
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
@@ -40,17 +44,23 @@ class StoreSpec:
     """
     The parsed C{store} key.
 
-    @ivar kind: C{"sqlite"} or C{"memory"}.
+    @ivar kind: C{"sqlite"}, C{"memory"} or C{"kafka"}.
     @ivar path: the absolute path of the SQLite file (C{sqlite} only).
+    @ivar endpoint: the Kafka endpoint's name (C{kafka} only).
+    @ivar topic: the Kafka topic (C{kafka} only).
     """
 
     kind: str
     path: Optional[str] = None
+    endpoint: Optional[str] = None
+    topic: Optional[str] = None
 
     def describe(self) -> str:
         """
         The spec as an operator would write it, with the path made absolute.
         """
+        if self.kind == "kafka":
+            return f"kafka:{self.endpoint}/{self.topic}"
         return f"{self.kind}:{self.path}" if self.path is not None else self.kind
 
 
@@ -119,8 +129,10 @@ class MemoryStore(Service):
 @gatewayKeys
 def parseStoreKey(section: SectionReader) -> Mapping[str, Any]:
     """
-    The C{store} key of C{[gateway]}: C{sqlite:PATH} or C{memory}, as a
-    L{StoreSpec} (or L{None} when unset) under C{options["store"]}.
+    The C{store} key of C{[gateway]}: C{sqlite:PATH}, C{memory} or
+    C{kafka:ENDPOINT/TOPIC}, as a L{StoreSpec} (or L{None} when unset)
+    under C{options["store"]}.  That ENDPOINT is a Kafka endpoint is checked
+    when the node is built (the endpoints are read after C{[gateway]}).
     """
     raw = section.get("store", None)
     if raw is None:
@@ -128,8 +140,14 @@ def parseStoreKey(section: SectionReader) -> Mapping[str, Any]:
     if raw == "memory":
         return {"store": StoreSpec("memory")}
     kind, sep, path = raw.partition(":")
+    if kind == "kafka" and sep:
+        match = re.fullmatch(r"([A-Za-z0-9._-]+)/([A-Za-z0-9._-]{1,249})", path.strip())
+        if match is None or match.group(2) in (".", ".."):
+            raise section.error("store", f"expected kafka:ENDPOINT/TOPIC (a Kafka topic name: letters, digits, "
+                                         f"'.', '_', '-'), got {raw!r}")
+        return {"store": StoreSpec("kafka", endpoint=match.group(1), topic=match.group(2))}
     if kind != "sqlite" or not sep or not path.strip():
-        raise section.error("store", f"expected sqlite:PATH or memory, got {raw!r}")
+        raise section.error("store", f"expected sqlite:PATH, kafka:ENDPOINT/TOPIC or memory, got {raw!r}")
     path = os.path.expanduser(path.strip())
     if not os.path.isabs(path):
         base = os.path.dirname(os.path.abspath(section.path)) if section.path[:1] != "<" else os.getcwd()
@@ -140,12 +158,21 @@ def parseStoreKey(section: SectionReader) -> Mapping[str, Any]:
     return {"store": StoreSpec("sqlite", os.path.normpath(path))}
 
 
-def buildStore(spec: StoreSpec, reactor: Any) -> Any:
+def buildStore(spec: StoreSpec, reactor: Any, connectors: Optional[Mapping[str, Any]] = None,
+               configPath: str = "<config>") -> Any:
     """
-    The store service of C{spec}, not started.
+    The store service of C{spec}, not started.  A Kafka store uses the
+    connector of its endpoint among C{connectors} (the node's).
+
+    @raise ConfigError: if a Kafka store's endpoint is not a Kafka endpoint.
     """
     if spec.kind == "memory":
         return MemoryStore()
+    if spec.kind == "kafka":
+        from evgate.store.kafka import buildKafkaStore
+
+        assert spec.endpoint is not None and spec.topic is not None
+        return buildKafkaStore(spec.endpoint, spec.topic, connectors or {}, reactor, configPath)
     from evgate.store.sqlite import SqliteStore
 
     assert spec.path is not None
