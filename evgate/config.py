@@ -470,6 +470,14 @@ def parseConfig(text: str, path: str = "<string>") -> Config:
             apis[api.name] = api
     if not apis:
         raise ConfigError(path, None, None, "no [api:NAME] section: nothing to serve")
+    store = gateway.options.get("store")
+    if getattr(store, "kind", None) == "kafka":
+        # [gateway] is read before the endpoints; check its reference now.
+        target = endpoints.get(store.endpoint)
+        if target is None or target.type != "kafka":
+            known = ", ".join(sorted(n for n, e in endpoints.items() if e.type == "kafka")) or "none"
+            raise ConfigError(path, "gateway", "store",
+                              f"{store.endpoint!r} is not a kafka endpoint (kafka endpoints: {known})")
     sections = {name: {k: v.strip() for k, v in parser[name].items()} for name in parser.sections()}
     return Config(path=path, gateway=gateway, endpoints=endpoints, apis=apis, sections=sections)
 

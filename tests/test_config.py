@@ -180,6 +180,13 @@ class ErrorTests(SynchronousTestCase):
         self.assertError(replaced("topic = demo", "topic = demo\ntopic = other"), "api:demo", "topic",
                          "appears twice")
 
+    def test_storeEndpoint(self) -> None:
+        """
+        A Kafka store must name a Kafka endpoint, and --check sees it.
+        """
+        self.assertError(replaced("max-message-bytes = 1048576", "store = kafka:local/evgate-store"),
+                         "gateway", "store", "'local' is not a kafka endpoint (kafka endpoints: none)")
+
     def test_noApi(self) -> None:
         """
         A file without any API is refused: there would be nothing to serve.

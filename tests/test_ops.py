@@ -233,6 +233,20 @@ class ReadinessTests(SynchronousTestCase):
         self.assertEqual(document["notConnected"], ["other"])
         self.assertIn("endpoint other is not connected", document["detail"])
 
+    def test_storeNotOpen(self) -> None:
+        """
+        A node whose shared store is still being read is not ready.
+        """
+        class Reading:
+            isOpen = False
+            description = "kafka:kafka/evgate-store"
+
+        self.ops.gateway.store = Reading()
+        status, _, body = self.ops.call("GET", "/ready", headers={})
+        document = json.loads(body)
+        self.assertEqual((status, document["storeOpen"]), (503, False))
+        self.assertIn("kafka:kafka/evgate-store is still being read", document["detail"])
+
     def test_endpoints(self) -> None:
         """
         /endpoints lists every endpoint with its type, state and APIs, and

@@ -70,11 +70,17 @@ class RestartNeeded(Problem):
 @adminRoute("/ready", methods=["GET"], public=True)
 def ready(admin: AdminApp, request: Request) -> Any:
     """
-    Readiness: 200 when every endpoint is connected, else a 503 problem
-    naming those that are not.  Needs no token, like C{/health}: load
+    Readiness: 200 when every endpoint is connected and the store is open,
+    else a 503 problem naming what is not.  Needs no token, like C{/health}: load
     balancers and orchestrators probe it.
     """
     down = sorted(name for name, connector in admin.gateway.connectors.items() if not connector.connected)
+    store = admin.gateway.store
+    if store is not None and getattr(store, "isOpen", True) is False:
+        # A node whose shared store has not been read up to its end cannot
+        # check keys or own subscriptions yet.
+        raise EndpointUnavailable(f"not ready: the store {store.description} is still being read",
+                                  extra={"notConnected": down, "storeOpen": False})
     if down:
         raise EndpointUnavailable(f"not ready: endpoint{'s' if len(down) > 1 else ''} {', '.join(down)} "
                                   f"{'are' if len(down) > 1 else 'is'} not connected",
