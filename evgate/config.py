@@ -474,10 +474,11 @@ def parseConfig(text: str, path: str = "<string>") -> Config:
     if getattr(store, "kind", None) == "kafka":
         # [gateway] is read before the endpoints; check its reference now.
         target = endpoints.get(store.endpoint)
-        if target is None or target.type != "kafka":
-            known = ", ".join(sorted(n for n, e in endpoints.items() if e.type == "kafka")) or "none"
+        if target is None:
+            raise ConfigError(path, "gateway", "store", f"there is no [endpoint:{store.endpoint}]")
+        if target.type != "kafka":
             raise ConfigError(path, "gateway", "store",
-                              f"{store.endpoint!r} is not a kafka endpoint (kafka endpoints: {known})")
+                              f"[endpoint:{store.endpoint}] is of type {target.type}; the store needs kafka")
     sections = {name: {k: v.strip() for k, v in parser[name].items()} for name in parser.sections()}
     return Config(path=path, gateway=gateway, endpoints=endpoints, apis=apis, sections=sections)
 

@@ -185,7 +185,7 @@ class ErrorTests(SynchronousTestCase):
         A Kafka store must name a Kafka endpoint, and --check sees it.
         """
         self.assertError(replaced("max-message-bytes = 1048576", "store = kafka:local/evgate-store"),
-                         "gateway", "store", "'local' is not a kafka endpoint (kafka endpoints: none)")
+                         "gateway", "store", "[endpoint:local] is of type memory; the store needs kafka")
 
     def test_noApi(self) -> None:
         """

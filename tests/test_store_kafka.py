@@ -875,14 +875,13 @@ entrypoints = http-post
 
     def test_endpointMustBeKafka(self) -> None:
         """
-        Building the node checks that the endpoint exists and is a Kafka
-        endpoint.
+        Reading the file checks that the endpoint exists and is a Kafka
+        endpoint (so C{--check} and a reload see it too).
         """
         for store, reason in (("kafka:nope/t", "there is no [endpoint:nope]"),
                               ("kafka:local/t", "[endpoint:local] is of type memory")):
-            config = parseConfig(self.INI.format(store=store), "test.ini")
             with self.assertRaises(ConfigError) as caught:
-                GatewayService(config, FakeReactor())
+                parseConfig(self.INI.format(store=store), "test.ini")
             self.assertIn(reason, str(caught.exception))
             self.assertIn("[gateway] store", str(caught.exception))
 
