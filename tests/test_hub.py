@@ -266,3 +266,74 @@ class FloorTests(SynchronousTestCase):
         connector.sink.deliver([m(1, 2), m(0, 1)])
         self.assertEqual(second.contents(), [b"0-0", b"1-2", b"0-1"])
         self.assertIs(second.events[-1], first.events[-1])
+
+
+class ParkingTests(HubTestCase):
+    """
+    A private read whose client says where it resumes is kept, paused, for
+    that client's next request.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.hub.window = 0  # every cursor is outside the (empty) window
+        self.publish(*[str(i).encode() for i in range(10)])
+
+    def test_nextPageReusesTheRead(self) -> None:
+        """
+        A subscriber that closes with resumeAt leaves its read parked; the
+        next one starting there gets the messages after it, including those
+        already read past it, without a new upstream read.
+        """
+        first, subscription = self.subscribe(Cursor(1, ((0, 0),)))
+        self.assertEqual(self.upstreams, 2)  # the shared stream and this read
+        resumeAt = first.events[3].cursor
+        subscription.close(resumeAt)
+        self.assertEqual(len(self.hub.parked), 1)
+        second, _ = self.subscribe(resumeAt)
+        self.assertEqual(self.upstreams, 2)
+        self.assertEqual(second.startedAt, resumeAt)
+        self.assertEqual(second.contents(), [str(i).encode() for i in range(4, 10)])
+        self.publish(b"10")
+        self.assertEqual(second.contents()[-1], b"10")
+
+    def test_otherCursorGetsItsOwnRead(self) -> None:
+        """
+        A request at another cursor does not take a parked read.
+        """
+        first, subscription = self.subscribe(Cursor(1, ((0, 0),)))
+        subscription.close(first.events[3].cursor)
+        second, _ = self.subscribe(Cursor(1, ((0, 2),)))
+        self.assertEqual(self.upstreams, 3)
+        self.assertEqual(second.contents()[0], b"2")
+        self.assertEqual(len(self.hub.parked), 1)
+
+    def test_expires(self) -> None:
+        """
+        A parked read nobody claims is closed after the park grace.
+        """
+        first, subscription = self.subscribe(Cursor(1, ((0, 0),)))
+        subscription.close(first.events[-1].cursor)
+        [(stream, _)] = self.hub.parked.values()
+        self.clock.advance(self.hub.parkGrace + 1)
+        self.assertEqual(len(self.hub.parked), 0)
+        self.assertTrue(stream.upstream._closed)
+
+    def test_bounded(self) -> None:
+        """
+        At most maxParked reads are kept; the oldest goes first.
+        """
+        self.hub.maxParked = 2
+        for start in (0, 3, 6):
+            recorder, subscription = self.subscribe(Cursor(1, ((0, start),)))
+            subscription.close(recorder.events[0].cursor)
+        self.assertEqual([key[2].get(0) for key in self.hub.parked], [4, 7])
+
+    def test_closeWithoutResumeCloses(self) -> None:
+        """
+        A subscriber that leaves without saying where it resumes (a client
+        that went away) closes its read.
+        """
+        _, subscription = self.subscribe(Cursor(1, ((0, 0),)))
+        subscription.close()
+        self.assertEqual(len(self.hub.parked), 0)
