@@ -470,8 +470,8 @@ def parseConfig(text: str, path: str = "<string>") -> Config:
             apis[api.name] = api
     if not apis:
         raise ConfigError(path, None, None, "no [api:NAME] section: nothing to serve")
-    store = gateway.options.get("store")
-    if getattr(store, "kind", None) == "kafka":
+    store: Any = gateway.options.get("store")
+    if store is not None and store.kind == "kafka":
         # [gateway] is read before the endpoints; check its reference now.
         target = endpoints.get(store.endpoint)
         if target is None:
