@@ -457,3 +457,39 @@ class GroupNameTests(SynchronousTestCase):
         self.assertNotEqual(alice, bob)
         self.assertEqual(alice, groupName("orders", Consumer("alice", "jwt"), "billing"))
         self.assertRegex(alice, r"^get\.orders\.[0-9a-f]{16}\.billing$")
+
+
+class FormBodyTests(SynchronousTestCase):
+    """
+    A POST body is the message, never a form (through the gateway's own
+    site, on an in-memory transport).
+    """
+
+    def post(self, contentType: bytes, body: bytes) -> Any:
+        gateway = memoryGateway()
+        protocol = gateway.site.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"POST /demo HTTP/1.1\r\nHost: x\r\nContent-Type: " + contentType
+                              + b"\r\nContent-Length: %d\r\n\r\n" % (len(body),) + body)
+        return gateway, transport.value()
+
+    def test_formBodyIsContent(self) -> None:
+        """
+        A form-encoded body is published as is, and its fields do not act
+        as query parameters (C{key=...} in the body sets no key).
+        """
+        gateway, response = self.post(b"application/x-www-form-urlencoded", b"key=sneaky&x=1")
+        self.assertIn(b"HTTP/1.1 202", response)
+        [stored] = list(gateway.connectors["local"].topicLog("demo").messages)
+        self.assertEqual((stored.content, stored.key), (b"key=sneaky&x=1", None))
+
+    def test_brokenMultipartIsContent(self) -> None:
+        """
+        A body labelled multipart/form-data that is not valid multipart is
+        still just content: published, not refused by a form parser.
+        """
+        gateway, response = self.post(b"multipart/form-data; boundary=x", b"not multipart at all")
+        self.assertIn(b"HTTP/1.1 202", response)
+        [stored] = list(gateway.connectors["local"].topicLog("demo").messages)
+        self.assertEqual(stored.content, b"not multipart at all")
