@@ -39,7 +39,7 @@ polls.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from twisted.logger import Logger
@@ -141,7 +141,6 @@ class HubSubscription:
         self.paused = False
         self.closed = False
         self.cursor: Optional[Cursor] = None
-        self.resumeAt: Optional[Cursor] = None
 
     def pause(self) -> None:
         """
@@ -159,17 +158,12 @@ class HubSubscription:
             self.paused = False
             self.stream.subscriberResumed(self)
 
-    def close(self, resumeAt: Optional[Cursor] = None) -> None:
+    def close(self) -> None:
         """
         Detach from the stream.  Idempotent.
-
-        @param resumeAt: where the client will resume, when it says so (a
-            long poll's C{nextCursor}): a private stream may then be kept
-            for a while, positioned there, for the client's next request.
         """
         if not self.closed:
             self.closed = True
-            self.resumeAt = resumeAt
             self.stream.detach(self)
 
     def offer(self, events: Sequence[Event]) -> None:
@@ -408,26 +402,13 @@ class PrivateStream(_Stream):
     """
     An upstream read of its own for one subscriber whose cursor is older
     than the shared window.
-
-    A client paging through old messages with a long poll makes one request
-    per page, each starting where the last ended.  Opening a broker read per
-    page (for Kafka: a consumer, a thread, a seek) would cost more than the
-    page; so when a poll ends and says where its client resumes, the stream
-    is I{parked} by the hub, paused at that cursor with the events it had
-    already read past it, and the next request with that cursor takes it
-    over.  A parked stream nobody claims is closed after the hub's
-    C{parkGrace}.
     """
 
     def __init__(self, hub: "Hub", connector: IConnector, topic: str,
-                 subscription: HubSubscription, start: Start, endpoint: str = "") -> None:
+                 subscription: HubSubscription, start: Start) -> None:
         super().__init__(hub, connector, topic)
-        self.endpoint = endpoint
         self.subscription = subscription
         subscription.stream = self
-        self.lastEvents: List[Event] = []
-        self.parkedAt: Optional[Cursor] = None
-        self.backlog: List[Event] = []
         self.upstream = connector.subscribe(topic, start, self)
         if subscription.paused:
             self.upstream.pause()
@@ -438,29 +419,15 @@ class PrivateStream(_Stream):
             self.subscription.subscriber.started(cursor)
 
     def deliver(self, messages: Sequence[Message]) -> None:
-        events = self.makeEvents(messages)
-        if self.parkedAt is not None:
-            # Batches already on their way when the stream was parked.
-            self.backlog.extend(events)
-            return
-        self.lastEvents = events
-        self.subscription.offer(events)
+        self.subscription.offer(self.makeEvents(messages))
 
     def gap(self, cursor: Cursor, reason: str) -> None:
         self.head = cursor if self.head is None else self.head.merged(cursor)
-        if self.parkedAt is not None:
-            # The client would have to be told; it will be, by a fresh read.
-            self.hub.unpark(self)
-            self.upstream.close()
-            return
         if not self.subscription.closed:
             self.subscription.subscriber.gap(self.head, reason)
 
     def failed(self, reason: Failure) -> None:
         self.error = reason
-        if self.parkedAt is not None:
-            self.hub.unpark(self)
-            return
         if not self.subscription.closed:
             self.subscription.closed = True
             self.subscription.subscriber.failed(reason)
@@ -472,36 +439,7 @@ class PrivateStream(_Stream):
         self.upstream.resume()
 
     def detach(self, subscription: HubSubscription) -> None:
-        resumeAt = subscription.resumeAt
-        if resumeAt is not None and self.head is not None and self.error is None and self.endpoint:
-            self.upstream.pause()
-            self.parkedAt = resumeAt
-            self.backlog = [e for e in self.lastEvents if not resumeAt.dominates(e.cursor)]
-            self.lastEvents = []
-            self.hub.park(self)
-            return
         self.upstream.close()
-
-    def takeOver(self, subscription: HubSubscription) -> None:
-        """
-        Serve C{subscription}, which starts where this parked stream was
-        parked.
-        """
-        start = self.parkedAt
-        assert start is not None
-        self.parkedAt = None
-        backlog, self.backlog = self.backlog, []
-        self.subscription = subscription
-        subscription.stream = self
-        subscription.subscriber.started(start)
-        if backlog and not subscription.closed:
-            self.lastEvents = backlog
-            subscription.offer(backlog)
-        if subscription.closed:
-            return
-        if subscription.paused:
-            return
-        self.upstream.resume()
 
 
 class Hub:
@@ -512,16 +450,12 @@ class Hub:
     log = Logger()
 
     def __init__(self, connectors: Dict[str, IConnector], reactor: Any, window: int = 10000,
-                 idleGrace: float = 30.0, parkGrace: float = 15.0, maxParked: int = 64) -> None:
+                 idleGrace: float = 30.0) -> None:
         self.connectors = connectors
         self.reactor = reactor
         self.window = window
         self.idleGrace = idleGrace
         self.streams: Dict[Tuple[str, str], SharedStream] = {}
-        # Parked private streams by (endpoint, topic, cursor), oldest first.
-        self.parked: "OrderedDict[Tuple[str, str, Cursor], Tuple[PrivateStream, Any]]" = OrderedDict()
-        self.parkGrace = parkGrace
-        self.maxParked = maxParked
 
     def subscribe(self, endpoint: str, topic: str, start: Start, subscriber: ISubscriber,
                   filter: Optional[Filter] = None) -> HubSubscription:
@@ -552,52 +486,7 @@ class Hub:
         Serve C{subscription} from an upstream read of its own.
         """
         shared = subscription.stream
-        endpoint = next((name for name, c in self.connectors.items() if c is shared.connector), "")
-        if isinstance(start, Cursor):
-            entry = self.parked.pop((endpoint, shared.topic, start), None)
-            if entry is not None:
-                stream, timer = entry
-                if timer.active():
-                    timer.cancel()
-                stream.takeOver(subscription)
-                return
-        PrivateStream(self, shared.connector, shared.topic, subscription, start, endpoint)
-
-    def park(self, stream: PrivateStream) -> None:
-        """
-        Keep a paused private stream for the next request that starts where
-        it stopped; close it if nobody comes within C{parkGrace}.
-        """
-        assert stream.parkedAt is not None
-        key = (stream.endpoint, stream.topic, stream.parkedAt)
-        previous = self.parked.pop(key, None)
-        if previous is not None:
-            self._closeParked(*previous)
-        timer = self.reactor.callLater(self.parkGrace, self._expire, key)
-        self.parked[key] = (stream, timer)
-        while len(self.parked) > self.maxParked:
-            _, oldest = self.parked.popitem(last=False)
-            self._closeParked(*oldest)
-
-    def unpark(self, stream: PrivateStream) -> None:
-        """
-        Forget a parked stream (it failed, or must not be reused).
-        """
-        for key, (parked, timer) in list(self.parked.items()):
-            if parked is stream:
-                del self.parked[key]
-                if timer.active():
-                    timer.cancel()
-
-    def _expire(self, key: Tuple[str, str, Cursor]) -> None:
-        entry = self.parked.pop(key, None)
-        if entry is not None:
-            entry[0].upstream.close()
-
-    def _closeParked(self, stream: PrivateStream, timer: Any) -> None:
-        if timer.active():
-            timer.cancel()
-        stream.upstream.close()
+        PrivateStream(self, shared.connector, shared.topic, subscription, start)
 
     def streamEnded(self, stream: SharedStream) -> None:
         """
@@ -609,10 +498,7 @@ class Hub:
 
     def close(self) -> None:
         """
-        Close every shared and parked stream (at shutdown).
+        Close every shared stream (at shutdown).
         """
         for stream in list(self.streams.values()):
             stream.close()
-        while self.parked:
-            _, entry = self.parked.popitem()
-            self._closeParked(*entry)

@@ -293,7 +293,7 @@ class PollSubscriber:
     def _clientGone(self, reason: Any) -> None:
         self._stop()
 
-    def _stop(self, resumeAt: Optional[Cursor] = None) -> None:
+    def _stop(self) -> None:
         if not self.done:
             self.tally.waiting -= 1
         self.done = True
@@ -301,7 +301,7 @@ class PollSubscriber:
             self.timer.cancel()
         self.timer = None
         if self.subscription is not None:
-            self.subscription.close(resumeAt)
+            self.subscription.close()
 
     def _answer(self) -> None:
         if self.done:
@@ -311,12 +311,9 @@ class PollSubscriber:
             finishWithProblem(self.request, EndpointUnavailable(
                 "the endpoint did not position the read in time", retryAfter=1))
             return
+        self._stop()
         request = self.request
-        gone = request.finished or getattr(request, "_disconnected", False)
-        # The client resumes at this page's nextCursor: say so, so that a
-        # private read can be kept for its next poll.
-        self._stop(None if gone else self.cursor)
-        if gone:
+        if request.finished or getattr(request, "_disconnected", False):
             return
         tag = self.call.api.tag
         body = renderPage(self.media, self.events, tag, self.cursor.encode(tag), self.limit, self.gapReason)
