@@ -563,6 +563,14 @@ class PublishTests(ConnectorTestCase):
     producer thread, the Deferred fired on the reactor.
     """
 
+    def pollProducer(self) -> None:
+        """
+        What one turn of the producer thread does: serve the delivery
+        reports that are ready, then hand them to the reactor in one call.
+        """
+        self.producer.poll(0)
+        self.connector.handOverReports()
+
     def test_interface(self) -> None:
         """
         The connector provides L{IConnector}.
@@ -599,12 +607,25 @@ class PublishTests(ConnectorTestCase):
         """
         d = self.connector.publish(TOPIC, Draft(b"x"), 10)
         self.producer.deliver(0, partition=2, offset=41)
-        self.producer.poll(0)
+        self.pollProducer()
         self.assertNoResult(d)
         self.reactor.runFromThread()
         self.assertEqual(self.successResultOf(d), Position(TOPIC, 2, 41))
         self.assertTrue(self.connector.connected)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_reportsHandedOverTogether(self) -> None:
+        """
+        The reports one poll serves reach the reactor in one call, and each
+        publisher still gets its own position.
+        """
+        ds = [self.connector.publish(TOPIC, Draft(b"x"), 10) for _ in range(3)]
+        for index in range(3):
+            self.producer.deliver(index, partition=0, offset=10 + index)
+        self.pollProducer()
+        self.assertEqual(len(self.reactor.fromThread), 1)
+        self.reactor.runFromThread()
+        self.assertEqual([self.successResultOf(d).offset for d in ds], [10, 11, 12])
 
     def test_bufferError(self) -> None:
         """
@@ -630,7 +651,7 @@ class PublishTests(ConnectorTestCase):
         d = self.connector.publish(TOPIC, Draft(b"x"), 10)
         self.producer.failDelivery(0, kafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART,
                                                  "Broker: Unknown topic or partition"))
-        self.producer.poll(0)
+        self.pollProducer()
         self.reactor.runFromThread()
         problem = self.failureResultOf(d, EndpointUnavailable).value
         self.assertIn("Broker: Unknown topic or partition", problem.detail)
@@ -648,7 +669,7 @@ class PublishTests(ConnectorTestCase):
         self.assertFalse(self.connector.connected)
         d = self.connector.publish(TOPIC, Draft(b"x"), 10)
         self.producer.failDelivery(0, kafkaError(KafkaError._MSG_TIMED_OUT, "Local: Message timed out"))
-        self.producer.poll(0)
+        self.pollProducer()
         self.reactor.runFromThread()
         problem = self.failureResultOf(d, EndpointUnavailable).value
         self.assertIn("cannot reach the broker (Connect to 127.0.0.1:9092 failed)", problem.detail)
@@ -660,7 +681,7 @@ class PublishTests(ConnectorTestCase):
         self.connector._setConnected(True)
         d = self.connector.publish(TOPIC, Draft(b"x"), 10)
         self.producer.failDelivery(0, kafkaError(KafkaError._MSG_TIMED_OUT))
-        self.producer.poll(0)
+        self.pollProducer()
         self.reactor.runFromThread()
         self.failureResultOf(d, EndpointTimeout)
 
@@ -679,7 +700,7 @@ class PublishTests(ConnectorTestCase):
         self.reactor.advance(2.5)
         self.failureResultOf(d, EndpointUnavailable)
         self.producer.deliver(0, 0, 1)
-        self.producer.poll(0)
+        self.pollProducer()
         self.reactor.runFromThread()
         self.assertEqual(self.connector._pending, {})
 
@@ -693,7 +714,7 @@ class PublishTests(ConnectorTestCase):
         self.failureResultOf(d)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.producer.deliver(0, 0, 1)
-        self.producer.poll(0)
+        self.pollProducer()
         self.reactor.runFromThread()
 
     def test_connectedState(self) -> None:

@@ -532,6 +532,10 @@ class _Exits:
             d.callback(None)
 
 
+# Delivery reports handed to the reactor in one call at most.
+REPORT_BATCH = 512
+
+
 class ProducerThread:
     """
     The endpoint's producer and the thread that serves its delivery
@@ -607,6 +611,7 @@ class ProducerThread:
         are ready, waiting at most C{poll-timeout}.
         """
         self.producer.poll(self.pollTimeout)
+        self.connector.handOverReports()
 
     def finish(self) -> None:
         """
@@ -622,6 +627,7 @@ class ProducerThread:
                     producer.purge()
                     producer.poll(0)
                     producer.flush(0)
+                self.connector.handOverReports()
         except Exception:
             self.connector.fromThread(self.connector.log.failure,
                                       "Kafka endpoint {endpoint}: flushing the producer failed",
@@ -1671,6 +1677,9 @@ class KafkaConnector(Service):
         self.readers: Set[ConsumerThread] = set()
         self.groups: Dict[Tuple[str, str], GroupReader] = {}
         self._pending: Dict[int, _Publish] = {}
+        # Delivery reports collected on the producer thread, which alone
+        # touches this list (see handOverReports).
+        self._reports: List[Tuple[int, Any, Optional[Position]]] = []
         self._tokens = itertools.count(1)
         self._stopping = False
         self._warnedTimeout = False
@@ -1868,13 +1877,36 @@ class KafkaConnector(Service):
         fromThread = self.fromThread
         delivered = self._delivered
 
-        def report(error: Any, record: Any) -> None:
-            if error is None:
-                fromThread(delivered, token, None, Position(record.topic(), record.partition(), record.offset()))
-            else:
-                fromThread(delivered, token, error, None)
+        reports = self._reports
 
+        def report(error: Any, record: Any) -> None:
+            # Collected here, on the producer thread, and handed to the
+            # reactor once per poll (handOverReports): one reactor wake-up
+            # per batch of acknowledgements rather than one per message.
+            if error is None:
+                reports.append((token, None, Position(record.topic(), record.partition(), record.offset())))
+            else:
+                reports.append((token, error, None))
+            if len(reports) >= REPORT_BATCH:
+                self.handOverReports()
+
+        del fromThread, delivered
         return report
+
+    def handOverReports(self) -> None:
+        """
+        On the producer thread: hand the delivery reports collected since
+        the last call to the reactor, in one call.
+        """
+        reports = self._reports
+        if reports:
+            batch = reports[:]
+            del reports[:]
+            self.fromThread(self._deliveredAll, batch)
+
+    def _deliveredAll(self, batch: List[Tuple[int, Any, Optional[Position]]]) -> None:
+        for token, error, position in batch:
+            self._delivered(token, error, position)
 
     def _delivered(self, token: int, error: Any, position: Optional[Position]) -> None:
         if error is None:
