@@ -3,18 +3,21 @@ End-to-end tests of the skeleton: a real C{twistd -n evgate} process on a
 free port, driven over real HTTP by the standard library's client.
 """
 
+import re
 import socket
 import threading
 import time
 
 from twisted.trial.unittest import TestCase
 
-from .helpers import GatewayProcess, httpRequest, jsonOf
+from .helpers import GatewayProcess, httpRequest, jsonOf, waitFor
 
 INI = """
 [gateway]
 listen = tcp:0:interface=127.0.0.1
 max-message-bytes = 1000
+admin = tcp:0:interface=127.0.0.1
+admin-token = end-to-end-admin-token
 
 [endpoint:local]
 type = memory
@@ -74,13 +77,24 @@ class EndToEndTests(TestCase):
 
         thread = threading.Thread(target=poll)
         thread.start()
-        time.sleep(0.5)  # let the poll reach the gateway; the assertion below does not depend on it
+        # Publish only once the gateway says the poll is waiting, so that
+        # the answer proves the waiting poll was woken.
+        waitFor(lambda: self.waitingPolls() == 1, 20, what="the long poll to wait")
         httpRequest("POST", self.gateway.url("/demo"), b"wake up")
         thread.join(30)
         status, _, body = result["response"]
         self.assertEqual(status, 200)
         self.assertEqual([i["content"] for i in jsonOf(body)["items"]], ["wake up"])
         self.assertLess(result["elapsed"], 15)
+
+    def waitingPolls(self) -> float:
+        """
+        The gateway's own count of long polls waiting on the demo API.
+        """
+        _, _, body = httpRequest("GET", self.gateway.adminUrl("/metrics"),
+                                 headers={"Authorization": "Bearer end-to-end-admin-token"})
+        match = re.search(rb'^evgate_subscribers\{api="demo",entrypoint="http-get"\} (\S+)$', body, re.M)
+        return float(match.group(1)) if match else -1.0
 
     def test_tooLargeWithoutReading(self) -> None:
         """
