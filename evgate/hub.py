@@ -181,7 +181,9 @@ class HubSubscription:
             check = self.filter
             passing = [e for e in events if check(e)]
         else:
-            passing = list(events)
+            # Every unfiltered subscriber gets the same batch object: no copy
+            # per subscriber.  Subscribers read batches, never change them.
+            passing = events  # type: ignore[assignment]
         self.cursor = last
         if passing:
             self.subscriber.deliver(passing)
