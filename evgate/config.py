@@ -289,6 +289,7 @@ EXTENSION_MODULES: Tuple[str, ...] = (
     "evgate.filters",
     "evgate.entrypoints.streaming",
     "evgate.entrypoints.cors",
+    "evgate.entrypoints.http_post",
     "evgate.connectors.mqtt",
     "evgate.security.apikey",
     "evgate.security.jwt",

@@ -90,6 +90,18 @@ class IConnector(Interface):
             L{evgate.errors.EndpointTimeout}.
         """
 
+    def publishMany(topic, drafts, timeout):
+        """
+        Publish every L{evgate.message.Draft} of C{drafts} to C{topic}, in
+        order.
+
+        @param timeout: seconds to wait for all the acknowledgements.
+        @return: a Deferred that fires on the reactor thread, once every
+            draft has its answer, with a list holding per draft its
+            L{evgate.message.Position} or the L{evgate.errors.Problem} it
+            failed with.  It does not fail: each record says how it went.
+        """
+
     def subscribe(topic, start, sink):
         """
         Read C{topic} from C{start} into the L{IUpstreamSink} C{sink}.

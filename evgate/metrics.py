@@ -105,6 +105,18 @@ class Tally:
         self.latencyCount += 1
 
 
+    def publishedMany(self, count: int, size: int, seconds: float) -> None:
+        """
+        Count C{count} messages of C{size} bytes in all that the endpoint
+        acknowledged together, C{seconds} after they were handed over.
+        """
+        self.messagesIn += count
+        self.bytesIn += size
+        self.latency[bisect_left(LATENCY_BUCKETS, seconds)] += count
+        self.latencySum += seconds * count
+        self.latencyCount += count
+
+
 def tallyFor(api: Any, entrypoint: str) -> Tally:
     """
     The tally of C{entrypoint} on the API runtime C{api}: its node's (kept

@@ -174,6 +174,146 @@ class PostTests(GatewayTestCase):
         self.assertEqual(response.headers.getRawHeaders("allow"), ["GET, POST"])
 
 
+class BatchPostTests(GatewayTestCase):
+    """
+    A POST of NDJSON or of the evgate batch document publishes many
+    messages, and its answer says per record how it went.
+    """
+
+    def stored(self) -> list:
+        return list(self.gateway.connectors["local"].topicLog("demo").messages)
+
+    def test_ndjson(self) -> None:
+        """
+        Each non-blank line of an NDJSON body is one message, as it is, with
+        the request's key and prefixed headers and C{application/json} as
+        its Content-Type; the 202 lists every position in order.
+        """
+        body = b'{"n": 1}\r\n{"n": 2}\n\n  \n{"n": 3}\n'
+        response = self.post(body, url=URL + "?key=k", headers={
+            "Content-Type": "application/x-ndjson; charset=utf-8", "X-Message-Header-Tenant": "acme"})
+        self.assertEqual(response.code, 202, response.body)
+        self.assertEqual(json.loads(response.body), {"published": 3, "positions": [
+            {"topic": "demo", "partition": 0, "offset": offset} for offset in range(3)]})
+        stored = self.stored()
+        self.assertEqual([m.content for m in stored], [b'{"n": 1}', b'{"n": 2}', b'{"n": 3}'])
+        self.assertEqual({m.key for m in stored}, {"k"})
+        self.assertEqual({m.headers for m in stored}, {(("tenant", "acme"), ("content-type", "application/json"))})
+
+    def test_jsonSeq(self) -> None:
+        """
+        An RFC 7464 JSON text sequence loses its record separators.
+        """
+        response = self.post(b'\x1e"a"\n\x1e"b"\n', headers={"Content-Type": "application/json-seq"})
+        self.assertEqual(response.code, 202, response.body)
+        self.assertEqual([m.content for m in self.stored()], [b'"a"', b'"b"'])
+
+    def test_envelope(self) -> None:
+        """
+        The batch document gives each record its own value (published as
+        compact JSON), key and headers.
+        """
+        document = {"records": [
+            {"value": {"total": 12.5, "item": "th\u00e9"}, "key": "order-1", "headers": {"Tenant": "acme"}},
+            {"value": "plain"},
+            {"value": [1, 2]},
+        ]}
+        response = self.post(json.dumps(document).encode(),
+                             headers={"Content-Type": "application/vnd.evgate.batch+json"})
+        self.assertEqual(response.code, 202, response.body)
+        self.assertEqual([p["offset"] for p in json.loads(response.body)["positions"]], [0, 1, 2])
+        stored = self.stored()
+        self.assertEqual([m.content for m in stored],
+                         ['{"total":12.5,"item":"th\u00e9"}'.encode(), b'"plain"', b"[1,2]"])
+        self.assertEqual([m.key for m in stored], ["order-1", None, None])
+        self.assertEqual(stored[0].headers, (("tenant", "acme"), ("content-type", "application/json")))
+        self.assertEqual(stored[1].headers, (("content-type", "application/json"),))
+
+    def test_invalidBatchPublishesNothing(self) -> None:
+        """
+        A batch with one bad record is a 400 naming it, and none of its
+        records is published.
+        """
+        cases = [
+            (b"{", "not valid JSON"),
+            (b'{"items": []}', '"records" array'),
+            (b'{"records": [{"value": 1}, {"key": "k"}]}', "records[1]"),
+            (b'{"records": [{"value": 1, "key": 5}]}', "records[0].key"),
+            (b'{"records": [{"value": 1, "headers": {"a": 1}}]}', "records[0].headers"),
+            (b'{"records": [{"value": 1, "partition": 2}]}', "unknown members: partition"),
+            (b'{"records": []}', "no records"),
+        ]
+        for body, expected in cases:
+            doc = self.problem(self.post(body, headers={"Content-Type": "application/vnd.evgate.batch+json"}), 400)
+            self.assertIn(expected, doc["detail"])
+        doc = self.problem(self.post(b"\n\n", headers={"Content-Type": "application/x-ndjson"}), 400)
+        self.assertIn("no records", doc["detail"])
+        self.assertEqual(self.stored(), [])
+
+    def test_failedRecordsNamed(self) -> None:
+        """
+        When some records fail, the answer is the first failure's problem
+        (with its Retry-After), listing the failed indexes and the positions
+        of those that were published.
+        """
+        from twisted.internet.defer import succeed
+
+        from evgate.errors import EndpointUnavailable
+        from evgate.message import Position
+
+        connector = self.gateway.connectors["local"]
+        connector.publishMany = lambda topic, drafts, timeout: succeed(
+            [Position(topic, 0, 7), EndpointUnavailable("queue full", retryAfter=3), Position(topic, 0, 8)])
+        response = self.post(b"a\nb\nc\n", headers={"Content-Type": "application/x-ndjson"})
+        doc = self.problem(response, 503)
+        self.assertEqual(response.headers.getRawHeaders("retry-after"), ["3"])
+        self.assertIn("1 of 3 records were not published", doc["detail"])
+        self.assertIn("queue full", doc["detail"])
+        self.assertEqual(doc["published"], 2)
+        self.assertEqual(doc["failed"], [{"index": 1, "status": 503, "detail": "queue full"}])
+        self.assertEqual([p and p["offset"] for p in doc["positions"]], [7, None, 8])
+
+
+class BatchLimitTests(GatewayTestCase):
+    """
+    C{batch-max-records} bounds a batch, and C{0} turns batches off.
+    """
+
+    def test_tooMany(self) -> None:
+        """
+        A batch over the limit is a 400 that says the limit; nothing is
+        published.
+        """
+        self.gateway = memoryGateway(clock=self.clock, extra="batch-max-records = 2\n")
+        self.treq = StubTreq(self.gateway.resource)
+        doc = self.problem(self.post(b"1\n2\n3\n", headers={"Content-Type": "application/x-ndjson"}), 400)
+        self.assertEqual(doc["maxRecords"], 2)
+        self.assertEqual(self.gateway.connectors["local"].topicLog("demo").nextOffset, 0)
+        self.assertEqual(self.post(b"1\n2\n", headers={"Content-Type": "application/x-ndjson"}).code, 202)
+
+    def test_off(self) -> None:
+        """
+        With batches off, an NDJSON body is one message like any other.
+        """
+        self.gateway = memoryGateway(clock=self.clock, extra="batch-max-records = 0\n")
+        self.treq = StubTreq(self.gateway.resource)
+        response = self.post(b"1\n2\n", headers={"Content-Type": "application/x-ndjson"})
+        self.assertEqual(json.loads(response.body)["offset"], 0)
+        self.assertEqual([m.content for m in self.gateway.connectors["local"].topicLog("demo").messages],
+                         [b"1\n2\n"])
+
+    def test_badValue(self) -> None:
+        """
+        A limit that is not a whole number is a configuration error naming
+        the key.
+        """
+        from evgate.config import ConfigError
+
+        with self.assertRaises(ConfigError) as caught:
+            memoryGateway(clock=self.clock, extra="batch-max-records = many\n")
+        self.assertIn("batch-max-records", str(caught.exception))
+
+
 class TooLargeTests(SynchronousTestCase):
     """
     A body over max-message-bytes is refused before it is read.

@@ -627,6 +627,69 @@ class PublishTests(ConnectorTestCase):
         self.reactor.runFromThread()
         self.assertEqual([self.successResultOf(d).offset for d in ds], [10, 11, 12])
 
+    def test_publishMany(self) -> None:
+        """
+        A batch is produced in order under one timer; its Deferred fires
+        once every record has its report, with a position or a problem per
+        record.
+        """
+        d = self.connector.publishMany(TOPIC, [Draft(b"a", key="k"), Draft(b"b"), Draft(b"c")], 10)
+        self.assertEqual([p["value"] for p in self.producer.produced], [b"a", b"b", b"c"])
+        self.assertEqual(self.producer.produced[0]["key"], b"k")
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        self.producer.deliver(2, partition=1, offset=9)
+        self.producer.failDelivery(1, kafkaError(KafkaError.UNKNOWN_TOPIC_OR_PART, "Broker: Unknown topic"))
+        self.pollProducer()
+        self.reactor.runFromThread()
+        self.assertNoResult(d)
+        self.producer.deliver(0, partition=1, offset=8)
+        self.pollProducer()
+        self.reactor.runFromThread()
+        results = self.successResultOf(d)
+        self.assertEqual([results[0], results[2]], [Position(TOPIC, 1, 8), Position(TOPIC, 1, 9)])
+        self.assertIsInstance(results[1], EndpointUnavailable)
+        self.assertIn("Unknown topic", results[1].detail)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_publishManyTimesOut(self) -> None:
+        """
+        Records without a report when the timeout passes get the timeout's
+        problem; those reported keep their positions.
+        """
+        self.connector.connected = True
+        d = self.connector.publishMany(TOPIC, [Draft(b"a"), Draft(b"b")], 10)
+        self.producer.deliver(0, partition=0, offset=1)
+        self.pollProducer()
+        self.reactor.runFromThread()
+        self.reactor.advance(10)
+        results = self.successResultOf(d)
+        self.assertEqual(results[0], Position(TOPIC, 0, 1))
+        self.assertIsInstance(results[1], EndpointTimeout)
+
+    def test_publishManyQueueFull(self) -> None:
+        """
+        When librdkafka's queue fills up partway, the records it took are
+        still waited for and the rest get a 503 without being sent.
+        """
+        produce = self.producer.produce
+        calls = []
+
+        def fillsUp(*args: Any, **kwargs: Any) -> None:
+            calls.append(1)
+            if len(calls) > 1:
+                raise BufferError("Local: Queue full")
+            produce(*args, **kwargs)
+
+        self.producer.produce = fillsUp
+        d = self.connector.publishMany(TOPIC, [Draft(b"a"), Draft(b"b"), Draft(b"c")], 10)
+        self.assertEqual(len(calls), 2, "nothing is tried after the queue filled up")
+        self.producer.deliver(0, partition=0, offset=5)
+        self.pollProducer()
+        self.reactor.runFromThread()
+        results = self.successResultOf(d)
+        self.assertEqual(results[0], Position(TOPIC, 0, 5))
+        self.assertEqual([r.status for r in results[1:]], [503, 503])
+
     def test_bufferError(self) -> None:
         """
         A full producer queue is a 503 with Retry-After at once.

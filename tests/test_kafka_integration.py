@@ -268,6 +268,36 @@ class PublishAndReadTests(KafkaGatewayTestCase):
         self.assertEqual((records[1]["key"], records[1]["payload"]), (None, "second"))
         self.assertEqual(second["offset"], records[1]["offset"])
 
+    def test_batchReachesKafka(self) -> None:
+        """
+        An NDJSON batch and a batch document become records in request
+        order, with the keys and headers they asked for; the 202 lists the
+        partition and offset kcat sees for each.
+        """
+        topic = freshTopic()
+        gateway = self.gateway(topic)
+        lines = [json.dumps({"n": n}).encode() for n in range(500)]
+        status, _, body = httpRequest("POST", gateway.url("/orders?key=bulk"), b"\n".join(lines) + b"\n",
+                                      {"Content-Type": "application/x-ndjson"})
+        self.assertEqual(status, 202, body)
+        ndjson = jsonOf(body)
+        document = {"records": [{"value": {"n": "a"}, "key": "one", "headers": {"tenant": "acme"}},
+                                {"value": {"n": "b"}}]}
+        status, _, body = httpRequest("POST", gateway.url("/orders"), json.dumps(document).encode(),
+                                      {"Content-Type": "application/vnd.evgate.batch+json"})
+        self.assertEqual(status, 202, body)
+        envelope = jsonOf(body)
+        self.assertEqual((ndjson["published"], envelope["published"]), (500, 2))
+        records = kcatRead(topic, 502)
+        self.assertEqual([r["payload"].encode() for r in records[:500]], lines)
+        self.assertEqual({r["key"] for r in records[:500]}, {"bulk"})
+        self.assertEqual([(p["partition"], p["offset"]) for p in ndjson["positions"] + envelope["positions"]],
+                         [(r["partition"], r["offset"]) for r in records])
+        self.assertEqual([(r["key"], r["payload"]) for r in records[500:]], [("one", '{"n":"a"}'),
+                                                                             (None, '{"n":"b"}')])
+        headers = dict(zip(records[500]["headers"][::2], records[500]["headers"][1::2], strict=True))
+        self.assertEqual(headers, {"tenant": "acme", "content-type": "application/json"})
+
     def test_getReadsKafka(self) -> None:
         """
         Records produced by kcat come out of HTTP GET in order, with their

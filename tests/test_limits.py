@@ -208,6 +208,24 @@ class GatewayLimitTests(PlanTestCase):
         self.clock.advance(retry)
         self.assertEqual(self.call().code, 202)
 
+    def test_batchCountsEachRecord(self) -> None:
+        """
+        A batch POST counts one request per record: a batch with more
+        records than the rate leaves is refused whole, and one that fits
+        uses the room up.
+        """
+        ndjson = {"Content-Type": "application/x-ndjson"}
+        document = self.problem(self.call(data=b"1\n2\n3\n4\n", headers=ndjson), 429)
+        self.assertIn("3/s", document["detail"])
+        log = self.gateway.connectors["local"].topicLog("demo")
+        self.assertEqual(log.nextOffset, 0, "nothing of a refused batch is published")
+        self.clock.advance(1)
+        response = self.call(data=b"1\n2\n3\n", headers=ndjson)
+        self.assertEqual(response.code, 202, response.body)
+        self.assertEqual(response.headers.getRawHeaders("ratelimit-remaining"), ["0"])
+        self.assertEqual(log.nextOffset, 3)
+        self.problem(self.call(), 429)
+
     def test_getCounts(self) -> None:
         """
         GET (long poll) counts as a request too.

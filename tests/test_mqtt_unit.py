@@ -560,6 +560,24 @@ class PublishTests(ConnectorTestMixin, SynchronousTestCase):
         self.assertIn("not connected", f.value.detail)
         self.assertEqual(self.client.publishes, [])
 
+    def test_publishMany(self) -> None:
+        """
+        A batch is one publish per draft, all in flight at once; each record
+        gets its own answer, and a refused one does not fail the others.
+        """
+        self.connect()
+        d = self.connector.publishMany("sensors/+/temperature", [Draft(b"1", key="a"), Draft(b"2", key="x/y"),
+                                                   Draft(b"3", key="b")], 10)
+        self.assertEqual([p[1] for p in self.client.publishes],
+                         ["sensors/a/temperature", "sensors/b/temperature"])
+        for mid, *_ in self.client.publishes:
+            self.client.puback(mid)
+        self.reactor.runHops()
+        results = self.successResultOf(d)
+        self.assertEqual([r.topic for r in (results[0], results[2])], ["sensors/a/temperature",
+                                                                       "sensors/b/temperature"])
+        self.assertEqual(results[1].status, 400)
+
     def test_acknowledged(self) -> None:
         """
         The Deferred fires only after the broker's acknowledgement reached

@@ -4,9 +4,13 @@ Connectors: one module per endpoint type, each an L{evgate.interfaces.IConnector
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.python.failure import Failure
 
 from evgate.config import EndpointConfig
+from evgate.errors import Problem
 
 
 def buildConnector(endpoint: EndpointConfig, reactor: Any) -> Any:
@@ -27,3 +31,21 @@ def buildConnector(endpoint: EndpointConfig, reactor: Any) -> Any:
 
         return MqttConnector(endpoint.name, endpoint.options, reactor)
     raise ValueError(f"unknown endpoint type {endpoint.type!r}")
+
+
+def publishEach(connector: Any, topic: str, drafts: Sequence[Any], timeout: float) -> Deferred:
+    """
+    L{evgate.interfaces.IConnector.publishMany} for a connector without a
+    batch path of its own: one C{publish} per draft, all in flight at once.
+    """
+
+    def answer(d: Deferred) -> Deferred:
+        return d.addErrback(_problemOf)
+
+    return gatherResults([answer(connector.publish(topic, draft, timeout)) for draft in drafts])
+
+
+def _problemOf(failure: Failure) -> Any:
+    if failure.check(Problem):
+        return failure.value
+    return failure

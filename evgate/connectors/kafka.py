@@ -52,6 +52,7 @@ gone cannot keep the gateway from stopping.
 from __future__ import annotations
 
 import base64
+import functools
 import itertools
 import json
 import queue
@@ -62,7 +63,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, DeferredLock, TimeoutError, fail
+from twisted.internet.defer import CancelledError, Deferred, DeferredLock, TimeoutError, fail, succeed
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -1633,6 +1634,25 @@ class GroupReader(ConsumerThread):
 # ----------------------------------------------------------------- connector
 
 
+class _Batch:
+    """
+    A batch of publishes waiting for their delivery reports: one entry, one
+    timer and one Deferred for all of them.
+
+    @ivar results: per record, L{None} until its report, then the
+        L{Position} or the L{Problem}.
+    """
+
+    __slots__ = ("deferred", "timer", "topic", "results", "waiting")
+
+    def __init__(self, deferred: Deferred, topic: str, results: List[Any], waiting: int) -> None:
+        self.deferred = deferred
+        self.topic = topic
+        self.results = results
+        self.waiting = waiting
+        self.timer: Any = None
+
+
 class _Publish:
     """
     A publish waiting for its delivery report.
@@ -1676,10 +1696,10 @@ class KafkaConnector(Service):
         self.producerThread: Optional[ProducerThread] = None
         self.readers: Set[ConsumerThread] = set()
         self.groups: Dict[Tuple[str, str], GroupReader] = {}
-        self._pending: Dict[int, _Publish] = {}
+        self._pending: Dict[int, Any] = {}  # _Publish or _Batch
         # Delivery reports collected on the producer thread, which alone
         # touches this list (see handOverReports).
-        self._reports: List[Tuple[int, Any, Optional[Position]]] = []
+        self._reports: List[Tuple[Any, ...]] = []
         self._tokens = itertools.count(1)
         self._stopping = False
         self._warnedTimeout = False
@@ -1871,6 +1891,60 @@ class KafkaConnector(Service):
         pending.timer = self.reactor.callLater(timeout, self._timedOut, token, timeout)
         return d
 
+    def publishMany(self, topic: str, drafts: Sequence[Draft], timeout: float = 10.0) -> Deferred:
+        """
+        Enqueue every draft on the shared producer, in order, under one
+        token and one timer; the Deferred fires once every record has its
+        delivery report (or the timeout passed) with one L{Position} or
+        L{Problem} per draft.  Records that librdkafka refuses at once (its
+        queue is full) get their problem without being sent.
+        """
+        producer = self.producerThread
+        count = len(drafts)
+        if producer is None or self._stopping:
+            down = EndpointUnavailable(f"Kafka endpoint {self.name} is not running", retryAfter=self.retryAfter)
+            return succeed([down] * count)
+        token = next(self._tokens)
+        results: List[Any] = [None] * count
+        reports = self._reports
+        handOver = self.handOverReports
+
+        def report(index: int, error: Any, record: Any) -> None:
+            # On the producer thread, like _reportFor's reports.
+            if error is None:
+                reports.append((token, index, record.partition(), record.offset()))
+            else:
+                reports.append((token, index, error, None))
+            if len(reports) >= REPORT_BATCH:
+                handOver()
+
+        waiting = 0
+        refused: Optional[Problem] = None
+        for index, draft in enumerate(drafts):
+            if refused is None:
+                try:
+                    producer.produce(topic, draft, functools.partial(report, index))
+                    waiting += 1
+                    continue
+                except BufferError:
+                    refused = EndpointUnavailable(
+                        f"the Kafka producer of endpoint {self.name} has too many messages waiting for the "
+                        "broker (queue.buffering.max.messages / queue.buffering.max.kbytes); retry shortly",
+                        retryAfter=self.retryAfter)
+                except Exception as e:
+                    error = kafkaError(e)
+                    if error is None:
+                        raise
+                    results[index] = self.problemFor(error, topic)
+                    continue
+            results[index] = refused
+        if not waiting:
+            return succeed(results)
+        d: Deferred = Deferred(lambda _: self._forget(token))
+        pending = self._pending[token] = _Batch(d, topic, results, waiting)  # type: ignore[assignment]
+        pending.timer = self.reactor.callLater(timeout, self._timedOut, token, timeout)
+        return d
+
     def _reportFor(self, token: int) -> Callable[[Any, Any], None]:
         # The delivery report runs on the producer thread; everything it
         # needs is read there and handed to the reactor.
@@ -1904,9 +1978,26 @@ class KafkaConnector(Service):
             del reports[:]
             self.fromThread(self._deliveredAll, batch)
 
-    def _deliveredAll(self, batch: List[Tuple[int, Any, Optional[Position]]]) -> None:
-        for token, error, position in batch:
-            self._delivered(token, error, position)
+    def _deliveredAll(self, batch: List[Tuple[Any, ...]]) -> None:
+        for report in batch:
+            if len(report) == 3:
+                self._delivered(*report)
+            else:
+                self._deliveredOne(*report)
+
+    def _deliveredOne(self, token: int, index: int, partitionOrError: Any, offset: Optional[int]) -> None:
+        # The report of one record of a publishMany batch.
+        pending = self._pending.get(token)
+        if not isinstance(pending, _Batch) or pending.results[index] is not None:
+            return
+        if offset is None:
+            pending.results[index] = self.problemFor(partitionOrError, pending.topic)
+        else:
+            self._setConnected(True)
+            pending.results[index] = Position(pending.topic, partitionOrError, offset)
+        pending.waiting -= 1
+        if pending.waiting == 0:
+            self._settle(token, pending.results)
 
     def _delivered(self, token: int, error: Any, position: Optional[Position]) -> None:
         if error is None:
@@ -1944,6 +2035,13 @@ class KafkaConnector(Service):
         else:
             problem = EndpointTimeout(f"Kafka did not acknowledge within {timeout:g} s; "
                                       "the message may or may not have been stored")
+        if isinstance(pending, _Batch):
+            results = pending.results
+            for index, result in enumerate(results):
+                if result is None:
+                    results[index] = problem
+            self._settle(token, results)
+            return
         self._settle(token, problem)
 
     def unreachable(self, what: str) -> EndpointUnavailable:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from typing import Any, Deque, Dict, List, Optional, Union
+from typing import Any, Deque, Dict, List, Optional, Sequence, Union
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -171,6 +171,23 @@ class MemoryConnector(Service):
         for subscription in log.subscriptions:
             subscription.wake()
         return succeed(Position(topic, 0, offset))
+
+    def publishMany(self, topic: str, drafts: Sequence[Draft], timeout: float = 0) -> "Deferred[List[Any]]":
+        log = self.topicLog(topic)
+        timestamp = int(self.reactor.seconds() * 1000)
+        positions: List[Any] = []
+        append = log.messages.append
+        offset = log.nextOffset
+        for draft in drafts:
+            append(Message(content=draft.content, key=draft.key, headers=draft.headers, topic=topic,
+                           partition=0, offset=offset, timestamp=timestamp))
+            positions.append(Position(topic, 0, offset))
+            offset += 1
+        log.nextOffset = offset
+        # One wake-up for the whole batch.
+        for subscription in log.subscriptions:
+            subscription.wake()
+        return succeed(positions)
 
     def subscribe(self, topic: str, start: Union[str, Cursor], sink: IUpstreamSink) -> MemorySubscription:
         log = self.topicLog(topic)

@@ -60,7 +60,7 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Set, Tuple, Union
+from typing import Any, Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
@@ -976,6 +976,15 @@ class MqttConnector(Service):
             timer = self.reactor.callLater(timeout, self._publishTimedOut, mid, timeout)
         self._publishes[mid] = _Publish(d, target, timer)
         return d
+
+    def publishMany(self, topic: str, drafts: Sequence[Draft], timeout: float) -> Deferred:
+        """
+        One L{publish} per draft, all in flight at once: MQTT has no batch
+        on the wire, and paho pipelines the packets anyway.
+        """
+        from evgate.connectors import publishEach
+
+        return publishEach(self, topic, drafts, timeout)
 
     def _publishProperties(self, draft: Draft) -> Any:
         from paho.mqtt.packettypes import PacketTypes

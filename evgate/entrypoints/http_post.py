@@ -1,5 +1,5 @@
 """
-HTTP POST: one request publishes one message.
+HTTP POST: one request publishes one message, or a batch of them.
 
 The body is the content; the key comes from the C{key} query parameter or
 the key header; each C{X-Message-Header-<name>} request header becomes the
@@ -7,23 +7,115 @@ message header C{<name>} and the request's Content-Type the header
 C{content-type}.  No other request header reaches the message, credentials
 least of all.  The answer, C{202} with the position, is sent only after the
 endpoint acknowledged.
+
+A body of one of the L{BATCH_TYPES} is a batch (docs/http.md): NDJSON
+publishes each line as one message, sharing the request's key and headers;
+the evgate batch document carries a value, key and headers per record.
+The answer comes once every record has its acknowledgement and says, per
+record, where it was stored or why it was not.
 """
 
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+import copy
+import json
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import BadRequest, EndpointTimeout, Problem
-from evgate.gateway import ApiCall, finishWithFailure, jsonBody, queryArgs, writeProblem
+from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, jsonBody, queryArgs, writeProblem
 from evgate.interfaces import IEntrypoint
 from evgate.message import Draft, Position
 from evgate.metrics import tallyFor
+from evgate.security.limits import chargeMore
 
 _MAX_KEY = 4096
+
+
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-seq")
+ENVELOPE_TYPE = "application/vnd.evgate.batch+json"
+BATCH_TYPES = NDJSON_TYPES + (ENVELOPE_TYPE,)
+DEFAULT_BATCH_RECORDS = 10000
+_JSON_HEADER = ("content-type", "application/json")
+
+
+@apiOptionParser
+def parseBatchOption(section: SectionReader, context: ApiContext) -> Mapping[str, Any]:
+    """
+    The C{batch-max-records} key: the most records one batch POST may
+    carry; C{0} turns batches off (every body is then one message).
+    """
+    return {"batchMaxRecords": section.getInt("batch-max-records", DEFAULT_BATCH_RECORDS, minimum=0,
+                                              maximum=1000000)}
+
+
+def mediaType(request: Request) -> str:
+    """
+    The media type of C{request}'s body, lower-cased, without parameters.
+    """
+    value = request.getHeader(b"content-type")
+    if value is None:
+        return ""
+    return value.split(b";", 1)[0].strip().lower().decode("latin-1")
+
+
+def ndjsonRecords(content: bytes) -> List[bytes]:
+    """
+    The records of an NDJSON (or JSON Lines, or RFC 7464 JSON text
+    sequence) body: its lines, without their line ends or a leading RS,
+    blank lines skipped.  The lines are not parsed: each is published as
+    it is.
+    """
+    lines = content.splitlines()
+    if b"\x1e" in content:
+        lines = [line.lstrip(b"\x1e") for line in lines]
+    return [line for line in lines if line and not line.isspace()]
+
+
+def envelopeRecords(content: bytes) -> List[Tuple[bytes, Optional[str], Tuple[Tuple[str, str], ...]]]:
+    """
+    The records of an C{application/vnd.evgate.batch+json} body:
+    C{{"records": [{"value": <JSON>, "key": <string>, "headers": {<name>: <string>}}]}}.
+    Each value is published as its compact JSON text.
+
+    @raise BadRequest: naming the first record that is not valid.
+    """
+    try:
+        document = json.loads(content)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise BadRequest(f"the batch is not valid JSON: {e}") from None
+    if not isinstance(document, dict) or not isinstance(document.get("records"), list):
+        raise BadRequest('a batch document is an object with a "records" array')
+    records = []
+    dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+    for index, record in enumerate(document["records"]):
+        where = f"records[{index}]"
+        if not isinstance(record, dict) or "value" not in record:
+            raise BadRequest(f'{where} is not an object with a "value"')
+        unknown = set(record) - {"value", "key", "headers"}
+        if unknown:
+            raise BadRequest(f"{where} has unknown members: {', '.join(sorted(unknown))}")
+        key = record.get("key")
+        if key is not None and not isinstance(key, str):
+            raise BadRequest(f"{where}.key is not a string")
+        if key is not None and len(key.encode("utf-8")) > _MAX_KEY:
+            raise BadRequest(f"{where}.key is longer than {_MAX_KEY} bytes")
+        headers = record.get("headers") or {}
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            raise BadRequest(f"{where}.headers is not an object of strings")
+        if any(not name for name in headers):
+            raise BadRequest(f"{where}.headers has an empty name")
+        try:
+            value = dumps(record["value"]).encode("utf-8")
+        except ValueError as e:
+            raise BadRequest(f"{where}.value cannot be published as JSON: {e}") from None
+        records.append((value, key, tuple((n.lower(), v) for n, v in headers.items()) + (_JSON_HEADER,)))
+    return records
 
 
 def messageHeaders(request: Request, prefix: bytes) -> Tuple[Tuple[str, str], ...]:
@@ -107,7 +199,35 @@ class HttpPostEntrypoint:
         return Draft(content=content, key=messageKey(request, self.keyHeader),
                      headers=messageHeaders(request, self.prefix))
 
+    def drafts(self, request: Request, kind: str) -> List[Draft]:
+        """
+        The messages of the batch C{request}, whose body is of media type
+        C{kind}.
+
+        @raise BadRequest: if the batch is empty, too long, or not valid.
+        """
+        content = request.content.read() if request.content is not None else b""
+        limit = self.api.config.options.get("batchMaxRecords", DEFAULT_BATCH_RECORDS)
+        if kind == ENVELOPE_TYPE:
+            drafts = [Draft(content=value, key=key, headers=headers)
+                      for value, key, headers in envelopeRecords(content)]
+        else:
+            lines = ndjsonRecords(content)
+            key = messageKey(request, self.keyHeader)
+            headers = tuple(h for h in messageHeaders(request, self.prefix) if h[0] != "content-type")
+            headers += (_JSON_HEADER,)
+            drafts = [Draft(line, key, headers) for line in lines]
+        if not drafts:
+            raise BadRequest("the batch holds no records")
+        if len(drafts) > limit:
+            raise BadRequest(f"the batch holds {len(drafts)} records; this API takes at most {limit} per request",
+                             extra={"maxRecords": limit})
+        return drafts
+
     def render(self, request: Request, call: ApiCall) -> Any:
+        kind = mediaType(request)
+        if kind in BATCH_TYPES and self.api.config.options.get("batchMaxRecords", DEFAULT_BATCH_RECORDS):
+            return self.renderBatch(request, call, kind)
         try:
             draft = self.draft(request)
         except Problem as problem:
@@ -129,6 +249,63 @@ class HttpPostEntrypoint:
             return
         request.write(jsonBody(request, 202, position.asJSON()))
         request.finish()
+
+
+    def renderBatch(self, request: Request, call: ApiCall, kind: str) -> Any:
+        try:
+            drafts = self.drafts(request, kind)
+        except Problem as problem:
+            return writeProblem(request, problem)
+        # A batch counts one request per record against the rate limits and
+        # quotas: the plan chain counted the first.
+        admitted = maybeDeferred(chargeMore, call.api, request, call.consumer, len(drafts) - 1)
+        admitted.addCallback(lambda _: self.publishBatch(request, call, drafts))
+        admitted.addErrback(lambda f: finishWithFailure(request, f, "publishing a batch"))
+        return NOT_DONE_YET
+
+    def publishBatch(self, request: Request, call: ApiCall, drafts: List[Draft]) -> Deferred:
+        api = call.api
+        reactor = api.gateway.reactor
+        started = reactor.seconds()
+        d = api.connector.publishMany(api.config.topic, drafts, self.timeout)
+        if not d.called:
+            # The connector answers within the timeout itself; this guards
+            # against one that does not.
+            d.addTimeout(self.timeout + 1, reactor, onTimeoutCancel=_timedOut(self.timeout))
+        return d.addCallback(self._batchAcknowledged, request, drafts, started)
+
+    def _batchAcknowledged(self, results: Sequence[Any], request: Request, drafts: Sequence[Draft],
+                           started: float) -> None:
+        positions: List[Optional[Dict[str, Any]]] = []
+        failed: List[Dict[str, Any]] = []
+        first: Optional[Problem] = None
+        size = 0
+        for index, result in enumerate(results):
+            if isinstance(result, Position):
+                positions.append(result.asJSON())
+                size += len(drafts[index].content)
+            else:
+                positions.append(None)
+                if first is None:
+                    first = result if isinstance(result, Problem) else Problem(str(result))
+                failed.append({"index": index, "status": getattr(result, "status", 500),
+                               "detail": getattr(result, "detail", str(result))})
+        published = len(results) - len(failed)
+        if published:
+            self.tally.publishedMany(published, size, self.api.gateway.reactor.seconds() - started)
+        if request.finished or getattr(request, "_disconnected", False):
+            return
+        if first is None:
+            request.write(jsonBody(request, 202, {"published": published, "positions": positions}))
+            request.finish()
+            return
+        # At least one record failed: the status is the first failure's, and
+        # the document says which records to send again.
+        problem = copy.copy(first)
+        problem.detail = (f"{len(failed)} of {len(results)} records were not published; "
+                          f"the first failure: {first.detail}")
+        problem.extra = dict(first.extra, published=published, failed=failed, positions=positions)
+        finishWithProblem(request, problem)
 
 
 def _timedOut(seconds: float) -> Any:

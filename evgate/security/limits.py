@@ -481,6 +481,30 @@ def _admit(limits: Limits, api: Any, entrypoint: Any, request: Any, consumer: An
         return fail(e)
 
 
+def chargeMore(api: Any, request: Any, consumer: Any, count: int) -> Any:
+    """
+    Count C{count} more requests for a request that stands for several (a
+    batch POST stands for one per record; L{admit} counted the first).
+    Counted against every policy or none.
+
+    @return: the consumer, or a Deferred of it; fails with
+        L{TooManyRequests} (or a Deferred does) when there is no room.
+    """
+    limits = limitsOf(api)
+    if count <= 0 or limits is None or not api.config.options.get("limits"):
+        return consumer
+    policies = policiesFor(api, consumer.plan)
+    if not policies:
+        return consumer
+    decision = limits.take(consumerKey(api, consumer, "requests"), policies, count)
+    if isinstance(decision, Deferred):
+        return decision.addCallback(_apply, api, request, consumer)
+    try:
+        return _apply(decision, api, request, consumer)
+    except TooManyRequests as e:
+        return fail(e)
+
+
 def _apply(decision: Decision, api: Any, request: Any, consumer: Any) -> Any:
     headers = decision.headers()
     if not decision.allowed:
