@@ -28,7 +28,7 @@ import binascii
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, Mapping, NamedTuple, Optional, Tuple
 
 CURSOR_VERSION = 1
 
@@ -40,10 +40,11 @@ class CursorError(ValueError):
     """
 
 
-@dataclass(frozen=True)
-class Draft:
+class Draft(NamedTuple):
     """
-    A message on its way in: what a publisher hands to a connector.
+    A message on its way in: what a publisher hands to a connector.  A
+    named tuple rather than a frozen dataclass: a batch makes one per
+    record, and a tuple is made in a third of the time.
 
     @ivar content: the payload bytes.
     @ivar key: the record key, or L{None}.
@@ -55,10 +56,10 @@ class Draft:
     headers: Tuple[Tuple[str, str], ...] = ()
 
 
-@dataclass(frozen=True)
-class Position:
+class Position(NamedTuple):
     """
-    Where a broker stored one record: the answer to a publish.
+    Where a broker stored one record: the answer to a publish (a named
+    tuple, like L{Draft}, for batches).
     """
 
     topic: str

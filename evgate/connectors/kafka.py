@@ -572,6 +572,40 @@ class ProducerThread:
         headers = [(name, value.encode("utf-8")) for name, value in draft.headers] or None
         producer.produce(topic, value=draft.content, key=key, headers=headers, on_delivery=report)
 
+    def produceMany(self, topic: str, drafts: Sequence[Draft], start: int,
+                    report: Callable[[int, Any, Any], None]) -> Tuple[int, Optional[Exception]]:
+        """
+        Enqueue C{drafts[start:]} in order until librdkafka refuses one;
+        C{report(index, error, record)} runs on this thread for each.  Keys
+        and headers shared by consecutive drafts (a batch's usually are)
+        are encoded once.
+
+        @return: the index of the draft refused (C{len(drafts)} when none
+            was) and the exception it was refused with.
+        """
+        producer = self.producer
+        if producer is None:
+            return start, BufferError("the producer thread has ended")
+        produce = producer.produce
+        partial = functools.partial
+        lastKey: Any = producer
+        lastHeaders: Any = producer
+        key = headers = None
+        index = start
+        try:
+            for index in range(start, len(drafts)):
+                draft = drafts[index]
+                if draft.key is not lastKey:
+                    lastKey = draft.key
+                    key = lastKey.encode("utf-8") if lastKey is not None else None
+                if draft.headers is not lastHeaders:
+                    lastHeaders = draft.headers
+                    headers = [(name, value.encode("utf-8")) for name, value in lastHeaders] or None
+                produce(topic, value=draft.content, key=key, headers=headers, on_delivery=partial(report, index))
+        except Exception as e:
+            return index, e
+        return len(drafts), None
+
     # the thread
 
     def run(self) -> None:
@@ -1918,26 +1952,28 @@ class KafkaConnector(Service):
             if len(reports) >= REPORT_BATCH:
                 handOver()
 
-        waiting = 0
-        refused: Optional[Problem] = None
-        for index, draft in enumerate(drafts):
-            if refused is None:
-                try:
-                    producer.produce(topic, draft, functools.partial(report, index))
-                    waiting += 1
-                    continue
-                except BufferError:
-                    refused = EndpointUnavailable(
-                        f"the Kafka producer of endpoint {self.name} has too many messages waiting for the "
-                        "broker (queue.buffering.max.messages / queue.buffering.max.kbytes); retry shortly",
-                        retryAfter=self.retryAfter)
-                except Exception as e:
-                    error = kafkaError(e)
-                    if error is None:
-                        raise
-                    results[index] = self.problemFor(error, topic)
-                    continue
-            results[index] = refused
+        waiting = count
+        index = 0
+        while index < count:
+            index, exception = producer.produceMany(topic, drafts, index, report)
+            if exception is None:
+                break
+            if isinstance(exception, BufferError):
+                # The queue is full: the rest are not tried.
+                refused = EndpointUnavailable(
+                    f"the Kafka producer of endpoint {self.name} has too many messages waiting for the "
+                    "broker (queue.buffering.max.messages / queue.buffering.max.kbytes); retry shortly",
+                    retryAfter=self.retryAfter)
+                for rest in range(index, count):
+                    results[rest] = refused
+                waiting -= count - index
+                break
+            error = kafkaError(exception)
+            if error is None:
+                raise exception
+            results[index] = self.problemFor(error, topic)
+            waiting -= 1
+            index += 1
         if not waiting:
             return succeed(results)
         d: Deferred = Deferred(lambda _: self._forget(token))
@@ -1979,25 +2015,27 @@ class KafkaConnector(Service):
             self.fromThread(self._deliveredAll, batch)
 
     def _deliveredAll(self, batch: List[Tuple[Any, ...]]) -> None:
+        pending = self._pending
+        delivered = False
         for report in batch:
             if len(report) == 3:
                 self._delivered(*report)
+                continue
+            # The report of one record of a publishMany batch.
+            token, index, partitionOrError, offset = report
+            entry = pending.get(token)
+            if entry is None or entry.results[index] is not None:
+                continue
+            if offset is None:
+                entry.results[index] = self.problemFor(partitionOrError, entry.topic)
             else:
-                self._deliveredOne(*report)
-
-    def _deliveredOne(self, token: int, index: int, partitionOrError: Any, offset: Optional[int]) -> None:
-        # The report of one record of a publishMany batch.
-        pending = self._pending.get(token)
-        if not isinstance(pending, _Batch) or pending.results[index] is not None:
-            return
-        if offset is None:
-            pending.results[index] = self.problemFor(partitionOrError, pending.topic)
-        else:
+                delivered = True
+                entry.results[index] = Position(entry.topic, partitionOrError, offset)
+            entry.waiting -= 1
+            if entry.waiting == 0:
+                self._settle(token, entry.results)
+        if delivered:
             self._setConnected(True)
-            pending.results[index] = Position(pending.topic, partitionOrError, offset)
-        pending.waiting -= 1
-        if pending.waiting == 0:
-            self._settle(token, pending.results)
 
     def _delivered(self, token: int, error: Any, position: Optional[Position]) -> None:
         if error is None:

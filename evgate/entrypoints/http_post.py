@@ -276,6 +276,18 @@ class HttpPostEntrypoint:
 
     def _batchAcknowledged(self, results: Sequence[Any], request: Request, drafts: Sequence[Draft],
                            started: float) -> None:
+        if all(isinstance(result, Position) for result in results):
+            self.tally.publishedMany(len(results), sum(len(d.content) for d in drafts),
+                                     self.api.gateway.reactor.seconds() - started)
+            if request.finished or getattr(request, "_disconnected", False):
+                return
+            body = b'{"published":%d,"positions":[%s]}' % (len(results), positionsJSON(results))
+            request.setResponseCode(202)
+            request.setHeader(b"Content-Type", b"application/json")
+            request.setHeader(b"Content-Length", b"%d" % (len(body),))
+            request.write(body)
+            request.finish()
+            return
         positions: List[Optional[Dict[str, Any]]] = []
         failed: List[Dict[str, Any]] = []
         first: Optional[Problem] = None
@@ -293,11 +305,7 @@ class HttpPostEntrypoint:
         published = len(results) - len(failed)
         if published:
             self.tally.publishedMany(published, size, self.api.gateway.reactor.seconds() - started)
-        if request.finished or getattr(request, "_disconnected", False):
-            return
-        if first is None:
-            request.write(jsonBody(request, 202, {"published": published, "positions": positions}))
-            request.finish()
+        if request.finished or getattr(request, "_disconnected", False) or first is None:
             return
         # At least one record failed: the status is the first failure's, and
         # the document says which records to send again.
@@ -306,6 +314,22 @@ class HttpPostEntrypoint:
                           f"the first failure: {first.detail}")
         problem.extra = dict(first.extra, published=published, failed=failed, positions=positions)
         finishWithProblem(request, problem)
+
+
+def positionsJSON(positions: Sequence[Position]) -> bytes:
+    """
+    The JSON array members of C{positions} (as L{Position.asJSON} gives
+    each), written directly: a batch's answer lists thousands, and the
+    generic encoder took a tenth of the batch's time.
+    """
+    encoded: Dict[str, bytes] = {}
+    parts = []
+    for topic, partition, offset in positions:
+        name = encoded.get(topic)
+        if name is None:
+            name = encoded[topic] = json.dumps(topic).encode("utf-8")
+        parts.append(b'{"topic":%s,"partition":%d,"offset":%d}' % (name, partition, offset))
+    return b",".join(parts)
 
 
 def _timedOut(seconds: float) -> Any:
