@@ -39,7 +39,7 @@ polls.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 from twisted.logger import Logger
@@ -165,6 +165,21 @@ class HubSubscription:
         if not self.closed:
             self.closed = True
             self.stream.detach(self)
+
+    def release(self, cursor: Optional[Cursor]) -> None:
+        """
+        Detach like L{close}, saying that the subscriber read up to
+        C{cursor}: a private read may then be kept a while for the next
+        subscriber that starts there (the next page of a long poll).
+        """
+        if self.closed:
+            return
+        self.closed = True
+        stream = self.stream
+        if cursor is not None and isinstance(stream, PrivateStream):
+            stream.park(cursor)
+        else:
+            stream.detach(self)
 
     def offer(self, events: Sequence[Event]) -> None:
         """
@@ -411,6 +426,11 @@ class PrivateStream(_Stream):
         super().__init__(hub, connector, topic)
         self.subscription = subscription
         subscription.stream = self
+        # The last batch offered, for what its subscriber left of it; while
+        # parked, what the next subscriber gets first.
+        self.lastBatch: List[Event] = []
+        self.parkedAt: Optional[Cursor] = None
+        self.parkTimer: Any = None
         self.upstream = connector.subscribe(topic, start, self)
         if subscription.paused:
             self.upstream.pause()
@@ -421,15 +441,28 @@ class PrivateStream(_Stream):
             self.subscription.subscriber.started(cursor)
 
     def deliver(self, messages: Sequence[Message]) -> None:
-        self.subscription.offer(self.makeEvents(messages))
+        events = self.makeEvents(messages)
+        if self.parkedAt is not None:
+            # An upstream that cannot hold delivers while parked: kept.
+            self.lastBatch = self.lastBatch + events
+            return
+        self.lastBatch = events
+        self.subscription.offer(events)
 
     def gap(self, cursor: Cursor, reason: str) -> None:
         self.head = cursor if self.head is None else self.head.merged(cursor)
+        if self.parkedAt is not None:
+            self.hub.unpark(self)
+            self.upstream.close()
+            return
         if not self.subscription.closed:
             self.subscription.subscriber.gap(self.head, reason)
 
     def failed(self, reason: Failure) -> None:
         self.error = reason
+        if self.parkedAt is not None:
+            self.hub.unpark(self)
+            return
         if not self.subscription.closed:
             self.subscription.closed = True
             self.subscription.subscriber.failed(reason)
@@ -443,6 +476,53 @@ class PrivateStream(_Stream):
     def detach(self, subscription: HubSubscription) -> None:
         self.upstream.close()
 
+    # parking: a long poll's next page
+
+    def park(self, cursor: Cursor) -> None:
+        """
+        The subscriber read up to C{cursor} and left: keep reading for the
+        next subscriber that starts exactly there, for a while.  What the
+        last batch holds past C{cursor} is kept for it; the upstream is held
+        (a Kafka reader keeps what it prefetched, where pausing would throw
+        it away).
+        """
+        leftovers = []
+        for event in self.lastBatch:
+            wanted = cursor.get(event.message.partition)
+            if wanted is None or event.message.offset >= wanted:
+                leftovers.append(event)
+        # The kept events and the upstream must carry on exactly from the
+        # cursor, or the next page would skip or repeat records.
+        end = leftovers[-1].cursor if leftovers else cursor
+        if self.error is not None or self.head is None or end != self.head or not self.hub.park(self, cursor):
+            self.upstream.close()
+            return
+        self.lastBatch = leftovers
+        self.parkedAt = cursor
+        hold = getattr(self.upstream, "hold", None)
+        if hold is not None:
+            hold()
+        else:
+            self.upstream.pause()
+
+    def adopt(self, subscription: HubSubscription) -> None:
+        """
+        Serve C{subscription}, which starts where this stream was parked:
+        it is told so, gets the kept events, and the upstream goes on.
+        """
+        cursor = self.parkedAt
+        assert cursor is not None
+        self.parkedAt = None
+        self.subscription = subscription
+        subscription.stream = self
+        subscription.subscriber.started(cursor)
+        kept, self.lastBatch = self.lastBatch, []
+        if kept and not subscription.closed:
+            self.lastBatch = kept
+            subscription.offer(kept)
+        if not subscription.closed and not subscription.paused:
+            self.upstream.resume()
+
 
 class Hub:
     """
@@ -452,12 +532,17 @@ class Hub:
     log = Logger()
 
     def __init__(self, connectors: Dict[str, IConnector], reactor: Any, window: int = 10000,
-                 idleGrace: float = 30.0) -> None:
+                 idleGrace: float = 30.0, parkTime: float = 10.0, maxParked: int = 16) -> None:
         self.connectors = connectors
         self.reactor = reactor
         self.window = window
         self.idleGrace = idleGrace
         self.streams: Dict[Tuple[str, str], SharedStream] = {}
+        # Private reads kept for the next page of a long poll, by where
+        # that page starts; the oldest goes first when there are too many.
+        self.parkTime = parkTime
+        self.maxParked = maxParked
+        self.parked: "OrderedDict[Tuple[int, str, Cursor], PrivateStream]" = OrderedDict()
 
     def subscribe(self, endpoint: str, topic: str, start: Start, subscriber: ISubscriber,
                   filter: Optional[Filter] = None) -> HubSubscription:
@@ -480,8 +565,68 @@ class Hub:
                 # Nobody is on the shared stream yet; it warms the window for
                 # the next reader, and closes if nobody comes.
                 stream.scheduleIdle()
-            self.attachPrivate(subscription, start)
+            parked = self.parked.pop((id(connector), topic, start), None) if isinstance(start, Cursor) else None
+            if parked is not None:
+                self._stopParkTimer(parked)
+                # Adopted on the next turn: the subscriber holds its
+                # subscription only once this call returned.
+                self.reactor.callLater(0, self._adopt, parked, subscription)
+            else:
+                self.attachPrivate(subscription, start)
         return subscription
+
+    def _adopt(self, stream: PrivateStream, subscription: HubSubscription) -> None:
+        if subscription.closed:
+            stream.parkedAt = None
+            stream.upstream.close()
+            return
+        stream.adopt(subscription)
+
+    def park(self, stream: PrivateStream, cursor: Cursor) -> bool:
+        """
+        Keep C{stream} for a subscriber starting at C{cursor}, for
+        C{parkTime} seconds.
+
+        @return: whether it is kept (not when parking is off).
+        """
+        if self.maxParked <= 0 or self.parkTime <= 0:
+            return False
+        key = (id(stream.connector), stream.topic, cursor)
+        previous = self.parked.pop(key, None)
+        if previous is not None:
+            self._drop(previous)
+        while len(self.parked) >= self.maxParked:
+            _, oldest = self.parked.popitem(last=False)
+            self._drop(oldest)
+        self.parked[key] = stream
+        stream.parkTimer = self.reactor.callLater(self.parkTime, self._expire, key, stream)
+        return True
+
+    def unpark(self, stream: PrivateStream) -> None:
+        """
+        Forget C{stream} if it is parked (it failed or jumped a gap).
+        """
+        for key, value in list(self.parked.items()):
+            if value is stream:
+                del self.parked[key]
+        self._stopParkTimer(stream)
+        stream.parkedAt = None
+
+    def _expire(self, key: Tuple[int, str, Cursor], stream: PrivateStream) -> None:
+        stream.parkTimer = None
+        if self.parked.get(key) is stream:
+            del self.parked[key]
+            self._drop(stream)
+
+    def _drop(self, stream: PrivateStream) -> None:
+        self._stopParkTimer(stream)
+        stream.parkedAt = None
+        stream.upstream.close()
+
+    def _stopParkTimer(self, stream: PrivateStream) -> None:
+        if stream.parkTimer is not None and stream.parkTimer.active():
+            stream.parkTimer.cancel()
+        stream.parkTimer = None
 
     def attachPrivate(self, subscription: HubSubscription, start: Start) -> None:
         """
@@ -500,7 +645,11 @@ class Hub:
 
     def close(self) -> None:
         """
-        Close every shared stream (at shutdown).
+        Close every shared stream and parked read (at shutdown).
         """
         for stream in list(self.streams.values()):
             stream.close()
+        parked = list(self.parked.values())
+        self.parked.clear()
+        for private in parked:
+            self._drop(private)

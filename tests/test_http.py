@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 from evgate.entrypoints.http_get import HttpGetEntrypoint, negotiate
 from evgate.entrypoints.http_post import HttpPostEntrypoint
 from evgate.interfaces import IEntrypoint
-from evgate.message import Cursor, cursorTag
+from evgate.message import Cursor, Draft, cursorTag
 
 from .helpers import memoryGateway
 
@@ -544,6 +544,120 @@ class EarliestTests(GatewayTestCase):
         response = self.call("GET", URL)
         page = json.loads(response.body)
         self.assertEqual([i["content"] for i in page["items"]], ["2", "3", "4"])
+
+
+class PagingTests(SynchronousTestCase):
+    """
+    Paging with cursors older than the replay window: the read of one page
+    is kept for the next page, which starts exactly where it ended.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        # No replay window: every cursor is served by a read of its own.
+        from evgate.service import GatewayService
+
+        self.gateway = GatewayService(self.config(), self.clock)
+        self.treq = StubTreq(self.gateway.resource)
+        self.connector = self.gateway.connectors["local"]
+        self.private: list = []
+        subscribe = self.connector.subscribe
+
+        def counted(topic: str, start: Any, sink: Any) -> Any:
+            upstream = subscribe(topic, start, sink)
+            if start != "latest":
+                # Not the shared stream's live read: a private one.
+                self.private.append(upstream)
+            return upstream
+
+        self.connector.subscribe = counted
+        log = self.connector.topicLog("demo")
+        for i in range(25):
+            self.connector.publish("demo", Draft(str(i).encode()))
+        self.log = log
+
+    def config(self) -> Any:
+        from evgate.config import parseConfig
+
+        from .helpers import MEMORY_INI
+
+        text = MEMORY_INI.format(retention=1000, entrypoints="http-post http-get", start="earliest")
+        return parseConfig(text.replace("listen = tcp:0", "listen = tcp:0\nreplay-window = 0"), "test.ini")
+
+    def page(self, cursor: Any = None, limit: int = 10, extra: str = "") -> dict:
+        url = f"{URL}?limit={limit}&timeout=0" + (f"&cursor={cursor}" if cursor else "") + extra
+        d = self.treq.get(url)
+        for _ in range(3):
+            self.clock.advance(0)
+            self.treq.flush()
+        response = self.successResultOf(d)
+        self.assertEqual(response.code, 200)
+        return json.loads(self.successResultOf(response.content()))
+
+    def test_nextPageKeepsTheRead(self) -> None:
+        """
+        Following C{nextCursor} page after page reads every message once,
+        in order, through one upstream read.
+        """
+        seen = []
+        doc = self.page()
+        while doc["items"]:
+            seen.extend(i["content"] for i in doc["items"])
+            doc = self.page(doc["pagination"]["nextCursor"])
+        self.assertEqual(seen, [str(i) for i in range(25)])
+        self.assertEqual(len(self.private), 1)
+
+    def test_otherCursorReadsAfresh(self) -> None:
+        """
+        A cursor other than the one a read was kept for gets a read of its
+        own; the kept one stays for its page.
+        """
+        first = self.page(limit=5)
+        again = self.page(limit=5)
+        self.assertEqual([i["content"] for i in again["items"]], ["0", "1", "2", "3", "4"])
+        self.assertEqual(len(self.private), 2)
+        self.page(first["pagination"]["nextCursor"], limit=5)
+        self.assertEqual(len(self.private), 2)
+
+    def test_filteredPages(self) -> None:
+        """
+        A filtered page's cursor moves past what the filter dropped, and
+        the kept read gives the next page what follows.
+        """
+        from urllib.parse import quote
+
+        flt = "&filter=" + quote("int(content) % 2 == 0")
+        seen = []
+        doc = self.page(limit=4, extra=flt)
+        while doc["items"]:
+            seen.extend(int(i["content"]) for i in doc["items"])
+            doc = self.page(doc["pagination"]["nextCursor"], limit=4, extra=flt)
+        self.assertEqual(seen, list(range(0, 25, 2)))
+        self.assertEqual(len(self.private), 1)
+
+    def test_keptForAWhile(self) -> None:
+        """
+        A kept read is closed when nobody asks for its page within the
+        hub's C{parkTime}.
+        """
+        doc = self.page()
+        self.assertFalse(self.private[0]._closed)
+        self.clock.advance(self.gateway.hub.parkTime)
+        self.assertTrue(self.private[0]._closed)
+        self.assertEqual([i["content"] for i in self.page(doc["pagination"]["nextCursor"])["items"]],
+                         [str(i) for i in range(10, 20)])
+        self.assertEqual(len(self.private), 2)
+
+    def test_atMostMaxParked(self) -> None:
+        """
+        No more reads are kept than the hub's C{maxParked}; the oldest goes
+        first.
+        """
+        self.gateway.hub.maxParked = 2
+        for limit in range(1, 5):
+            self.page(limit=limit)
+        self.assertEqual(len(self.gateway.hub.parked), 2)
+        self.assertEqual([u._closed for u in self.private], [True, True, False, False])
 
 
 class NegotiationTests(SynchronousTestCase):

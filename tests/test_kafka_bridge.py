@@ -1124,6 +1124,28 @@ class ReaderFlowTests(ConnectorTestCase):
         self.turn(self.reader)
         self.assertEqual(self.sink.events[1], ("deliver", [(0, 1)]))
 
+    def test_hold(self) -> None:
+        """
+        Holding keeps batches on the reactor side without pausing the
+        consumer (which would throw its prefetched records away); the
+        thread stops at its credit, and resuming hands the held batches
+        over without a resume command.
+        """
+        self.consumer.records = [FakeRecord(0, i) for i in range(6)]
+        self.reader.hold()
+        self.reader.runOnce()
+        self.reactor.runFromThread()
+        self.reader.runOnce()
+        self.reader.runOnce()
+        self.assertEqual(self.sink.events, [])
+        self.assertEqual(len(self.consumer.records), 2, "the thread stopped at its credit")
+        self.reader.resume()
+        self.assertEqual(self.sink.events, [("deliver", [(0, 0), (0, 1)])])
+        for _ in range(3):
+            self.turn(self.reader, 2)
+        self.assertEqual(self.consumer.named("pause") + self.consumer.named("resume"), [])
+        self.assertEqual([e[1] for e in self.sink.events], [[(0, 0), (0, 1)], [(0, 2), (0, 3)], [(0, 4), (0, 5)]])
+
     def test_pauseDuringResume(self) -> None:
         """
         A sink that pauses again while held batches are handed to it keeps

@@ -961,6 +961,7 @@ class AssignedReader(ConsumerThread):
         self.nextMetadata = 0.0
         # reactor-side state
         self.paused = False
+        self.holding = False
         self.closed = False
         self.held: List[Tuple[Any, ...]] = []
 
@@ -971,15 +972,28 @@ class AssignedReader(ConsumerThread):
             self.paused = True
             self.send("pause")
 
+    def hold(self) -> None:
+        """
+        Stop handing batches to the sink without pausing the consumer:
+        they wait here, the owner thread stops at its credit, and
+        librdkafka keeps what it prefetched.  (Pausing a partition throws
+        its prefetched records away, to be fetched again on resume.)
+        L{resume} ends it.
+        """
+        if not self.paused and not self.closed:
+            self.paused = True
+            self.holding = True
+
     def resume(self) -> None:
         if not self.paused or self.closed:
             return
         self.paused = False
+        holding, self.holding = self.holding, False
         # What arrived while paused goes first, in order; the sink may pause
         # again on the way.
         while self.held and not self.paused and not self.closed:
             self.dispatch(self.held.pop(0))
-        if not self.paused and not self.closed:
+        if not self.paused and not self.closed and not holding:
             self.send("resume")
 
     def close(self) -> None:

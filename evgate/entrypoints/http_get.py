@@ -293,7 +293,7 @@ class PollSubscriber:
     def _clientGone(self, reason: Any) -> None:
         self._stop()
 
-    def _stop(self) -> None:
+    def _stop(self, readUpTo: Optional[Cursor] = None) -> None:
         if not self.done:
             self.tally.waiting -= 1
         self.done = True
@@ -301,7 +301,11 @@ class PollSubscriber:
             self.timer.cancel()
         self.timer = None
         if self.subscription is not None:
-            self.subscription.close()
+            if readUpTo is not None:
+                # A page was answered: its read may serve the next page.
+                self.subscription.release(readUpTo)
+            else:
+                self.subscription.close()
 
     def _answer(self) -> None:
         if self.done:
@@ -311,9 +315,10 @@ class PollSubscriber:
             finishWithProblem(self.request, EndpointUnavailable(
                 "the endpoint did not position the read in time", retryAfter=1))
             return
-        self._stop()
         request = self.request
-        if request.finished or getattr(request, "_disconnected", False):
+        gone = request.finished or getattr(request, "_disconnected", False)
+        self._stop(None if gone else self.cursor)
+        if gone:
             return
         tag = self.call.api.tag
         body = renderPage(self.media, self.events, tag, self.cursor.encode(tag), self.limit, self.gapReason)
