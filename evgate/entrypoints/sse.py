@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from evgate.directwrite import writeChunk
 from evgate.entrypoints.http_get import requestCursor
 from evgate.entrypoints.streaming import StreamSubscriber, stopAll
 from evgate.errors import (
@@ -229,7 +230,7 @@ class SseSubscriber(StreamSubscriber):
         if not self._gone():
             data = frames[0] if len(frames) == 1 else b"".join(frames)
             self.tally.bytesOut += len(data)
-            self.request.write(data)
+            writeChunk(self.request, data)
 
     def advanceFrame(self, cursor: Cursor) -> bytes:
         # An event with an id and no data: EventSource takes the id as its

@@ -1,0 +1,63 @@
+"""
+Writing a chunk of a streamed response straight to its socket.
+
+Twisted's transports never write at once: C{transport.write} buffers the
+data, registers the socket for writing (an C{epoll_ctl}), and the reactor
+writes it on its next turn, after another C{epoll_wait}, then unregisters
+it (another C{epoll_ctl}).  For a fan-out that writes one small frame to
+thousands of idle sockets per message, that bookkeeping cost as much as
+the C{send} itself (docs/benchmarks.md).
+
+L{writeChunk} sends a chunk of a chunked HTTP response with one
+C{sendmsg} when the transport is a plain TCP connection with nothing
+buffered; whatever the socket does not take, and every other case (TLS,
+data already waiting, a closing connection), goes through the transport as
+usual, so ordering, flow control and error handling stay Twisted's.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from twisted.internet import tcp
+from twisted.web.http import toChunk
+
+_CRLF = b"\r\n"
+_Server = tcp.Server
+# Off where sockets lack sendmsg (the transport then does all the work).
+ENABLED = hasattr(socket.socket, "sendmsg")
+
+
+def writeChunk(request: Any, data: bytes) -> None:
+    """
+    Write C{data} as one chunk of C{request}'s chunked response, whose
+    headers are already written; like C{request.write(data)}, but sent at
+    once when the socket can take it.
+    """
+    channel = request.channel
+    transport = getattr(channel, "transport", None) if channel is not None else None
+    # request.__dict__ holds a "write" when twisted.web silenced the body
+    # (HEAD, a status without one).
+    if (not ENABLED or type(transport) is not _Server or not request.chunked or not request.startedWriting
+            or "write" in request.__dict__ or request.method == b"HEAD"
+            or not data or transport._tempDataBuffer or transport.dataBuffer
+            or not transport.connected or transport.disconnecting or transport._writeDisconnected):
+        request.write(data)
+        return
+    request.sentLength += len(data)
+    head = b"%x\r\n" % (len(data),)
+    try:
+        sent = transport.socket.sendmsg((head, data, _CRLF))
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        # The connection failed: the transport finds out on its own write
+        # and closes it the usual way.
+        transport.writeSequence(toChunk(data))
+        return
+    total = len(head) + len(data) + 2
+    if sent == total:
+        return
+    frame = head + data + _CRLF
+    transport.write(frame[sent:])
