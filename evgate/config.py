@@ -193,6 +193,7 @@ class GatewayConfig:
     replayWindow: int = 10000
     subscriberQueue: int = 1000
     accessLog: bool = False
+    workers: int = 1
     # What the readers registered with gatewayKeys return, merged.
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -348,7 +349,13 @@ def _gatewayConfig(parser: configparser.ConfigParser, path: str) -> GatewayConfi
         replayWindow=section.getInt("replay-window", 10000, minimum=0, maximum=10_000_000),
         subscriberQueue=section.getInt("subscriber-queue", 1000, minimum=1, maximum=10_000_000),
         accessLog=section.getBool("access-log", False),
+        workers=section.getInt("workers", 1, minimum=1, maximum=64),
     )
+    if config.workers > 1:
+        for description in listen:
+            if description.split(":", 1)[0] not in ("tcp", "tcp6", "systemd"):
+                raise section.error("workers", f"workers share plain TCP listeners only; {description!r} is not "
+                                    "one (for TLS, terminate it in front of evgate; or run one process)")
     config = replace(config, options=_extraGatewayKeys(section))
     section.finish()
     return config
@@ -480,8 +487,32 @@ def parseConfig(text: str, path: str = "<string>") -> Config:
         if target.type != "kafka":
             raise ConfigError(path, "gateway", "store",
                               f"[endpoint:{store.endpoint}] is of type {target.type}; the store needs kafka")
+    if gateway.workers > 1:
+        _checkWorkers(path, gateway, endpoints, apis)
     sections = {name: {k: v.strip() for k, v in parser[name].items()} for name in parser.sections()}
     return Config(path=path, gateway=gateway, endpoints=endpoints, apis=apis, sections=sections)
+
+
+def _checkWorkers(path: str, gateway: GatewayConfig, endpoints: Mapping[str, EndpointConfig],
+                  apis: Mapping[str, ApiConfig]) -> None:
+    """
+    With C{workers > 1}, every process must see the same messages, keys
+    and counters: refuse what lives in one process only.
+    """
+    def refuse(detail: str) -> ConfigError:
+        return ConfigError(path, "gateway", "workers", f"{gateway.workers} processes cannot share {detail}")
+
+    store = gateway.options.get("store")
+    for api in apis.values():
+        if endpoints[api.endpoint].type == "memory":
+            raise refuse(f"the memory endpoint [endpoint:{api.endpoint}] of [api:{api.name}]: it lives in one "
+                         "process (use a kafka or mqtt5 endpoint, or workers = 1)")
+        if api.options.get("limits") and not gateway.options.get("limitsStore"):
+            raise refuse(f"the rate limits of [api:{api.name}] counted locally (set limits-store = "
+                         "redis://..., or workers = 1)")
+        if "api-key" in api.plans and (store is None or store.kind != "kafka"):
+            raise refuse(f"the API keys of [api:{api.name}] unless the store is a kafka: store every process "
+                         "follows (or workers = 1)")
 
 
 def loadConfig(path: str) -> Config:

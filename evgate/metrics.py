@@ -214,13 +214,43 @@ class GatewayMetrics:
             del self.tallies[key]
         self.webhooks.pop(api, None)
 
+    def allTallies(self) -> Dict[Tuple[str, str], Tally]:
+        """
+        The tallies of this node: this process's, plus the last report of
+        each worker process (L{evgate.workers}), summed.
+        """
+        pool = getattr(self.gateway, "workerPool", None)
+        reports = pool.liveReports() if pool is not None else []
+        if not reports:
+            return self.tallies
+        merged: Dict[Tuple[str, str], Tally] = {}
+
+        def add(api: str, entrypoint: str, fields: Mapping[str, Any]) -> None:
+            tally = merged.get((api, entrypoint))
+            if tally is None:
+                tally = merged[(api, entrypoint)] = Tally(api, entrypoint)
+            for code, count in fields["codes"].items():
+                tally.codes[int(code)] = tally.codes.get(int(code), 0) + count
+            for name in ("messagesIn", "bytesIn", "messagesOut", "bytesOut", "dropped", "latencySum",
+                         "latencyCount", "waiting"):
+                setattr(tally, name, getattr(tally, name) + fields[name])
+            tally.latency = [a + b for a, b in zip(tally.latency, fields["latency"], strict=True)]
+
+        for (api, entrypoint), own in list(self.tallies.items()):
+            add(api, entrypoint, {"codes": own.codes, "latency": own.latency,
+                                  **{name: getattr(own, name) for name in Tally.__slots__[3:] if name != "latency"}})
+        for report in reports:
+            for api, entrypoint, fields in report.get("tallies", ()):
+                add(api, entrypoint, fields)
+        return merged
+
     def totals(self, api: str) -> Dict[str, int]:
         """
         The messages and bytes in and out of API C{api}, over its
         entrypoints (webhook deliveries count as messages out).
         """
         totals = {"messagesIn": 0, "bytesIn": 0, "messagesOut": 0, "bytesOut": 0}
-        for (name, _), tally in list(self.tallies.items()):
+        for (name, _), tally in list(self.allTallies().items()):
             if name == api:
                 totals["messagesIn"] += tally.messagesIn
                 totals["bytesIn"] += tally.bytesIn
@@ -280,7 +310,7 @@ class GatewayCollector(Collector):
     def collect(self) -> Iterable[Any]:
         metrics = self.metrics
         gateway = metrics.gateway
-        tallies = sorted(metrics.tallies.values(), key=lambda t: (t.api, t.entrypoint))
+        tallies = sorted(metrics.allTallies().values(), key=lambda t: (t.api, t.entrypoint))
         yield from self._traffic(tallies)
         yield from self._subscribers(gateway)
         yield from self._webhooks(gateway)
@@ -410,8 +440,24 @@ class GatewayCollector(Collector):
 
 def subscriberCount(gateway: Any, api: Any, entrypoint: Any) -> Optional[int]:
     """
-    The live subscribers of one entrypoint, or L{None} for one that has
-    none by nature (http-post).
+    The live subscribers of one entrypoint on this node (its worker
+    processes included), or L{None} for one that has none by nature
+    (http-post).
+    """
+    count = localSubscriberCount(gateway, api, entrypoint)
+    pool = getattr(gateway, "workerPool", None)
+    if count is None or pool is None:
+        return count
+    for report in pool.liveReports():
+        for name, kind, more in report.get("subscribers", ()):
+            if name == api.name and kind == entrypoint.name:
+                count += more
+    return count
+
+
+def localSubscriberCount(gateway: Any, api: Any, entrypoint: Any) -> Optional[int]:
+    """
+    L{subscriberCount} of this process alone.
     """
     if entrypoint.name == "webhook":
         service = getattr(gateway, "webhooks", None)

@@ -58,6 +58,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from evgate.config import Config, ConfigError, loadConfig
 from evgate.connectors import buildConnector
@@ -343,6 +344,10 @@ class Reloader:
         def done(result: Any) -> Any:
             self.running = None
             self.last = self._outcome(True, "applied", plan.summary())
+            pool = getattr(gateway, "workerPool", None)
+            if pool is not None and not isinstance(result, Failure):
+                # Each worker reads the file again itself.
+                pool.reload()
             return result
 
         running.addBoth(done)

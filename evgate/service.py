@@ -5,11 +5,13 @@ the data-plane site and its listeners.
 
 from __future__ import annotations
 
+import os
+import socket
 from typing import Any, Dict, List, Optional
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.logger import Logger
 
@@ -47,6 +49,7 @@ class ListenerService(StreamServerEndpointService):
         self.description = description
         self.role = role
         self.port: Any = None
+        self._listeners: List[Deferred] = []
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -59,7 +62,50 @@ class ListenerService(StreamServerEndpointService):
         where = f"port {host.port}" if hasattr(host, "port") else str(getattr(host, "name", host))
         self.log.info("evgate {role} listening on {where} ({description})",
                       role=self.role, where=where, description=self.description)
+        waiters, self._listeners = self._listeners, []
+        for d in waiters:
+            d.callback(port)
         return port
+
+    def whenListening(self) -> Deferred:
+        """
+        A Deferred of the listening port, once there is one.
+        """
+        if self.port is not None:
+            return succeed(self.port)
+        d: Deferred = Deferred()
+        self._listeners.append(d)
+        return d
+
+
+class AdoptedListener(Service):
+    """
+    In a worker process: accept on a listening socket inherited from the
+    primary (see L{evgate.workers}).
+    """
+
+    log = Logger()
+
+    def __init__(self, fd: int, factory: Any, reactor: Any) -> None:
+        self.fd = fd
+        self.factory = factory
+        self.reactor = reactor
+        self.port: Any = None
+
+    def startService(self) -> None:
+        Service.startService(self)
+        probe = socket.socket(fileno=os.dup(self.fd))
+        family = probe.family
+        probe.close()
+        self.port = self.reactor.adoptStreamPort(self.fd, family, self.factory)
+        self.log.info("evgate gateway accepting on inherited descriptor {fd} (port {port})",
+                      fd=self.fd, port=self.port.getHost().port)
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
 
 
 class GatewayService(MultiService):
@@ -73,8 +119,11 @@ class GatewayService(MultiService):
 
     log = Logger()
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(self, config: Config, reactor: Any, worker: Any = None) -> None:
         super().__init__()
+        # A worker process (evgate.workers) serves the data plane only.
+        self.worker = worker
+        self.workerPool: Any = None
         self.config = config
         self.settings: GatewayConfig = config.gateway
         self.reactor = reactor
@@ -104,15 +153,26 @@ class GatewayService(MultiService):
         self.resource = GatewayResource(self.apis)
         self.site = GatewaySite(self.resource, self.settings.maxMessageBytes, requestLog=self.requestLog,
                                 metrics=self.metrics, reactor=reactor)
-        self.listeners: List[ListenerService] = []
-        for description in self.settings.listen:
-            listener = ListenerService(description, self.site, reactor, "gateway", config.path)
-            listener.setServiceParent(self)
-            self.listeners.append(listener)
+        self.listeners: List[Any] = []
+        if worker is not None:
+            for fd in worker.listenFds:
+                adopted = AdoptedListener(fd, self.site, reactor)
+                adopted.setServiceParent(self)
+                self.listeners.append(adopted)
+        else:
+            for description in self.settings.listen:
+                listener = ListenerService(description, self.site, reactor, "gateway", config.path)
+                listener.setServiceParent(self)
+                self.listeners.append(listener)
+            if self.settings.workers > 1:
+                from evgate.workers import WorkerPool
+
+                self.workerPool = WorkerPool(self, self.settings.workers, reactor)
+                self.workerPool.setServiceParent(self)
         # Webhook deliveries (evgate.webhook.service), and the admin API on
-        # a listener of its own (evgate.admin.app).
+        # a listener of its own (evgate.admin.app): the primary's alone.
         self.webhooks: Any = None
-        if any("webhook" in api.config.entrypoints for api in self.apis):
+        if worker is None and any("webhook" in api.config.entrypoints for api in self.apis):
             from evgate.webhook.service import WebhookService
 
             # Delivery outcomes are counted for /metrics as they are stored.
@@ -126,7 +186,7 @@ class GatewayService(MultiService):
         self.metrics.lastReload = reactor.seconds()
         self.admin: Any = None
         adminSettings = self.settings.options.get("admin")
-        if adminSettings is not None:
+        if adminSettings is not None and worker is None:
             from evgate.admin.app import AdminApp, adminSite
 
             self.admin = AdminApp(self, adminSettings.token)

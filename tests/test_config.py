@@ -187,6 +187,28 @@ class ErrorTests(SynchronousTestCase):
         self.assertError(replaced("max-message-bytes = 1048576", "store = kafka:local/evgate-store"),
                          "gateway", "store", "[endpoint:local] is of type memory; the store needs kafka")
 
+    def test_workers(self) -> None:
+        """
+        C{workers > 1} is refused for what would live in one process only:
+        a memory endpoint, locally counted limits, API keys without a
+        shared store, and listeners other than plain TCP.
+        """
+        kafka = ("[endpoint:local]\ntype = memory\nretention = 10000",
+                 "[endpoint:local]\ntype = kafka\nbootstrap.servers = 127.0.0.1:9092")
+        workers = ("listen = tcp:8080", "listen = tcp:8080\nworkers = 2")
+        self.assertError(replaced(*workers), "gateway", "workers", "memory endpoint [endpoint:local] of [api:demo]")
+        onKafka = replaced(*workers).replace(*kafka)
+        self.assertEqual(parseConfig(onKafka, "x.ini").gateway.workers, 2)
+        self.assertError(onKafka.replace("start = latest", "start = latest\nrate-limit = 5/s"), "gateway",
+                         "workers", "limits-store = redis://")
+        self.assertEqual(parseConfig(onKafka.replace("start = latest", "start = latest\nrate-limit = 5/s").replace(
+            "workers = 2", "workers = 2\nlimits-store = redis://127.0.0.1:6379/0"), "x.ini").gateway.workers, 2)
+        self.assertError(onKafka.replace("plans = keyless", "plans = api-key").replace(
+            "workers = 2", "workers = 2\nstore = memory"), "gateway", "workers", "API keys of [api:demo]")
+        self.assertError(onKafka.replace("listen = tcp:8080", "listen = unix:/tmp/evgate.sock"), "gateway",
+                         "workers", "plain TCP listeners only")
+        self.assertError(onKafka.replace("workers = 2", "workers = 0"), "gateway", "workers", "at least 1")
+
     def test_noApi(self) -> None:
         """
         A file without any API is refused: there would be nothing to serve.

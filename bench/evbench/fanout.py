@@ -46,6 +46,7 @@ PER_WORKER = 5000           # subscribers per client process
 PAD = "x" * 60              # payloads of about 100 bytes
 PRIMERS = 5                 # unnumbered messages before the measured ones
 PUSHPIN_RAMP = 300.0        # new connections per second for Pushpin (the others: 1,000)
+WORKERS = 2                 # evgate processes in the "workers" row: one per core here
 
 
 class Publisher:
@@ -326,6 +327,15 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
                                         server.pids, server.port, "/kafka",
                                         spyOn=server if size == profileSize else None))
             guard("evgate kafka", kafkaRun)
+        if kafka and settings.wants("evgate-workers"):
+            def workersRun(size: int = size) -> None:
+                topic = kafkaTopic("fanout")
+                topics.append(topic)
+                ini = peers.evgateKafkaIni(topic, "http-post sse websocket", WORKERS)
+                with peers.evgate(ini) as server:
+                    rows.append(measure(f"evgate kafka, {WORKERS} workers", server.port, "/kafka", "sse", size,
+                                        settings, server.pids, server.port, "/kafka"))
+            guard("evgate kafka workers", workersRun)
         if settings.wants("pushpin"):
             def pushpinRun(size: int = size) -> None:
                 pushpin = peers.Pushpin()

@@ -67,6 +67,19 @@ def evgateIni(topic: str = "evbench-unused", entrypoints: str = "http-post", sta
                              entrypoints=entrypoints, start=start, apiExtra=apiExtra) + extra
 
 
+def evgateKafkaIni(topic: str, entrypoints: str, workers: int, heartbeat: float = 300) -> str:
+    """
+    A gateway with only the Kafka API at C{/kafka}, served by C{workers}
+    processes (the memory endpoint lives in one process, so it is left
+    out).
+    """
+    ini = evgateIni(topic=topic, entrypoints=entrypoints, heartbeat=heartbeat)
+    head, _, rest = ini.partition("[endpoint:mem]")
+    kafka = rest[rest.index("[endpoint:kafka]"):]
+    kafka = kafka[:kafka.index("[api:mem]")] + kafka[kafka.index("[api:kafka]"):]
+    return head.replace("[gateway]\n", f"[gateway]\nworkers = {workers}\n", 1) + kafka
+
+
 def evgate(ini: str, name: str = "evgate") -> Service:
     """
     The gateway as users run it: C{twistd -n evgate}.

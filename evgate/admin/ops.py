@@ -135,7 +135,7 @@ def liveFigures(gateway: Any, api: Any) -> Dict[str, Any]:
         count = subscriberCount(gateway, api, entrypoint)
         if count is not None:
             subscribers[entrypoint.name] = count
-    for (name, _), tally in list(gateway.metrics.tallies.items()):
+    for (name, _), tally in list(gateway.metrics.allTallies().items()):
         if name == api.name:
             for code, count in tally.codes.items():
                 requests[str(code)] = requests.get(str(code), 0) + count

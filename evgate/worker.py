@@ -1,0 +1,72 @@
+"""
+A worker process of a gateway node (see L{evgate.workers}); the primary
+starts it as C{python -m evgate.worker --config PATH --index N
+--listen-fds 4,5}.  Not meant to be started by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, List, Optional
+
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+
+from evgate.config import ConfigError, loadConfig
+from evgate.logs import observerFor
+from evgate.workers import REPORT_FD, PrimaryLink, WorkerReporter
+
+
+class WorkerRole:
+    """
+    What makes a L{evgate.service.GatewayService} a worker: its number and
+    the listening sockets it inherited.
+    """
+
+    def __init__(self, index: int, listenFds: List[int]) -> None:
+        self.index = index
+        self.listenFds = listenFds
+
+
+def _tagged(observer: Any, index: int) -> Any:
+    # Every line says which worker wrote it (the primary's say "-").
+    system = f"worker-{index}"
+
+    def observe(event: Any) -> None:
+        event.setdefault("log_system", system)
+        observer(event)
+
+    return observe
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m evgate.worker", description=__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--listen-fds", required=True)
+    args = parser.parse_args(argv)
+    try:
+        config = loadConfig(args.config)
+    except ConfigError as e:
+        sys.stderr.write(f"evgate worker {args.index}: {e}\n")
+        return 2
+    from twisted.internet import reactor, stdio
+
+    observer = observerFor(config.gateway.options) or textFileLogObserver(sys.stdout)
+    globalLogBeginner.beginLoggingTo([_tagged(observer, args.index)], redirectStandardIO=False)
+    from evgate.service import GatewayService
+
+    role = WorkerRole(args.index, [int(fd) for fd in args.listen_fds.split(",") if fd])
+    gateway = GatewayService(config, reactor, worker=role)
+    link = PrimaryLink(reactor)
+    stdio.StandardIO(link, stdin=0, stdout=REPORT_FD, reactor=reactor)  # type: ignore[call-arg]
+    WorkerReporter(gateway, link, reactor).setServiceParent(gateway)
+    gateway.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", gateway.stopService)
+    Logger().info("evgate worker {index} serving", index=args.index)
+    reactor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
