@@ -10,7 +10,8 @@ the C{send} itself (docs/benchmarks.md).
 
 L{writeChunk} sends a chunk of a chunked HTTP response with one
 C{sendmsg} when the transport is a plain TCP connection with nothing
-buffered; whatever the socket does not take, and every other case (TLS,
+buffered, and L{writeNow} the same for bytes already framed (WebSocket);
+whatever the socket does not take, and every other case (TLS,
 data already waiting, a closing connection), goes through the transport as
 usual, so ordering, flow control and error handling stay Twisted's.
 """
@@ -29,6 +30,31 @@ _Server = tcp.Server
 ENABLED = hasattr(socket.socket, "sendmsg")
 
 
+def _idle(transport: Any) -> bool:
+    # A plain TCP connection, open, with nothing waiting to be written.
+    return bool(ENABLED and type(transport) is _Server and not transport._tempDataBuffer and not transport.dataBuffer
+                and transport.connected and not transport.disconnecting and not transport._writeDisconnected)
+
+
+def writeNow(transport: Any, data: bytes) -> None:
+    """
+    C{transport.write(data)}, sent at once when the socket can take it (a
+    WebSocket's prepared frames).
+    """
+    if not data or not _idle(transport):
+        transport.write(data)
+        return
+    try:
+        sent = transport.socket.send(data)
+    except (BlockingIOError, InterruptedError):
+        sent = 0
+    except OSError:
+        transport.write(data)
+        return
+    if sent < len(data):
+        transport.write(data[sent:])
+
+
 def writeChunk(request: Any, data: bytes) -> None:
     """
     Write C{data} as one chunk of C{request}'s chunked response, whose
@@ -36,13 +62,11 @@ def writeChunk(request: Any, data: bytes) -> None:
     once when the socket can take it.
     """
     channel = request.channel
-    transport = getattr(channel, "transport", None) if channel is not None else None
+    transport: Any = getattr(channel, "transport", None) if channel is not None else None
     # request.__dict__ holds a "write" when twisted.web silenced the body
     # (HEAD, a status without one).
-    if (not ENABLED or type(transport) is not _Server or not request.chunked or not request.startedWriting
-            or "write" in request.__dict__ or request.method == b"HEAD"
-            or not data or transport._tempDataBuffer or transport.dataBuffer
-            or not transport.connected or transport.disconnecting or transport._writeDisconnected):
+    if (not request.chunked or not request.startedWriting or "write" in request.__dict__
+            or request.method == b"HEAD" or not data or not _idle(transport)):
         request.write(data)
         return
     request.sentLength += len(data)

@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import toChunk
 
-from evgate.directwrite import writeChunk
+from evgate.directwrite import writeChunk, writeNow
 
 
 class FakeRequest:
@@ -147,3 +147,40 @@ class SocketTests(TestCase):
 
         return Deferred.fromCoroutine(wait()).addCallback(
             lambda _: self.assertEqual(b"".join(received), expected))
+
+
+class WriteNowTests(TestCase):
+    """
+    L{writeNow} over a real loopback connection, and its fallback.
+    """
+
+    setUp = SocketTests.setUp
+    read = SocketTests.read
+
+    def test_sentAtOnce(self) -> None:
+        """
+        With nothing buffered, the bytes are on the socket when the call
+        returns.
+        """
+        writeNow(self.transport, b"\x81\x05hello")
+        self.assertEqual(self.transport._tempDataBuffer, [])
+        self.assertEqual(self.read(7), b"\x81\x05hello")
+
+    def test_behindBuffered(self) -> None:
+        """
+        Bytes waiting in the transport go first: later bytes queue behind
+        them.
+        """
+        self.transport.write(b"first ")
+        writeNow(self.transport, b"second")
+        self.assertEqual(self.transport._tempDataBuffer, [b"first ", b"second"])
+        d = deferLater(reactor, 0.05, lambda: None)
+        return d.addCallback(lambda _: self.assertEqual(self.read(12), b"first second"))
+
+    def test_otherTransport(self) -> None:
+        """
+        Anything but a plain TCP connection gets its own write.
+        """
+        transport = StringTransport()
+        writeNow(transport, b"data")
+        self.assertEqual(transport.value(), b"data")

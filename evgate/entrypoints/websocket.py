@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from evgate.directwrite import writeNow
 from evgate.entrypoints.http_get import requestCursor
 from evgate.entrypoints.streaming import StreamSubscriber, stopAll
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, Forbidden, Problem
@@ -207,11 +208,18 @@ class WebSocketSubscriber(StreamSubscriber):
         # Prepared frames are complete WebSocket frames: a batch goes out in
         # one write, as long as no per-message compression was negotiated
         # (the gateway does not offer it).
-        if self.protocol._perMessageCompress is None:
-            data = b"".join(f.payloadHybi for f in frames)
+        protocol = self.protocol
+        if protocol._perMessageCompress is None:
+            data = frames[0].payloadHybi if len(frames) == 1 else b"".join(f.payloadHybi for f in frames)
             self.bytesOut += len(data)
             self.tally.bytesOut += len(data)
-            self.protocol.sendData(data)
+            if protocol.send_queue or getattr(protocol, "logOctets", False):
+                protocol.sendData(data)
+            else:
+                # What sendData does, with the bytes sent at once when the
+                # socket can take them (evgate.directwrite).
+                writeNow(protocol.transport, data)
+                protocol.trafficStats.outgoingOctetsWireLevel += len(data)
         else:  # pragma: no cover - compression is never accepted
             for frame in frames:
                 self.protocol.sendPreparedMessage(frame)
