@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from typing import Any, Dict, List, Optional
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
-from twisted.internet.endpoints import serverFromString
+from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
 from evgate.config import Config, ConfigError, GatewayConfig
@@ -24,6 +26,20 @@ from evgate.logs import RequestLog, offerLogObserver
 from evgate.metrics import CountingStore, GatewayMetrics, RateSampler
 from evgate.reload import Reloader, ReloadService, checkConfig, reconfigService
 from evgate.security.limits import buildLimits
+
+
+def cannotListen(path: str, role: str, error: CannotListenError) -> SystemExit:
+    """
+    End start-up for a listener that cannot bind (a port in use, an
+    address the host lacks): one line naming the file, section and key,
+    exit status 2, like any mistake in the file.
+    """
+    key = "listen" if role == "gateway" else role
+    reason = getattr(error.socketError, "strerror", None) or str(error.socketError)
+    where = f"{error.interface or '*'}:{error.port}"
+    sys.stderr.write(f"evgate: {path} [gateway] {key}: cannot listen on {where}: {reason}\n")
+    sys.stderr.flush()
+    return SystemExit(2)
 
 
 class ListenerService(StreamServerEndpointService):
@@ -48,11 +64,15 @@ class ListenerService(StreamServerEndpointService):
         self._raiseSynchronously = True
         self.description = description
         self.role = role
+        self.configPath = configPath
         self.port: Any = None
         self._listeners: List[Deferred] = []
 
     def privilegedStartService(self) -> None:
-        super().privilegedStartService()
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise cannotListen(self.configPath, self.role, e) from None
         if self._waitingForPort is not None:
             self._waitingForPort.addCallback(self._listening)
 
@@ -76,6 +96,99 @@ class ListenerService(StreamServerEndpointService):
         d: Deferred = Deferred()
         self._listeners.append(d)
         return d
+
+    def fdFor(self, index: int) -> int:
+        """
+        The listening descriptor worker C{index} accepts on: this one,
+        shared (see L{ReusePortListener} for one each).
+        """
+        return int(self.port.fileno())
+
+
+class ReusePortListener(Service):
+    """
+    A TCP listener of a node with workers: one socket per process, all
+    bound to the same address with C{SO_REUSEPORT}, so that the kernel
+    spreads connections evenly over the processes (on one shared socket,
+    whichever process wakes first takes the connection, and a busy one
+    rarely does).  The first socket is this process's; the others wait
+    for the workers.
+    """
+
+    log = Logger()
+
+    def __init__(self, description: str, endpoint: Any, factory: Any, reactor: Any, count: int,
+                 configPath: str = "<config>") -> None:
+        self.description = description
+        self.configPath = configPath
+        self.endpoint = endpoint
+        self.factory = factory
+        self.reactor = reactor
+        self.count = count
+        self.sockets: List[socket.socket] = []
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        family = socket.AF_INET6 if isinstance(self.endpoint, TCP6ServerEndpoint) else socket.AF_INET
+        interface = self.endpoint._interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+        port = self.endpoint._port
+        try:
+            for _ in range(self.count):
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                self.sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                sock.bind((interface, port))
+                port = sock.getsockname()[1]
+                sock.listen(self.endpoint._backlog)
+                sock.setblocking(False)
+        except OSError as e:
+            self._close()
+            raise cannotListen(self.configPath, "gateway", CannotListenError(interface, port, e)) from None
+        self.port = self.reactor.adoptStreamPort(self.sockets[0].fileno(), family, self.factory)
+        self.log.info("evgate gateway listening on port {port} ({description}, one socket per process)",
+                      port=port, description=self.description)
+
+    def startService(self) -> None:
+        if self.port is None:
+            self.privilegedStartService()
+        Service.startService(self)
+
+    def whenListening(self) -> Deferred:
+        return succeed(self.port)
+
+    def fdFor(self, index: int) -> int:
+        return self.sockets[index].fileno()
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        d = maybeDeferred(self.port.stopListening) if self.port is not None else succeed(None)
+
+        def closed(result: Any) -> Any:
+            self._close()
+            return result
+
+        return d.addBoth(closed)
+
+    def _close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+
+
+def reusePortEndpoint(description: str, reactor: Any) -> Any:
+    """
+    The TCP endpoint of C{description} when a node with workers can give
+    each process its own socket for it (L{ReusePortListener}), else
+    L{None}.
+    """
+    if not hasattr(socket, "SO_REUSEPORT"):
+        return None
+    endpoint = serverFromString(reactor, description)
+    if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
+        return endpoint
+    return None
 
 
 class AdoptedListener(Service):
@@ -160,11 +273,16 @@ class GatewayService(MultiService):
                 adopted.setServiceParent(self)
                 self.listeners.append(adopted)
         else:
+            workers = self.settings.workers
             for description in self.settings.listen:
-                listener = ListenerService(description, self.site, reactor, "gateway", config.path)
+                tcp = reusePortEndpoint(description, reactor) if workers > 1 else None
+                if tcp is not None:
+                    listener: Any = ReusePortListener(description, tcp, self.site, reactor, workers, config.path)
+                else:
+                    listener = ListenerService(description, self.site, reactor, "gateway", config.path)
                 listener.setServiceParent(self)
                 self.listeners.append(listener)
-            if self.settings.workers > 1:
+            if workers > 1:
                 from evgate.workers import WorkerPool
 
                 self.workerPool = WorkerPool(self, self.settings.workers, reactor)

@@ -116,7 +116,6 @@ class WorkerPool(Service):
         self.reactor = reactor
         self.executable = executable
         self.configPath = os.path.abspath(gateway.config.path)
-        self.fds: List[int] = []
         self.processes: Dict[int, Tuple[Any, WorkerProtocol]] = {}
         self.reports: Dict[int, Dict[str, Any]] = {}
         self.restarts: Dict[int, Any] = {}
@@ -130,7 +129,6 @@ class WorkerPool(Service):
     def _listening(self, ports: List[Any]) -> None:
         if not self.running:
             return
-        self.fds = [port.fileno() for port in ports]
         for index in range(1, self.count):
             self.spawn(index)
 
@@ -141,12 +139,15 @@ class WorkerPool(Service):
         self.restarts.pop(index, None)
         if not self.running:
             return
-        listenFds = [FIRST_LISTEN_FD + i for i in range(len(self.fds))]
+        # Each listener's socket for this worker: its own with SO_REUSEPORT,
+        # else the one the primary accepts on too.
+        inherited = [listener.fdFor(index) for listener in self.gateway.listeners]
+        listenFds = [FIRST_LISTEN_FD + i for i in range(len(inherited))]
         argv = [self.executable, "-m", "evgate.worker", "--config", self.configPath, "--index", str(index),
                 "--listen-fds", ",".join(str(fd) for fd in listenFds)]
         childFDs: Dict[int, Any] = {0: "w", 1: 1, 2: 2, REPORT_FD: "r"}
-        for fd, inherited in zip(listenFds, self.fds, strict=True):
-            childFDs[fd] = inherited
+        for fd, parent in zip(listenFds, inherited, strict=True):
+            childFDs[fd] = parent
         protocol = WorkerProtocol(self, index)
         process = self.reactor.spawnProcess(protocol, self.executable, argv, env=dict(os.environ),
                                             childFDs=childFDs)

@@ -244,6 +244,34 @@ class CommandLineTests(SynchronousTestCase):
                          [f"evgate: {f.name} [api:demo] endpoint: unknown endpoint 'nowhere' (known: local)"])
         self.assertNotIn("Traceback", result.stdout + result.stderr)
 
+    def test_portInUse(self) -> None:
+        """
+        A listener whose port is taken stops start-up with one line naming
+        the file, section, key and reason, exit status 2, no traceback;
+        with workers (one socket per process) too.
+        """
+        import socket
+
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        self.addCleanup(taken.close)
+        port = taken.getsockname()[1]
+        kafka = ("[endpoint:local]\ntype = memory\nretention = 10000",
+                 "[endpoint:local]\ntype = kafka\nbootstrap.servers = 127.0.0.1:9092")
+        one = replaced("listen = tcp:8080", f"listen = tcp:{port}:interface=127.0.0.1")
+        for text in (one, one.replace("max-message-bytes", "workers = 2\nmax-message-bytes").replace(*kafka)):
+            with tempfile.NamedTemporaryFile("w", suffix=".ini", delete=False) as f:
+                f.write(text)
+            self.addCleanup(os.unlink, f.name)
+            result = subprocess.run([TWISTD, "-n", "--pidfile=", "evgate", "-c", f.name], capture_output=True,
+                                    text=True, env=dict(os.environ, PYTHONPATH=ROOT), timeout=60)
+            output = result.stdout + result.stderr
+            self.assertEqual(result.returncode, 2, output)
+            self.assertIn(f"evgate: {f.name} [gateway] listen: cannot listen on 127.0.0.1:{port}: "
+                          "Address already in use", output)
+            self.assertNotIn("Traceback", output)
+
     def test_check(self) -> None:
         """
         C{--check} validates a file without starting and says so.

@@ -34,6 +34,7 @@ BRIDGE_TYPE = "application/vnd.kafka.json.v2+json"
 # The JVM compiles its hot paths during the first seconds of load; a
 # shorter warm-up would measure its interpreter.
 JVM_WARMUP = 10.0
+WORKERS = 2  # evgate processes in the "workers" row: one per core here
 
 
 def bridgeBody(records: int = 1) -> bytes:
@@ -77,6 +78,13 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
             if kafka and settings.wants("evgate-kafka"):
                 targets.append(("evgate kafka", server, f"http://127.0.0.1:{server.port}/kafka", BODY,
                                 "application/json", 0.0))
+        if kafka and settings.wants("evgate-workers"):
+            topic = kafkaTopic("publish-workers")
+            topics.append(topic)
+            server = peers.evgate(peers.evgateKafkaIni(topic, "http-post", WORKERS)).start()
+            services.append(server)
+            targets.append((f"evgate kafka, {WORKERS} workers", server, f"http://127.0.0.1:{server.port}/kafka", BODY,
+                            "application/json", 0.0))
         if kafka and settings.wants("strimzi"):
             try:
                 bridge = peers.strimziBridge().start()
