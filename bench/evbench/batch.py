@@ -32,7 +32,7 @@ from evbench.common import (
     say,
     table,
 )
-from evbench.publish import BODY, BRIDGE_TYPE, JVM_WARMUP, bridgeBody
+from evbench.publish import BODY, BRIDGE_TYPE, JVM_WARMUP, WORKERS, bridgeBody
 
 BATCH = 100                 # records per request, bridge and evgate alike
 BIG_BATCH = 1000            # a larger evgate batch
@@ -106,6 +106,15 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
             r = producer("websocket", settings.duration, gw, **ws)
             add(f"evgate WebSocket publish, {WS_CONNECTIONS} conns x {WS_WINDOW} in flight", r["rps"], None,
                 r["serverCpu"], r["loadCpu"], r["machineCpu"], r)
+    if settings.wants("evgate-workers"):
+        topic = kafkaTopic("batch-workers")
+        topics.append(topic)
+        with peers.evgate(peers.evgateKafkaIni(topic, "http-post", WORKERS)) as gw:
+            say(f"batch: evgate NDJSON POST, {BIG_BATCH} records per request, {WORKERS} workers")
+            r = measureWrk(gw, f"http://127.0.0.1:{gw.port}/kafka", settings, ndjsonBody(BIG_BATCH),
+                           "application/x-ndjson", connections=BATCH_CONNECTIONS)
+            add(f"evgate NDJSON POST, {BIG_BATCH} records/request, {BATCH_CONNECTIONS} conns, {WORKERS} workers",
+                r["rps"] * BIG_BATCH, r["p99"], r["serverCpu"], r["wrkCpu"], r["machineCpu"], r)
     if settings.wants("strimzi"):
         try:
             bridge = peers.strimziBridge()
