@@ -30,6 +30,28 @@ _Server = tcp.Server
 ENABLED = hasattr(socket.socket, "sendmsg")
 
 
+# The kernel's send buffer of a stream's socket.  Writing straight to the
+# socket hands a slow client's backlog to the kernel, whose buffer grows to
+# tcp_wmem's maximum (4 MiB by default) before a send comes back short: the
+# bound keeps what a client that stops reading can hold there small, so
+# that the gateway notices it (Twisted's buffer fills, the stream pauses,
+# its queue overflows, it is cut) as it did before.  Linux doubles it.
+STREAM_SEND_BUFFER = 128 * 1024
+
+
+def boundSendBuffer(transport: Any) -> None:
+    """
+    Fix the kernel send buffer of C{transport}'s socket at
+    L{STREAM_SEND_BUFFER}, for a stream written with L{writeChunk} or
+    L{writeNow} (nothing for other transports).
+    """
+    if ENABLED and type(transport) is _Server:
+        try:
+            transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+        except OSError:
+            pass
+
+
 def _idle(transport: Any) -> bool:
     # A plain TCP connection, open, with nothing waiting to be written.
     return bool(ENABLED and type(transport) is _Server and not transport._tempDataBuffer and not transport.dataBuffer

@@ -15,7 +15,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import toChunk
 
-from evgate.directwrite import writeChunk, writeNow
+from evgate.directwrite import STREAM_SEND_BUFFER, boundSendBuffer, writeChunk, writeNow
 
 
 class FakeRequest:
@@ -184,3 +184,21 @@ class WriteNowTests(TestCase):
         transport = StringTransport()
         writeNow(transport, b"data")
         self.assertEqual(transport.value(), b"data")
+
+
+class SendBufferTests(TestCase):
+    """
+    L{boundSendBuffer} fixes a stream socket's kernel send buffer.
+    """
+
+    setUp = SocketTests.setUp
+
+    def test_bounded(self) -> None:
+        """
+        The socket's send buffer is L{STREAM_SEND_BUFFER} (which Linux
+        doubles), so that a client that stops reading cannot park megabytes
+        in the kernel unnoticed.
+        """
+        boundSendBuffer(self.transport)
+        size = self.transport.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self.assertIn(size, (STREAM_SEND_BUFFER, 2 * STREAM_SEND_BUFFER))

@@ -338,9 +338,18 @@ class WebSocketTests(E2ETestCase):
         self.assertIn("the gateway is stopping", sseEvents(body)[-1]["comments"][0])
 
 
-def _readAll(sock: socket.socket) -> bytes:
+def _readAll(sock: socket.socket, within: float = 60.0) -> bytes:
+    """
+    Everything C{sock} receives until the gateway closes it, which must
+    happen within C{within} seconds (heartbeats would keep a stream that
+    is never closed going for ever).
+    """
     chunks = []
+    deadline = time.monotonic() + within
     while True:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the gateway did not close the connection within {within:g} s; "
+                                 f"last bytes: {b''.join(chunks)[-200:]!r}")
         data = sock.recv(65536)
         if not data:
             return b"".join(chunks)

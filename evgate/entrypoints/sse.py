@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from evgate.directwrite import writeChunk
+from evgate.directwrite import boundSendBuffer, writeChunk
 from evgate.entrypoints.http_get import requestCursor
 from evgate.entrypoints.streaming import StreamSubscriber, stopAll
 from evgate.errors import (
@@ -218,6 +218,8 @@ class SseSubscriber(StreamSubscriber):
         # nginx and similar proxies buffer responses unless told not to.
         request.setHeader(b"X-Accel-Buffering", b"no")
         request.registerProducer(self, True)
+        if request.channel is not None:
+            boundSendBuffer(request.channel.transport)
         if self.maxDuration > 0:
             self.later("max-duration", self.maxDuration, self._maxDurationReached)
         self.lastWrite = self.reactor.seconds()

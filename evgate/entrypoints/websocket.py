@@ -47,7 +47,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from evgate.directwrite import writeNow
+from evgate.directwrite import boundSendBuffer, writeNow
 from evgate.entrypoints.http_get import requestCursor
 from evgate.entrypoints.streaming import StreamSubscriber, stopAll
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, Forbidden, Problem
@@ -296,6 +296,7 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
             return
         self.handoff = None
         self.call = handoff.call
+        boundSendBuffer(self.transport)
         subscriber = self.subscriber = WebSocketSubscriber(self, handoff.call, self.factory.entrypoint,
                                                            self.json)
         # The HTTP channel registered itself as the transport's producer
