@@ -249,9 +249,16 @@ class _Stream:
         offsets = self.head.asDict()
         epoch = self.head.epoch
         events = []
+        append = events.append
         for message in messages:
-            offsets[message.partition] = message.offset + 1
-            events.append(Event(message, Cursor(epoch, tuple(sorted(offsets.items())))))
+            partition = message.partition
+            if len(offsets) <= 1 and (not offsets or partition in offsets):
+                # One partition (the common case): no dict to sort.
+                offsets = {partition: message.offset + 1}
+                append(Event(message, Cursor(epoch, ((partition, message.offset + 1),))))
+                continue
+            offsets[partition] = message.offset + 1
+            append(Event(message, Cursor(epoch, tuple(sorted(offsets.items())))))
         if events:
             self.head = events[-1].cursor
         return events

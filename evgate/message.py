@@ -32,6 +32,7 @@ from types import MappingProxyType
 from typing import Any, Dict, Iterable, Iterator, Mapping, NamedTuple, Optional, Tuple
 
 CURSOR_VERSION = 1
+_VERSION_BYTE = bytes([CURSOR_VERSION])
 
 
 class CursorError(ValueError):
@@ -153,16 +154,19 @@ def cursorTag(api: str, topic: str) -> bytes:
     return hashlib.sha256(f"{api}\x00{topic}".encode("utf-8")).digest()[:4]
 
 
+_SMALL_VARINTS = tuple(bytes((i,)) for i in range(128))
+
+
 def _varint(value: int) -> bytes:
+    # Every event's id is a cursor: this runs once per partition per event.
+    if value < 0x80:
+        return _SMALL_VARINTS[value]
     out = bytearray()
-    while True:
-        byte = value & 0x7F
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
         value >>= 7
-        if value:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
+    out.append(value)
+    return bytes(out)
 
 
 def _readVarint(data: bytes, index: int) -> Tuple[int, int]:
@@ -255,7 +259,7 @@ class Cursor:
         """
         The URL-safe token of this cursor for the stream named by C{tag}.
         """
-        parts = [bytes([CURSOR_VERSION]), tag, _varint(self.epoch), _varint(len(self.offsets))]
+        parts = [_VERSION_BYTE, tag, _varint(self.epoch), _varint(len(self.offsets))]
         for partition, offset in self.offsets:
             parts.append(_varint(partition))
             parts.append(_varint(offset))
