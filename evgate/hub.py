@@ -248,7 +248,7 @@ class _Stream:
         assert self.head is not None
         offsets = self.head.asDict()
         epoch = self.head.epoch
-        events = []
+        events: List[Event] = []
         append = events.append
         for message in messages:
             partition = message.partition
