@@ -29,11 +29,13 @@ class WorkerRole:
 
 
 def _tagged(observer: Any, index: int) -> Any:
-    # Every line says which worker wrote it (the primary's say "-").
+    # Every line says which worker wrote it: "[worker-1]" in text (the
+    # primary's say "-" or a namespace), "worker": 1 in JSON lines.
     system = f"worker-{index}"
 
     def observe(event: Any) -> None:
         event.setdefault("log_system", system)
+        event.setdefault("worker", index)
         observer(event)
 
     return observe
