@@ -20,10 +20,12 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 from evbench import peers
 from evbench.common import (
+    RESULTS,
     CpuMeter,
     Settings,
     checkEvgate,
     deleteTopics,
+    finishProfile,
     freePort,
     http,
     kafkaTopic,
@@ -32,6 +34,7 @@ from evbench.common import (
     ratio,
     say,
     scratch,
+    startProfile,
     table,
 )
 from evbench.fanout import PAD
@@ -126,6 +129,8 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
                     say(f"webhook: evgate, {count} subscriptions")
                     paths = [f"/evgate-{count}-{i}" for i in range(count)]
                     meter = CpuMeter(gw.pids).start()
+                    profile = os.path.join(RESULTS, "profiles", f"webhook-evgate-{count}.txt")
+                    spy = startProfile(gw, 6, profile) if settings.profile else None
                     for path in paths:
                         status, body = http("POST", f"http://127.0.0.1:{adminPort}/apis/hooks/subscriptions",
                                             json.dumps({"callbackUrl": f"http://127.0.0.1:{port}{path}",
@@ -136,6 +141,7 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
                             raise RuntimeError(f"creating a subscription answered {status}: {body[:300]!r}")
                     got = waitDelivered(port, paths, wanted, limit)
                     meter.stop()
+                    finishProfile(spy)
                     row = summarise(f"evgate webhook, {count} subscription{'s' if count > 1 else ''}", got,
                                     paths, wanted, meter)
                     rows.append(row)
