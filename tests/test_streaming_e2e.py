@@ -326,16 +326,34 @@ class WebSocketTests(E2ETestCase):
         thread = threading.Thread(target=lambda: runAsync(held, 30), daemon=True)
         thread.start()
         self.assertTrue(ready.wait(30))
-        time.sleep(0.2)
+        # The event stream is open once its first event (retry and id) came.
+        prelude = _readUntil(sse, b"retry:")
         # twistd re-raises the signal it stopped on, hence -15.
         self.assertIn(gateway.stop(), (0, -15))
         thread.join(30)
         self.assertEqual(closed.get("code"), 1013, closed)
-        data = _readAll(sse)
+        data = prelude + _readAll(sse)
         status, headers, rest = splitHead(data)
         body, ended = dechunk(rest)
         self.assertTrue(ended, "the event stream was completed, not cut")
         self.assertIn("the gateway is stopping", sseEvents(body)[-1]["comments"][0])
+
+
+def _readUntil(sock: socket.socket, needle: bytes, within: float = 30.0) -> bytes:
+    """
+    What C{sock} receives up to and including C{needle} (and whatever came
+    with it), which must come within C{within} seconds.
+    """
+    data = b""
+    deadline = time.monotonic() + within
+    while needle not in data:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{needle!r} did not come within {within:g} s; got {data[-200:]!r}")
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise AssertionError(f"the connection closed before {needle!r}; got {data[-200:]!r}")
+        data += chunk
+    return data
 
 
 def _readAll(sock: socket.socket, within: float = 60.0) -> bytes:
@@ -440,17 +458,21 @@ class SlowClientTests(E2ETestCase):
         slow = socket.socket()
         self.addCleanup(slow.close)
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.settimeout(30)
         slow.connect(("127.0.0.1", gateway.port))
         slow.sendall(request)
+        # Both streams are open once their first event came; from then on
+        # the slow client reads nothing until the end.
+        slowPrelude = _readUntil(slow, b"retry:")
 
         reader = socket.create_connection(("127.0.0.1", gateway.port), timeout=60)
         self.addCleanup(reader.close)
         reader.sendall(request)
-        received: List[bytes] = []
+        received: List[bytes] = [_readUntil(reader, b"retry:")]
         done = threading.Event()
 
         def read() -> None:
-            total = b""
+            total = b"".join(received)
             while total.count(b"event: message") < count:
                 data = reader.recv(262144)
                 if not data:
@@ -460,7 +482,6 @@ class SlowClientTests(E2ETestCase):
             done.set()
 
         threading.Thread(target=read, daemon=True).start()
-        time.sleep(0.5)
         publisher = Publisher(gateway.port)
         self.addCleanup(publisher.close)
         for i in range(count):
@@ -471,8 +492,7 @@ class SlowClientTests(E2ETestCase):
         readerEvents = [e for e in sseEvents(body) if "data" in e]
         self.assertEqual([e["data"][:5] for e in readerEvents], ["%05d" % i for i in range(count)])
 
-        slow.settimeout(30)
-        status, headers, rest = splitHead(_readAll(slow))
+        status, headers, rest = splitHead(slowPrelude + _readAll(slow))
         body, ended = dechunk(rest)
         self.assertTrue(ended, "the slow client's stream was ended by the gateway")
         events = [e for e in sseEvents(body) if "data" in e]
