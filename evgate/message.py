@@ -33,6 +33,9 @@ from typing import Any, Dict, Iterable, Iterator, Mapping, NamedTuple, Optional,
 
 CURSOR_VERSION = 1
 _VERSION_BYTE = bytes([CURSOR_VERSION])
+# The start of single-partition tokens, by (tag, epoch, partition).
+_PREFIXES: Dict[Tuple[bytes, int, int], bytes] = {}
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
 
 
 class CursorError(ValueError):
@@ -259,11 +262,26 @@ class Cursor:
         """
         The URL-safe token of this cursor for the stream named by C{tag}.
         """
-        parts = [_VERSION_BYTE, tag, _varint(self.epoch), _varint(len(self.offsets))]
-        for partition, offset in self.offsets:
-            parts.append(_varint(partition))
-            parts.append(_varint(offset))
-        return base64.urlsafe_b64encode(b"".join(parts)).rstrip(b"=").decode("ascii")
+        offsets = self.offsets
+        if len(offsets) == 1:
+            # Every event's id is a cursor: for one partition, all but the
+            # offset is the same from event to event.
+            partition, offset = offsets[0]
+            key = (tag, self.epoch, partition)
+            prefix = _PREFIXES.get(key)
+            if prefix is None:
+                if len(_PREFIXES) > 1024:
+                    _PREFIXES.clear()
+                prefix = _PREFIXES[key] = b"".join(
+                    [_VERSION_BYTE, tag, _varint(self.epoch), _varint(1), _varint(partition)])
+            raw = prefix + _varint(offset)
+        else:
+            parts = [_VERSION_BYTE, tag, _varint(self.epoch), _varint(len(offsets))]
+            for partition, offset in offsets:
+                parts.append(_varint(partition))
+                parts.append(_varint(offset))
+            raw = b"".join(parts)
+        return binascii.b2a_base64(raw, newline=False).translate(_URLSAFE).rstrip(b"=").decode("ascii")
 
     @classmethod
     def decode(cls, token: str, tag: bytes) -> "Cursor":

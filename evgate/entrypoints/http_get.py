@@ -15,6 +15,7 @@ response (L{GroupPoll}).
 from __future__ import annotations
 
 import base64
+import json
 import re
 from typing import Any, List, Optional, Tuple
 from xml.sax.saxutils import escape, quoteattr
@@ -120,6 +121,10 @@ def requestCursor(request: Request, tag: bytes, header: Optional[bytes] = None) 
         raise BadCursor(f"cursor {raw[:80].decode('latin-1')!r} cannot be used here: {e}") from None
 
 
+_quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+_json = json.JSONEncoder(separators=(",", ":")).encode
+
+
 def jsonItem(event: Event, tag: bytes) -> dict:
     """
     One item of a JSON page.
@@ -138,19 +143,41 @@ def jsonItem(event: Event, tag: bytes) -> dict:
     return item
 
 
+def jsonItemText(event: Event, tag: bytes) -> str:
+    """
+    L{jsonItem} as compact JSON text, written directly: a page holds up to
+    a thousand items, and building each as dictionaries for the generic
+    encoder took twice as long.  The text is what C{json.dumps(jsonItem(),
+    separators=(",", ":"))} gives.
+    """
+    message = event.message
+    text, encoding = contentForJSON(message.content)
+    key = message.key
+    headers = message.headers
+    extra = message.extra
+    return '{"id":"%s","key":%s,"headers":%s,"content":%s,"metadata":{"topic":%s,"partition":%d,"offset":%d,' \
+        '"timestamp":%d%s}%s}' % (
+            event.token(tag),
+            "null" if key is None else _quote(key),
+            _json(dict(headers)) if headers else "{}",
+            _quote(text),
+            _quote(message.topic), message.partition, message.offset, message.timestamp,
+            "," + _json(dict(extra))[1:-1] if extra else "",
+            ',"encoding":' + _quote(encoding) if encoding is not None else "",
+        )
+
+
 def renderPage(media: str, events: List[Event], tag: bytes, nextCursor: str, limit: int,
                gap: Optional[str]) -> bytes:
     """
     The body of one page in the negotiated C{media} type.
     """
     if media == "application/json":
-        import json
-
-        doc: dict = {"items": [jsonItem(e, tag) for e in events],
-                     "pagination": {"nextCursor": nextCursor, "limit": limit}}
+        tail: dict = {"pagination": {"nextCursor": nextCursor, "limit": limit}}
         if gap is not None:
-            doc["gap"] = gap
-        return json.dumps(doc, separators=(",", ":")).encode("utf-8")
+            tail["gap"] = gap
+        items = ",".join([jsonItemText(e, tag) for e in events])
+        return ('{"items":[' + items + "]," + _json(tail)[1:]).encode("utf-8")
     if media == "text/plain":
         return _textPage(events, tag, nextCursor, gap)
     return _xmlPage(events, tag, nextCursor, limit, gap)
