@@ -660,6 +660,35 @@ class PagingTests(SynchronousTestCase):
         self.assertEqual([u._closed for u in self.private], [True, True, False, False])
 
 
+class ItemTextTests(SynchronousTestCase):
+    """
+    The JSON page's items are written directly; they must be the text the
+    generic encoder gives for L{jsonItem}.
+    """
+
+    def test_sameAsEncoder(self) -> None:
+        """
+        Keys, headers (repeated names too), escapes, non-ASCII and astral
+        characters, binary content and endpoint metadata come out exactly
+        as C{json.dumps} writes them.
+        """
+        from evgate.entrypoints.http_get import jsonItem, jsonItemText
+        from evgate.hub import Event
+        from evgate.message import Message
+
+        messages = [
+            Message(b'{"a":1}', None, (), "t", 0, 5, 17),
+            Message('h\u00e9llo "q" \\ \n\t\x01 \u2603 \U0001f600'.encode(), 'k\u00e9y"',
+                    (("h", "v"), ("h", "w"), ("x", "\u2603")), "t/\u00e9", 3, 9, 0, {"qos": 1, "retain": False}),
+            Message(b"\xff\xfe", "k", (), "t", 0, 1, 2,
+                    {"keyEncoding": "base64", "headerEncoding": {"a": "base64"}}),
+            Message(b"", None, (), "t", 0, 1, 2, {"tombstone": True}),
+        ]
+        for message in messages:
+            event = Event(message, Cursor(0, ((message.partition, message.offset + 1),)))
+            self.assertEqual(jsonItemText(event, TAG), json.dumps(jsonItem(event, TAG), separators=(",", ":")))
+
+
 class NegotiationTests(SynchronousTestCase):
     """
     L{negotiate} follows the Accept header's preferences.
