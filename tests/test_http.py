@@ -663,7 +663,7 @@ class PagingTests(SynchronousTestCase):
 class ItemTextTests(SynchronousTestCase):
     """
     The JSON page's items are written directly; they must be the text the
-    generic encoder gives for L{jsonItem}.
+    generic encoder gives for the same members.
     """
 
     def test_sameAsEncoder(self) -> None:
@@ -672,21 +672,34 @@ class ItemTextTests(SynchronousTestCase):
         characters, binary content and endpoint metadata come out exactly
         as C{json.dumps} writes them.
         """
-        from evgate.entrypoints.http_get import jsonItem, jsonItemText
+        import base64
+
+        from evgate.entrypoints.http_get import jsonItemText
         from evgate.hub import Event
         from evgate.message import Message
 
-        messages = [
-            Message(b'{"a":1}', None, (), "t", 0, 5, 17),
-            Message('h\u00e9llo "q" \\ \n\t\x01 \u2603 \U0001f600'.encode(), 'k\u00e9y"',
-                    (("h", "v"), ("h", "w"), ("x", "\u2603")), "t/\u00e9", 3, 9, 0, {"qos": 1, "retain": False}),
-            Message(b"\xff\xfe", "k", (), "t", 0, 1, 2,
-                    {"keyEncoding": "base64", "headerEncoding": {"a": "base64"}}),
-            Message(b"", None, (), "t", 0, 1, 2, {"tombstone": True}),
+        text = 'h\u00e9llo "q" \\ \n\t\x01 \u2603 \U0001f600'
+        cases = [
+            (Message(b'{"a":1}', None, (), "t", 0, 5, 17),
+             {"key": None, "headers": {}, "content": '{"a":1}'}),
+            (Message(text.encode(), 'k\u00e9y"', (("h", "v"), ("h", "w"), ("x", "\u2603")), "t/\u00e9", 3, 9, 0,
+                     {"qos": 1, "retain": False}),
+             {"key": 'k\u00e9y"', "headers": {"h": "w", "x": "\u2603"}, "content": text}),
+            (Message(b"\xff\xfe", "k", (), "t", 0, 1, 2, {"keyEncoding": "base64", "headerEncoding": {"a": "base64"}}),
+             {"key": "k", "headers": {}, "content": base64.b64encode(b"\xff\xfe").decode(), "encoding": "base64"}),
+            (Message(b"", None, (), "t", 0, 1, 2, {"tombstone": True}),
+             {"key": None, "headers": {}, "content": ""}),
         ]
-        for message in messages:
+        for message, members in cases:
             event = Event(message, Cursor(0, ((message.partition, message.offset + 1),)))
-            self.assertEqual(jsonItemText(event, TAG), json.dumps(jsonItem(event, TAG), separators=(",", ":")))
+            expected = {"id": event.token(TAG), "key": members["key"], "headers": members["headers"],
+                        "content": members["content"],
+                        "metadata": dict({"topic": message.topic, "partition": message.partition,
+                                          "offset": message.offset, "timestamp": message.timestamp},
+                                         **message.extra)}
+            if "encoding" in members:
+                expected["encoding"] = members["encoding"]
+            self.assertEqual(jsonItemText(event, TAG), json.dumps(expected, separators=(",", ":")))
 
 
 class NegotiationTests(SynchronousTestCase):

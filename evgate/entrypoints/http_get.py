@@ -125,30 +125,14 @@ _quote = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 _json = json.JSONEncoder(separators=(",", ":")).encode
 
 
-def jsonItem(event: Event, tag: bytes) -> dict:
-    """
-    One item of a JSON page.
-    """
-    message = event.message
-    text, encoding = contentForJSON(message.content)
-    item = {
-        "id": event.token(tag),
-        "key": message.key,
-        "headers": dict(message.headers),
-        "content": text,
-        "metadata": message.metadata(),
-    }
-    if encoding is not None:
-        item["encoding"] = encoding
-    return item
-
-
 def jsonItemText(event: Event, tag: bytes) -> str:
     """
-    L{jsonItem} as compact JSON text, written directly: a page holds up to
-    a thousand items, and building each as dictionaries for the generic
-    encoder took twice as long.  The text is what C{json.dumps(jsonItem(),
-    separators=(",", ":"))} gives.
+    One item of a JSON page, as compact JSON text: C{id}, C{key},
+    C{headers}, C{content}, C{metadata} (topic, partition, offset,
+    timestamp and the endpoint's own) and C{encoding} when the content is
+    base64.  Written directly: a page holds up to a thousand items, and
+    building each as dictionaries for the generic encoder took twice as
+    long.  The text is what C{json.dumps} gives for those members.
     """
     message = event.message
     text, encoding = contentForJSON(message.content)

@@ -473,12 +473,7 @@ def _admit(limits: Limits, api: Any, entrypoint: Any, request: Any, consumer: An
     else:
         key = consumerKey(api, consumer, "requests")
         decision = limits.take(key, policies, 1)
-    if isinstance(decision, Deferred):
-        return decision.addCallback(_apply, api, request, consumer)
-    try:
-        return _apply(decision, api, request, consumer)
-    except TooManyRequests as e:
-        return fail(e)
+    return _decided(decision, api, request, consumer)
 
 
 def chargeMore(api: Any, request: Any, consumer: Any, count: int) -> Any:
@@ -496,7 +491,12 @@ def chargeMore(api: Any, request: Any, consumer: Any, count: int) -> Any:
     policies = policiesFor(api, consumer.plan)
     if not policies:
         return consumer
-    decision = limits.take(consumerKey(api, consumer, "requests"), policies, count)
+    return _decided(limits.take(consumerKey(api, consumer, "requests"), policies, count), api, request, consumer)
+
+
+def _decided(decision: Any, api: Any, request: Any, consumer: Any) -> Any:
+    # A Decision now, or a Deferred of one (Redis): the consumer, or a
+    # failure with TooManyRequests, either way as a Deferred when it was one.
     if isinstance(decision, Deferred):
         return decision.addCallback(_apply, api, request, consumer)
     try:
