@@ -125,28 +125,34 @@ class SocketTests(TestCase):
                         "the socket should have filled up")
         self.assertTrue(request.written, "later chunks should have queued behind the rest")
         expected = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in chunks)
-        received = []
+        return self.receive(len(expected)).addCallback(self.assertEqual, expected)
 
-        def drain() -> bytes:
+    def receive(self, size: int, within: float = 10.0) -> Deferred:
+        """
+        The next C{size} bytes the client receives, read without blocking
+        while the reactor runs (it writes what the transport queued), or a
+        failure after C{within} seconds.
+        """
+        received: List[bytes] = []
+
+        async def wait() -> bytes:
             self.client.setblocking(False)
-            try:
-                while True:
+            deadline = reactor.seconds() + within
+            while sum(map(len, received)) < size:
+                try:
                     data = self.client.recv(65536)
                     if not data:
                         break
                     received.append(data)
-            except BlockingIOError:
-                pass
+                    continue
+                except BlockingIOError:
+                    pass
+                if reactor.seconds() > deadline:
+                    break
+                await deferLater(reactor, 0.002, lambda: None)
             return b"".join(received)
 
-        async def wait() -> None:
-            for _ in range(5000):
-                if len(drain()) >= len(expected):
-                    return
-                await deferLater(reactor, 0.002, lambda: None)
-
-        return Deferred.fromCoroutine(wait()).addCallback(
-            lambda _: self.assertEqual(b"".join(received), expected))
+        return Deferred.fromCoroutine(wait())
 
 
 class WriteNowTests(TestCase):
@@ -156,6 +162,7 @@ class WriteNowTests(TestCase):
 
     setUp = SocketTests.setUp
     read = SocketTests.read
+    receive = SocketTests.receive
 
     def test_sentAtOnce(self) -> None:
         """
@@ -174,8 +181,7 @@ class WriteNowTests(TestCase):
         self.transport.write(b"first ")
         writeNow(self.transport, b"second")
         self.assertEqual(self.transport._tempDataBuffer, [b"first ", b"second"])
-        d = deferLater(reactor, 0.05, lambda: None)
-        return d.addCallback(lambda _: self.assertEqual(self.read(12), b"first second"))
+        return self.receive(12).addCallback(self.assertEqual, b"first second")
 
     def test_otherTransport(self) -> None:
         """
