@@ -76,7 +76,9 @@ class IConnector(Interface):
     """
 
     name = Attribute("The endpoint's name in the configuration.")
-    kind = Attribute("The endpoint type: memory, kafka or mqtt5.")
+    kind = Attribute("The endpoint type (memory, kafka, mqtt5): a label for logs, metrics and the admin API. "
+                     "Code that needs a capability asks for its interface (L{IConsumerGroups}, "
+                     "L{IHeadOffsets}, L{IRetainedLog} ...) with C{providedBy}, never by this name.")
     connected = Attribute("Whether the broker is reachable now (bool).")
 
     def publish(topic, draft, timeout):
@@ -114,6 +116,83 @@ class IConnector(Interface):
     def epoch():
         """
         The epoch this connector's cursors carry (see L{evgate.message}).
+        """
+
+
+class IHoldableSubscription(IUpstreamSubscription):
+    """
+    An upstream subscription that can stop handing batches to the reactor
+    while its broker client keeps what it already fetched (unlike
+    L{IUpstreamSubscription.pause}, which makes librdkafka drop its
+    prefetch): what a parked long-poll page uses between two pages.
+    """
+
+    def hold():
+        """
+        Keep what is read from now on instead of delivering it, until
+        L{drainHeld} or L{IUpstreamSubscription.resume}.
+        """
+
+    def drainHeld():
+        """
+        Take what was kept since L{hold}: a list of
+        L{evgate.message.Message}, possibly empty; delivery goes on.
+        """
+
+
+class IRetainedLog(Interface):
+    """
+    A connector whose broker keeps messages, so that a subscription may
+    start at an old position (a cursor, C{earliest}) and a webhook
+    subscription may be replayed: Kafka and the memory endpoint; not MQTT,
+    whose brokers keep no log.
+    """
+
+
+class IHeadOffsets(Interface):
+    """
+    A connector that can say where each partition of a topic ends, for lag
+    figures.
+    """
+
+    def headOffsets(topic):
+        """
+        The next offset of every partition of C{topic} that this node knows
+        of (a mapping of partition to offset), or L{None} when it knows
+        none yet.  Never blocks.
+        """
+
+
+class IConsumerGroups(Interface):
+    """
+    A connector whose broker keeps consumer groups and their committed
+    positions (Kafka): GET's group mode and webhook subscriptions read
+    through it so that the broker spreads partitions over nodes.
+    """
+
+    def groupPoll(topic, group, limit, timeout, start="latest"):
+        """
+        Take up to C{limit} messages of C{topic} as consumer group C{group},
+        waiting at most C{timeout} seconds for the first one.
+
+        @param start: where a group with no committed position begins:
+            C{"earliest"} or C{"latest"}.
+        @return: a Deferred of a batch whose C{commit()} stores the group's
+            position after its messages.
+        """
+
+
+class ISharedSubscriptions(Interface):
+    """
+    A connector whose broker shares one subscription among several
+    clients (MQTT 5 shared subscriptions, C{$share/GROUP/topic}): each
+    message reaches one member of the group, whichever node it runs on.
+    """
+
+    def subscribe(topic, start, sink, group=None):
+        """
+        Like L{IConnector.subscribe}; with C{group}, join that share group
+        instead of receiving every message.
         """
 
 
@@ -159,6 +238,9 @@ class IEntrypoint(Interface):
     """
 
     name = Attribute("The name used in the API's C{entrypoints} key.")
+    methods = Attribute("The HTTP methods this entrypoint serves (a tuple of bytes), for 405's C{Allow}; "
+                        "empty for an entrypoint that clients do not call (webhooks).")
+    tally = Attribute("The L{evgate.metrics.Tally} that counts this entrypoint's requests.")
 
     def accepts(request):
         """
@@ -171,6 +253,24 @@ class IEntrypoint(Interface):
         C{call} is the authenticated L{evgate.gateway.ApiCall}.
         """
 
+    def stop():
+        """
+        End what this entrypoint serves, because the node stops or the API
+        is retired by a reload: streams close with their goodbye (an SSE
+        comment, WebSocket close 1013) so that clients resume elsewhere.
+        Nothing for request/response entrypoints.
+
+        @return: L{None} or a Deferred that fires once everything ended.
+        """
+
+
+class IStreamingEntrypoint(IEntrypoint):
+    """
+    An entrypoint that keeps client streams open (SSE, WebSocket).
+    """
+
+    live = Attribute("The set of streams open now; each has a C{written} cursor (or L{None}).")
+
 
 class IPlan(Interface):
     """
@@ -178,10 +278,11 @@ class IPlan(Interface):
     """
 
     name = Attribute("The plan's name in the API's C{plans} key.")
+    challenge = Attribute("The C{WWW-Authenticate} challenge of this plan (a str), sent with a 401.")
 
     def present(request):
         """
-        Whether C{request} carries credentials of this plan.
+        Whether C{request} carries credentials of this plan, valid or not.
         """
 
     def authenticate(request):
@@ -190,7 +291,14 @@ class IPlan(Interface):
 
         @return: a Deferred firing with an L{evgate.gateway.Consumer}, or
             failing with L{evgate.errors.Unauthorized} /
-            L{evgate.errors.Forbidden}.
+            L{evgate.errors.Forbidden}.  Always a Deferred, also when the
+            answer is known at once.
+        """
+
+    def stop():
+        """
+        Release what the plan holds on the node (a listener for revoked
+        keys, a key-set refresh): called when its API is retired.
         """
 
 
