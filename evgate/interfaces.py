@@ -117,6 +117,91 @@ class IConnector(Interface):
         """
 
 
+class IConsumerGroups(Interface):
+    """
+    A connector whose broker keeps consumer groups: the broker, not the
+    gateway, remembers each group's position and shares a topic's
+    partitions among the group's members on every node.  HTTP GET's group
+    mode and webhook deliveries need it.
+    """
+
+    def groupPoll(topic, group, limit, timeout, start):
+        """
+        Read C{topic} as a member of the consumer group C{group}: up to
+        C{limit} messages, answering as soon as there is one or after
+        C{timeout} seconds.
+
+        @param start: C{"earliest"} or C{"latest"}: where a group without a
+            position starts.
+        @return: a Deferred that fires on the reactor thread with a batch
+            holding C{messages}, C{first} and C{cursor}, which the caller
+            must end with C{commit()} (the client has the messages) or
+            C{putBack()} (it has not); until then the group's other polls
+            wait.
+        """
+
+
+class IHeadOffsets(Interface):
+    """
+    A connector that knows, without asking a broker, where each partition of
+    a topic ends (for lag metrics).
+    """
+
+    def headOffsets(topic):
+        """
+        The next offset of every partition of C{topic}: a mapping of
+        partition to offset, read on the reactor thread without blocking.
+        """
+
+
+class IRetainedLog(Interface):
+    """
+    A marker: the endpoint keeps the messages of a topic after delivering
+    them, so a subscription may start at an old position (C{"earliest"} or
+    a cursor older than the live head) and be replayed from there.  An
+    endpoint without it (MQTT) starts every subscription at the live head.
+    """
+
+
+class ISharedSubscriptions(Interface):
+    """
+    A connector whose broker shares a subscription among a group of
+    subscribers (MQTT 5 shared subscriptions): each message goes to one
+    member of the group, across every gateway node.  Webhook deliveries on
+    such an endpoint read through it.
+    """
+
+    def subscribe(topic, start, sink, group=None):
+        """
+        Read C{topic} into the L{IUpstreamSink} C{sink}, as L{IConnector}
+        does, as a member of the share group C{group} when it is given.
+
+        @return: an L{IUpstreamSubscription}.
+        @raise ValueError: when C{group} is not a valid share group name.
+        """
+
+
+class IHoldableSubscription(IUpstreamSubscription):
+    """
+    An upstream subscription that can stop handing batches to its sink
+    without pausing the broker consumer, so that what the consumer fetched
+    is kept rather than fetched again (the hub parks pages with it).
+    """
+
+    def hold():
+        """
+        Stop delivering, like L{IUpstreamSubscription.pause}, but keep the
+        batches that arrive meanwhile, in order; L{resume} delivers them
+        and ends the hold.
+        """
+
+    def drainHeld():
+        """
+        Take the batches held since L{hold}, up to the first gap, as one
+        list of L{evgate.message.Message} in order.
+        """
+
+
 class ISubscriber(Interface):
     """
     A client stream attached to the hub (an SSE response, a WebSocket, a
