@@ -68,8 +68,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from evgate.config import ApiContext, ConfigError, SectionReader, apiOptionParser
+from evgate.connectors._publish import publishEach
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, PayloadTooLarge
+from evgate.ini import ApiContext, ConfigError, SectionReader, apiOptionParser
 from evgate.interfaces import IConnector, IUpstreamSink, IUpstreamSubscription
 from evgate.message import Cursor, Draft, Message, Position
 
@@ -982,8 +983,6 @@ class MqttConnector(Service):
         One L{publish} per draft, all in flight at once: MQTT has no batch
         on the wire, and paho pipelines the packets anyway.
         """
-        from evgate.connectors import publishEach
-
         return publishEach(self, topic, drafts, timeout)
 
     def _publishProperties(self, draft: Draft) -> Any:

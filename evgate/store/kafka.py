@@ -237,7 +237,7 @@ class StoreReader(ConsumerThread):
 
     def crashed(self, failure: Failure) -> None:
         super().crashed(failure)
-        self.fromThread(self.store.readerFailed, failure.getErrorMessage())
+        self.callOnReactor(self.store.readerFailed, failure.getErrorMessage())
 
     def finish(self) -> None:
         self.admin = None
@@ -307,7 +307,7 @@ class StoreReader(ConsumerThread):
         self.consumer.assign([self.tp(0, start)])
         self.nextOffset = start
         self.resolved = True
-        self.fromThread(self.store.readerResolved, start, high)
+        self.callOnReactor(self.store.readerResolved, start, high)
 
     def createTopic(self) -> None:
         """
@@ -326,7 +326,7 @@ class StoreReader(ConsumerThread):
             if error is None or error.code() != _confluent().KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
         else:
-            self.fromThread(self.store.log.info, "store: created the compacted topic {topic}", topic=self.topic)
+            self.callOnReactor(self.store.log.info, "store: created the compacted topic {topic}", topic=self.topic)
         # The broker's metadata may lag behind the creation for a moment.
         self.retryAt = self.now() + 0.2
 
@@ -364,7 +364,7 @@ class StoreReader(ConsumerThread):
                         self.nextOffset = record.offset()
                     moved = True
                 else:
-                    self.recordError(error)
+                    self.recordError(record, error)
                 continue
             batch.append((record.offset(), record.key(), record.value(), record.headers()))
             self.nextOffset = record.offset() + 1
@@ -381,23 +381,23 @@ class StoreReader(ConsumerThread):
         Hand the waiting batch to the store (its credit is taken).
         """
         batch, self.batch = self.batch, None
-        self.fromThread(self.store.readerBatch, self, batch, self.nextOffset)
+        self.callOnReactor(self.store.readerBatch, self, batch, self.nextOffset)
 
-    def recordError(self, error: Any) -> None:
+    def refused(self, error: Any) -> Problem:
+        return EndpointUnavailable(f"Kafka refuses to let the gateway read the store's topic {self.topic}: "
+                                   f"{error.str()}")
+
+    def ownRecordError(self, record: Any, error: Any, code: int) -> bool:
         """
-        React to an error the consumer returned in place of a record.
+        The topic being gone ends the reader: this node goes on with the
+        records it has.
         """
-        code = error.code()
-        known = codes()
-        if code in (known.ALL_BROKERS_DOWN, known.TRANSPORT):
-            self.connector.observeBroker(False, error.str())
-        elif code in known.NOT_AUTHORIZED:
-            raise EndpointUnavailable(f"Kafka refuses to let the gateway read the store's topic {self.topic}: "
-                                      f"{error.str()}")
-        elif code in known.UNKNOWN_TOPIC:
+        if code in codes().UNKNOWN_TOPIC:
             raise EndpointUnavailable(f"the store's topic {self.topic} is gone")
-        else:
-            self.fromThread(self.log.warn, "store: reading {topic}: {error}", topic=self.topic, error=error.str())
+        return False
+
+    def warnRecordError(self, error: Any) -> None:
+        self.callOnReactor(self.log.warn, "store: reading {topic}: {error}", topic=self.topic, error=error.str())
 
 
 @implementer(IWatchableStore)
