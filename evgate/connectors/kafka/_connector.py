@@ -249,6 +249,19 @@ class KafkaConnector(Service):
         """
         Enqueue C{draft} on the shared producer; the Deferred fires on the
         reactor thread with the L{Position} of the delivery report.
+
+        Timeouts: this method owns the publish's timeout on the connector
+        side.  Its timer fails the Deferred after C{timeout} seconds with
+        L{EndpointTimeout} (504: the message may or may not have been
+        stored), or L{EndpointUnavailable} (503) while the broker is
+        unreachable; a delivery report that comes later is dropped.
+        librdkafka's C{message.timeout.ms} is not a second timeout for the
+        caller but the bound on how long librdkafka keeps trying: when it
+        passes first, the report says so and the publish fails at once
+        with the same problems (see L{problemFor}).  Keep it below
+        C{timeout} (evgate's default is 5 s; a longer one is warned about
+        once) so that a publish to a broker that is down is answered 503
+        from librdkafka's own knowledge rather than 504 from the timer.
         """
         producer = self.producerThread
         if producer is None or self._stopping:
