@@ -119,80 +119,88 @@ class IConnector(Interface):
         """
 
 
-class IHoldableSubscription(IUpstreamSubscription):
+class IConsumerGroups(Interface):
     """
-    An upstream subscription that can stop handing batches to the reactor
-    while its broker client keeps what it already fetched (unlike
-    L{IUpstreamSubscription.pause}, which makes librdkafka drop its
-    prefetch): what a parked long-poll page uses between two pages.
+    A connector whose broker keeps consumer groups: the broker, not the
+    gateway, remembers each group's position and shares a topic's
+    partitions among the group's members on every node.  HTTP GET's group
+    mode and webhook deliveries need it.
     """
 
-    def hold():
+    def groupPoll(topic, group, limit, timeout, start):
         """
-        Keep what is read from now on instead of delivering it, until
-        L{drainHeld} or L{IUpstreamSubscription.resume}.
+        Read C{topic} as a member of the consumer group C{group}: up to
+        C{limit} messages, answering as soon as there is one or after
+        C{timeout} seconds.
+
+        @param start: C{"earliest"} or C{"latest"}: where a group without a
+            position starts.
+        @return: a Deferred that fires on the reactor thread with a batch
+            holding C{messages}, C{first} and C{cursor}, which the caller
+            must end with C{commit()} (the client has the messages) or
+            C{putBack()} (it has not); until then the group's other polls
+            wait.
         """
 
-    def drainHeld():
+
+class IHeadOffsets(Interface):
+    """
+    A connector that knows, without asking a broker, where each partition of
+    a topic ends (for lag metrics).
+    """
+
+    def headOffsets(topic):
         """
-        Take what was kept since L{hold}: a list of
-        L{evgate.message.Message}, possibly empty; delivery goes on.
+        The next offset of every partition of C{topic}: a mapping of
+        partition to offset, read on the reactor thread without blocking.
         """
 
 
 class IRetainedLog(Interface):
     """
-    A connector whose broker keeps messages, so that a subscription may
-    start at an old position (a cursor, C{earliest}) and a webhook
-    subscription may be replayed: Kafka and the memory endpoint; not MQTT,
-    whose brokers keep no log.
+    A marker: the endpoint keeps the messages of a topic after delivering
+    them, so a subscription may start at an old position (C{"earliest"} or
+    a cursor older than the live head) and be replayed from there.  An
+    endpoint without it (MQTT) starts every subscription at the live head.
     """
-
-
-class IHeadOffsets(Interface):
-    """
-    A connector that can say where each partition of a topic ends, for lag
-    figures.
-    """
-
-    def headOffsets(topic):
-        """
-        The next offset of every partition of C{topic} that this node knows
-        of (a mapping of partition to offset), or L{None} when it knows
-        none yet.  Never blocks.
-        """
-
-
-class IConsumerGroups(Interface):
-    """
-    A connector whose broker keeps consumer groups and their committed
-    positions (Kafka): GET's group mode and webhook subscriptions read
-    through it so that the broker spreads partitions over nodes.
-    """
-
-    def groupPoll(topic, group, limit, timeout, start="latest"):
-        """
-        Take up to C{limit} messages of C{topic} as consumer group C{group},
-        waiting at most C{timeout} seconds for the first one.
-
-        @param start: where a group with no committed position begins:
-            C{"earliest"} or C{"latest"}.
-        @return: a Deferred of a batch whose C{commit()} stores the group's
-            position after its messages.
-        """
 
 
 class ISharedSubscriptions(Interface):
     """
-    A connector whose broker shares one subscription among several
-    clients (MQTT 5 shared subscriptions, C{$share/GROUP/topic}): each
-    message reaches one member of the group, whichever node it runs on.
+    A connector whose broker shares a subscription among a group of
+    subscribers (MQTT 5 shared subscriptions): each message goes to one
+    member of the group, across every gateway node.  Webhook deliveries on
+    such an endpoint read through it.
     """
 
     def subscribe(topic, start, sink, group=None):
         """
-        Like L{IConnector.subscribe}; with C{group}, join that share group
-        instead of receiving every message.
+        Read C{topic} into the L{IUpstreamSink} C{sink}, as L{IConnector}
+        does, as a member of the share group C{group} when it is given.
+
+        @return: an L{IUpstreamSubscription}.
+        @raise ValueError: when C{group} is not a valid share group name.
+        """
+
+
+class IHoldableSubscription(IUpstreamSubscription):
+    """
+    An upstream subscription that can stop handing batches to its sink
+    without pausing the broker consumer, so that what the consumer fetched
+    is kept rather than fetched again (the hub parks pages with it).
+    """
+
+    def hold():
+        """
+        Stop delivering, like L{IUpstreamSubscription.pause}, but keep the
+        batches that arrive meanwhile, in order; L{resume} delivers them
+        and ends the hold.
+        """
+
+    def drainHeld():
+        """
+        Take the batches held since L{hold}, up to the first gap, as one
+        list of L{evgate.message.Message} in order.
         """
 
 

@@ -18,10 +18,11 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface.verify import verifyObject
+from zope.interface.verify import verifyClass, verifyObject
 
 from evgate.config import ConfigError, SectionReader, parseConfig
 from evgate.connectors.kafka import (
+    AssignedReader,
     GroupBatch,
     KafkaConnector,
     consumerSettings,
@@ -30,7 +31,15 @@ from evgate.connectors.kafka import (
     toMessage,
 )
 from evgate.errors import EndpointTimeout, EndpointUnavailable, PayloadTooLarge
-from evgate.interfaces import IConnector, IUpstreamSubscription
+from evgate.interfaces import (
+    IConnector,
+    IConsumerGroups,
+    IHeadOffsets,
+    IHoldableSubscription,
+    IRetainedLog,
+    ISharedSubscriptions,
+    IUpstreamSubscription,
+)
 from evgate.message import Cursor, Draft, Message, Position, cursorTag
 
 from .helpers import memoryGateway
@@ -427,6 +436,40 @@ class ConnectorTestCase(SynchronousTestCase):
 
 
 # ----------------------------------------------------------------- options
+
+
+class CapabilityTests(ConnectorTestCase):
+    """
+    The interfaces the Kafka connector and its readers declare, and those
+    they do not.
+    """
+
+    def test_connectorCapabilities(self) -> None:
+        """
+        The connector provides L{IConnector}, L{IConsumerGroups} and
+        L{IRetainedLog}, class and instance alike.
+        """
+        for interface in (IConnector, IConsumerGroups, IRetainedLog):
+            verifyClass(interface, KafkaConnector)
+            verifyObject(interface, self.connector)
+
+    def test_notCapabilities(self) -> None:
+        """
+        Kafka cannot say where a topic ends without asking a broker, and
+        has no share groups: the connector does not claim either.
+        """
+        self.assertFalse(IHeadOffsets.providedBy(self.connector))
+        self.assertFalse(ISharedSubscriptions.providedBy(self.connector))
+
+    def test_holdableReader(self) -> None:
+        """
+        The connector's upstream subscription provides
+        L{IHoldableSubscription} (and so L{IUpstreamSubscription}).
+        """
+        verifyClass(IHoldableSubscription, AssignedReader)
+        reader = self.subscribe()
+        verifyObject(IHoldableSubscription, reader)
+        verifyObject(IUpstreamSubscription, reader)
 
 
 class ParseOptionsTests(SynchronousTestCase):

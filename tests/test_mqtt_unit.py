@@ -26,7 +26,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
-from zope.interface.verify import verifyObject
+from zope.interface.verify import verifyClass, verifyObject
 
 from evgate.config import ConfigError, SectionReader, parseConfig
 from evgate.connectors import mqtt
@@ -39,7 +39,15 @@ from evgate.connectors.mqtt import (
     parseOptions,
 )
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, PayloadTooLarge
-from evgate.interfaces import IConnector, IUpstreamSink, IUpstreamSubscription
+from evgate.interfaces import (
+    IConnector,
+    IConsumerGroups,
+    IHoldableSubscription,
+    IRetainedLog,
+    ISharedSubscriptions,
+    IUpstreamSink,
+    IUpstreamSubscription,
+)
 from evgate.message import Cursor, Draft, Message, Position
 
 EPOCH = 7
@@ -356,6 +364,30 @@ class ConnectorTestMixin:
     def tearDown(self) -> None:
         self.assertEqual(self.reactor.violations, [], "Twisted was used from the library thread")
         self.assertEqual(self.libraryLogs, [], "something logged from the library thread")
+
+
+class CapabilityTests(ConnectorTestMixin, SynchronousTestCase):
+    """
+    The interfaces the MQTT connector declares, and those it does not.
+    """
+
+    def test_connectorCapabilities(self) -> None:
+        """
+        The connector provides L{IConnector} and L{ISharedSubscriptions}
+        (the share groups of webhook deliveries), class and instance alike.
+        """
+        for interface in (IConnector, ISharedSubscriptions):
+            verifyClass(interface, MqttConnector)
+            verifyObject(interface, self.connector)
+
+    def test_notCapabilities(self) -> None:
+        """
+        An MQTT broker keeps no log and no consumer groups, and its
+        subscriptions cannot hold: none of those is claimed.
+        """
+        self.assertFalse(IRetainedLog.providedBy(self.connector))
+        self.assertFalse(IConsumerGroups.providedBy(self.connector))
+        self.assertFalse(IHoldableSubscription.implementedBy(MqttSubscription))
 
 
 class BridgeTests(ConnectorTestMixin, SynchronousTestCase):

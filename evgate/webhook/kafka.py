@@ -31,7 +31,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from evgate.connectors.kafka import GroupBatch, consumerSettings
 from evgate.message import Cursor
+from evgate.threads import deferToOwnThread
 from evgate.webhook.feeds import eventsOf, offerFiltered
 
 # Messages taken from the group per poll: a crash delivers at most this many
@@ -58,38 +60,28 @@ def seedGroup(connector: Any, topic: str, groupId: str, offsets: Mapping[int, in
 
     @return: a Deferred firing on the reactor with C{"seeded"} or C{"kept"}.
     """
-    from evgate.connectors.kafka import consumerSettings
-
-    d: Deferred = Deferred()
     timeout = connector.options["request-timeout"]
     clients = connector.clients
 
-    def work() -> None:
+    def work() -> str:
+        config: Dict[str, Any] = consumerSettings(connector.options["librdkafka"], groupId, "earliest")
+        # librdkafka's log lines and errors go where the connector's go,
+        # never straight to standard error.
+        config["logger"] = connector.librdkafkaLog
+        config["error_cb"] = connector.onClientError
+        consumer = clients.consumer(config)
         try:
-            config: Dict[str, Any] = consumerSettings(connector.options["librdkafka"], groupId, "earliest")
-            # librdkafka's log lines and errors go where the connector's go,
-            # never straight to standard error.
-            config["logger"] = connector.librdkafkaLog
-            config["error_cb"] = connector.onClientError
-            consumer = clients.consumer(config)
-            try:
-                wanted = [clients.topicPartition(topic, p) for p in sorted(offsets)]
-                committed = consumer.committed(wanted, timeout=timeout)
-                if any(tp.offset >= 0 for tp in committed):
-                    result = "kept"
-                else:
-                    consumer.commit(offsets=[clients.topicPartition(topic, p, o) for p, o in sorted(offsets.items())],
-                                    asynchronous=False)
-                    result = "seeded"
-            finally:
-                consumer.close()
-        except Exception:
-            connector.fromThread(d.errback, Failure())
-        else:
-            connector.fromThread(d.callback, result)
+            wanted = [clients.topicPartition(topic, p) for p in sorted(offsets)]
+            committed = consumer.committed(wanted, timeout=timeout)
+            if any(tp.offset >= 0 for tp in committed):
+                return "kept"
+            consumer.commit(offsets=[clients.topicPartition(topic, p, o) for p, o in sorted(offsets.items())],
+                            asynchronous=False)
+            return "seeded"
+        finally:
+            consumer.close()
 
-    connector.startThread(work, f"evgate-kafka-seed-{groupId}")
-    return d
+    return deferToOwnThread(connector.reactor, work, f"evgate-kafka-seed-{groupId}", connector.startThread)
 
 
 class KafkaGroupFeed:
@@ -224,8 +216,6 @@ class KafkaGroupFeed:
         batch, self.batch = self.batch, None
         if batch is None:
             return
-        from evgate.connectors.kafka import GroupBatch
-
         position = self.deliverer.position
         settled = [m for m in batch.messages
                    if position is not None and (position.get(m.partition) or 0) > m.offset]

@@ -1,0 +1,178 @@
+"""
+What every Kafka client thread shares: the client factory, librdkafka's
+error codes, the conversion of a record to a L{Message}, and librdkafka's
+log lines.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Tuple
+
+from twisted.logger import Logger, LogLevel
+
+from evgate.connectors.kafka._options import _confluent
+from evgate.message import NO_EXTRA, Message
+from evgate.threads import callOnReactor
+
+if TYPE_CHECKING:
+    from evgate.connectors.kafka._connector import KafkaConnector
+
+
+class ConfluentClients:
+    """
+    Makes the real confluent-kafka clients (tests give a fake instead).
+    """
+
+    def producer(self, config: Mapping[str, Any]) -> Any:
+        """
+        A new C{confluent_kafka.Producer}.
+        """
+        return _confluent().Producer(dict(config))
+
+    def consumer(self, config: Mapping[str, Any]) -> Any:
+        """
+        A new C{confluent_kafka.Consumer}.
+        """
+        return _confluent().Consumer(dict(config))
+
+    def topicPartition(self, topic: str, partition: int, offset: Optional[int] = None) -> Any:
+        """
+        A C{confluent_kafka.TopicPartition}.
+        """
+        ck = _confluent()
+        if offset is None:
+            return ck.TopicPartition(topic, partition)
+        return ck.TopicPartition(topic, partition, offset)
+
+
+class _Codes:
+    """
+    librdkafka error codes, looked up once confluent-kafka is imported.
+    """
+
+    def __init__(self) -> None:
+        error = _confluent().KafkaError
+        self.ALL_BROKERS_DOWN = error._ALL_BROKERS_DOWN
+        self.TRANSPORT = error._TRANSPORT
+        self.AUTHENTICATION = error._AUTHENTICATION
+        self.MSG_TIMED_OUT = error._MSG_TIMED_OUT
+        self.MSG_SIZE_TOO_LARGE = (error.MSG_SIZE_TOO_LARGE,)
+        self.AUTO_OFFSET_RESET = error._AUTO_OFFSET_RESET
+        self.PARTITION_EOF = error._PARTITION_EOF
+        self.UNKNOWN_TOPIC = (error.UNKNOWN_TOPIC_OR_PART, error._UNKNOWN_TOPIC, error._UNKNOWN_PARTITION)
+        self.NOT_AUTHORIZED = (error.TOPIC_AUTHORIZATION_FAILED, error.GROUP_AUTHORIZATION_FAILED)
+        self.PURGED = (error._PURGE_QUEUE, error._PURGE_INFLIGHT)
+
+
+_codes: Optional[_Codes] = None
+
+
+def codes() -> _Codes:
+    """
+    The librdkafka error codes evgate reacts to.
+    """
+    global _codes
+    if _codes is None:
+        _codes = _Codes()
+    return _codes
+
+
+def kafkaError(exception: BaseException) -> Any:
+    """
+    The C{KafkaError} a C{KafkaException} carries, or L{None}.
+    """
+    if exception.args and hasattr(exception.args[0], "code"):
+        return exception.args[0]
+    return None
+
+
+def toMessage(record: Any) -> Message:
+    """
+    The L{Message} of a record consumed from Kafka.
+
+    Kafka keys and header values are bytes.  Those that are UTF-8 become
+    text; the others are given as base64, and the metadata says so:
+    C{keyEncoding: "base64"}, and C{headerEncoding: {name: "base64"}}.  A
+    null header value becomes C{""}; a null value (a tombstone) becomes empty
+    content with C{tombstone: true}.
+    """
+    extra: Optional[Dict[str, Any]] = None
+    rawKey = record.key()
+    key: Optional[str] = None
+    if rawKey is not None:
+        try:
+            key = rawKey.decode("utf-8")
+        except UnicodeDecodeError:
+            key = base64.b64encode(rawKey).decode("ascii")
+            extra = {"keyEncoding": "base64"}
+    headers: List[Tuple[str, str]] = []
+    for name, raw in record.headers() or ():
+        if raw is None:
+            headers.append((name, ""))
+            continue
+        try:
+            headers.append((name, raw.decode("utf-8")))
+        except UnicodeDecodeError:
+            headers.append((name, base64.b64encode(raw).decode("ascii")))
+            if extra is None:
+                extra = {}
+            extra.setdefault("headerEncoding", {})[name] = "base64"
+    content = record.value()
+    if content is None:
+        content = b""
+        if extra is None:
+            extra = {}
+        extra["tombstone"] = True
+    kind, stamp = record.timestamp()
+    # Positional: a named tuple is built faster so, once per record read.
+    return Message(content, key, tuple(headers), record.topic(), record.partition(), record.offset(),
+                   stamp if kind and stamp >= 0 else 0, extra if extra is not None else NO_EXTRA)
+
+
+class LibrdkafkaLog:
+    """
+    librdkafka's log lines, re-emitted on the reactor thread by the Twisted
+    logger, with repeats of the same line dropped for a minute (librdkafka
+    repeats itself a lot while a broker is down, and warns once per client
+    about properties of the other client type).
+    """
+
+    # Not "log": confluent-kafka calls this object's log() method.
+    twistedLog = Logger()
+
+    def __init__(self, connector: "KafkaConnector") -> None:
+        self.connector = connector
+        self.seen: Dict[str, float] = {}
+
+    def log_(self, level: int, text: str) -> None:
+        # The instance name ("[rdkafka#consumer-7]") differs between
+        # clients; without it, repeats from all of them look alike.
+        key = re.sub(r"\[rdkafka#[a-z]+-\d+\]\s*", "", text)
+        now = time.monotonic()
+        last = self.seen.get(key)
+        if last is not None and now - last < 60:
+            return
+        if len(self.seen) > 1000:
+            self.seen.clear()
+        self.seen[key] = now
+        if level >= 40:
+            twisted = LogLevel.error
+        elif level >= 30:
+            twisted = LogLevel.warn
+        elif level >= 20:
+            twisted = LogLevel.info
+        else:
+            twisted = LogLevel.debug
+        callOnReactor(self.connector.reactor, self.twistedLog.emit, twisted, "Kafka endpoint {endpoint}: {line}",
+                      endpoint=self.connector.name, line=key)
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        # confluent-kafka's logger protocol (logging.Logger.log); called by
+        # the client's own thread, inside poll().
+        try:
+            self.log_(level, fmt % args if args else fmt)
+        except Exception:  # a log line must never break a client thread
+            pass

@@ -1,0 +1,423 @@
+"""
+Group mode: a member of a consumer group reading one topic, polled by HTTP
+GET's group mode and webhook deliveries.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+from twisted.internet.defer import Deferred, DeferredLock
+from twisted.python.failure import Failure
+
+from evgate.connectors.kafka._client import toMessage
+from evgate.connectors.kafka._consumer import ConsumerThread
+from evgate.connectors.kafka._options import _kafkaReason, consumerSettings
+from evgate.errors import EndpointUnavailable, Problem
+from evgate.message import Cursor, Message
+
+if TYPE_CHECKING:
+    from evgate.connectors.kafka._connector import KafkaConnector
+
+
+class TakeRequest:
+    """
+    One group-mode poll, shared by the reactor and the owner thread: the
+    reactor may abandon it (its own deadline passed), and the thread then
+    keeps what it read.
+    """
+
+    _ids = itertools.count(1)
+
+    def __init__(self, limit: int, timeout: float) -> None:
+        self.id = next(self._ids)
+        self.limit = limit
+        self.timeout = timeout
+        self.abandoned = False
+
+
+class GroupBatch:
+    """
+    What a group-mode poll read: C{messages}, the cursor C{first} that
+    resumes at the first of them and the cursor C{cursor} that resumes
+    after them (both over the partitions this reader owns).
+
+    The caller must end it with L{commit} (the messages reached the client:
+    the group's position moves past them) or L{putBack} (they did not: the
+    next poll of the group returns them again).  Until then the group's
+    other polls wait.
+    """
+
+    def __init__(self, reader: Optional["GroupReader"], messages: List[Message], first: Cursor,
+                 cursor: Cursor) -> None:
+        self.reader = reader
+        self.messages = messages
+        self.first = first
+        self.cursor = cursor
+        self.ended = False
+
+    def commit(self) -> Deferred:
+        """
+        Commit the group's position past C{messages} (on the reader's
+        thread, synchronously there).  The Deferred fires once the commit
+        has ended; a refusal is logged, and the group reads those messages
+        again, as at-least-once allows.
+        """
+        if self.ended or self.reader is None:
+            self.ended = True
+            d: Deferred = Deferred()
+            d.callback(None)
+            return d
+        self.ended = True
+        offsets: Dict[int, int] = {}
+        for message in self.messages:
+            offsets[message.partition] = max(offsets.get(message.partition, 0), message.offset + 1)
+        return self.reader.commit(offsets)
+
+    def putBack(self) -> None:
+        """
+        Give the messages back: the group's next poll returns them first.
+        """
+        if self.ended or self.reader is None:
+            self.ended = True
+            return
+        self.ended = True
+        self.reader.putBack(self.messages)
+
+
+class GroupReader(ConsumerThread):
+    """
+    A member of one consumer group reading one topic, for HTTP GET's group
+    mode (the webhook entrypoint can reuse it: same thread model, group
+    membership and commits).
+
+    Between polls the thread keeps polling (so that the group's rebalances
+    go on) into a buffer of about C{batch-size} records; when the buffer is
+    full it takes one record per turn at most.  A poll takes from the
+    buffer first.
+    A rebalance that takes partitions away drops their buffered records:
+    their new owner reads them from the committed position.
+    """
+
+    kind = "group"
+
+    def __init__(self, connector: "KafkaConnector", topic: str, group: str, start: str) -> None:
+        super().__init__(connector, topic, consumerSettings(connector.options["librdkafka"], group, start))
+        self.group = group
+        self.lock = DeferredLock()
+        self.idleCall: Any = None
+        self.lastCursor = Cursor()
+        # reactor-side pending polls and commits
+        self.requests: Dict[int, Tuple[Deferred, Any]] = {}
+        self.commits: Dict[int, Deferred] = {}
+        self._commitIds = itertools.count(1)
+        # owner-thread state
+        self.buffer: List[Message] = []
+        self.assigned: Set[int] = set()
+        self.fetchPaused = False
+        self.pendingTake: Optional[TakeRequest] = None
+        self.takeDeadline = 0.0
+
+    # the reactor side
+
+    def take(self, limit: int, timeout: float) -> Deferred:
+        """
+        Up to C{limit} messages, waiting up to C{timeout} seconds for the
+        first; a Deferred of a L{GroupBatch}.  The caller holds L{lock}.
+        """
+        request = TakeRequest(limit, timeout)
+        d: Deferred = Deferred()
+        # The thread answers within its deadline unless it is stuck on a
+        # broker request; then the poll fails rather than hang.
+        guard = self.connector.reactor.callLater(timeout + self.requestTimeout + 1.0, self.abandon, request)
+        self.requests[request.id] = (d, guard)
+        self.send("take", request)
+        return d
+
+    def abandon(self, request: TakeRequest) -> None:
+        """
+        The thread did not answer C{request} in time.
+        """
+        request.abandoned = True
+        entry = self.requests.pop(request.id, None)
+        if entry is not None:
+            entry[0].errback(EndpointUnavailable(
+                f"Kafka did not answer the poll of consumer group {self.group} in time",
+                retryAfter=self.connector.retryAfter))
+
+    def taken(self, requestId: int, messages: List[Message], first: Cursor, cursor: Cursor) -> None:
+        """
+        On the reactor: the thread's answer to a take.
+        """
+        entry = self.requests.pop(requestId, None)
+        if entry is None:
+            # Abandoned meanwhile: nobody will see these; read them again.
+            if messages:
+                self.send("putBack", messages)
+            return
+        d, guard = entry
+        if guard.active():
+            guard.cancel()
+        self.lastCursor = cursor
+        d.callback(GroupBatch(self, messages, first, cursor))
+
+    def tookFailed(self, requestId: int, failure: Failure) -> None:
+        """
+        On the reactor: the thread could not read for a take.
+        """
+        entry = self.requests.pop(requestId, None)
+        if entry is not None:
+            if entry[1].active():
+                entry[1].cancel()
+            entry[0].errback(failure)
+
+    def commit(self, offsets: Mapping[int, int]) -> Deferred:
+        """
+        Commit C{offsets} (partition to next offset) on the thread, then
+        release the poll lock.
+        """
+        d: Deferred = Deferred()
+        if not offsets:
+            self.release()
+            d.callback(None)
+            return d
+        commitId = next(self._commitIds)
+        self.commits[commitId] = d
+        self.send("commit", commitId, dict(offsets))
+        d.addErrback(self._commitFailed)
+        d.addBoth(self._released)
+        return d
+
+    def committed(self, commitId: int, error: Optional[str]) -> None:
+        """
+        On the reactor: a commit finished, with C{error} if it failed.
+        """
+        d = self.commits.pop(commitId, None)
+        if d is None:
+            return
+        if error is None:
+            d.callback(None)
+        else:
+            d.errback(EndpointUnavailable(f"committing the position of consumer group {self.group} failed: "
+                                          f"{error}", retryAfter=self.connector.retryAfter))
+
+    def _commitFailed(self, failure: Failure) -> None:
+        self.log.warn("Kafka endpoint {endpoint}: {reason}; the group reads those messages again",
+                      endpoint=self.connector.name, reason=failure.getErrorMessage())
+
+    def _released(self, result: Any) -> Any:
+        self.release()
+        return result
+
+    def putBack(self, messages: List[Message]) -> None:
+        """
+        Return C{messages} to the front of the buffer, and release the poll
+        lock.
+        """
+        if messages:
+            self.send("putBack", messages)
+        self.release()
+
+    def release(self) -> None:
+        """
+        The poll that held the lock has ended; idle time starts.
+        """
+        if self.lock.locked:
+            self.lock.release()
+        self.touch()
+
+    def touch(self) -> None:
+        """
+        (Re)start the idle timer.
+        """
+        if self.idleCall is not None and self.idleCall.active():
+            self.idleCall.cancel()
+        self.idleCall = None
+        if self.stopped:
+            return
+        self.idleCall = self.connector.reactor.callLater(
+            self.connector.options["group-idle-timeout"], self.idle)
+
+    def idle(self) -> None:
+        """
+        Nobody polled for C{group-idle-timeout}: leave the group.
+        """
+        self.idleCall = None
+        if self.lock.locked or self.lock.waiting:
+            self.touch()
+            return
+        self.close()
+
+    def close(self) -> None:
+        """
+        Leave the group and end the thread.  Idempotent.
+        """
+        if self.idleCall is not None and self.idleCall.active():
+            self.idleCall.cancel()
+        self.idleCall = None
+        self.connector.groupClosing(self)
+        for requestId in list(self.requests):
+            self.tookFailed(requestId, Failure(EndpointUnavailable(
+                "the consumer group reader is closing", retryAfter=self.connector.retryAfter)))
+        self.stop()
+
+    # the owner thread
+
+    def open(self) -> None:
+        super().open()
+        self.consumer.subscribe([self.topic], on_assign=self.onAssign, on_revoke=self.onRevoke,
+                                on_lost=self.onRevoke)
+
+    def onAssign(self, consumer: Any, partitions: Sequence[Any]) -> None:
+        """
+        Rebalance (on this thread, inside poll): partitions are ours now.
+        """
+        self.assigned.update(tp.partition for tp in partitions)
+        self.connector.observeBroker(True)
+
+    def onRevoke(self, consumer: Any, partitions: Sequence[Any]) -> None:
+        """
+        Rebalance: partitions are taken away; their buffered records are
+        dropped (the new owner reads them from the committed position).
+        """
+        gone = {tp.partition for tp in partitions}
+        self.assigned -= gone
+        self.buffer = [m for m in self.buffer if m.partition not in gone]
+
+    def step(self) -> None:
+        request = self.pendingTake
+        if request is not None:
+            self.serveTake(request)
+            return
+        # Nobody waits for records now (librdkafka fetches them meanwhile):
+        # take what is there, serving rebalances, then sleep on the command
+        # queue, so that the next take or commit starts at once rather than
+        # after a blocking poll.  A full buffer still polls, for the group's
+        # sake, taking one record per turn at most; the partitions are never
+        # paused, which would drop what librdkafka prefetched and cost the
+        # next take a fetch (fetch.wait.max.ms, 500 ms by default).
+        self.pollInto(0.0)
+        self.runCommands(self.pollTimeout)
+
+    def pollInto(self, timeout: float, upTo: int = 0) -> None:
+        """
+        Poll once (serving rebalances), waiting at most C{timeout} for a
+        record, then take what else is there at once, up to the buffer's
+        bound (or C{upTo}, for a take that wants more); buffer the records.
+        """
+        record = self.consumer.poll(timeout)
+        if record is None:
+            return
+        records = [record]
+        room = max(self.batchSize, upTo) - len(self.buffer) - 1
+        if room > 0:
+            records.extend(self.consumer.consume(room, 0))
+        for record in records:
+            error = record.error()
+            if error is None:
+                self.buffer.append(toMessage(record))
+            else:
+                self.recordError(record, error)
+        if len(self.buffer):
+            self.connector.observeBroker(True)
+
+    def refused(self, error: Any) -> Problem:
+        return EndpointUnavailable(f"Kafka refuses consumer group {self.group} on topic {self.topic}: "
+                                   f"{error.str()}", retryAfter=self.connector.retryAfter)
+
+    def warnRecordError(self, error: Any) -> None:
+        self.callOnReactor(self.log.warn, "Kafka endpoint {endpoint}: group {group}: {error}",
+                           endpoint=self.connector.name, group=self.group, error=error.str())
+
+    def do_take(self, request: TakeRequest) -> None:
+        """
+        Command: take up to C{request.limit} messages, as soon as there is
+        one or at the request's timeout.  The take stays pending over the
+        following steps, which poll for it (and still serve commands).
+        """
+        if self.pendingTake is not None:
+            # Only one take at a time reaches a reader (the poll lock); an
+            # earlier one was abandoned by the reactor.
+            self.pendingTake.abandoned = True
+        self.pendingTake = request
+        self.takeDeadline = self.now() + request.timeout
+        if len(self.buffer) < request.limit:
+            # What librdkafka already has fills the page up to its limit.
+            try:
+                self.pollInto(0.0, request.limit)
+            except Exception:
+                self.pendingTake = None
+                self.callOnReactor(self.tookFailed, request.id, Failure())
+                return
+        if not self.buffer and request.limit > 0:
+            self.serveTake(request, 0.0)
+        else:
+            self.answerTake(request)
+
+    def serveTake(self, request: TakeRequest, wait: Optional[float] = None) -> None:
+        """
+        Poll for the pending take; answer it once there is a message or its
+        time is up.
+        """
+        if request.abandoned:
+            self.pendingTake = None
+            return
+        left = self.takeDeadline - self.now()
+        try:
+            self.pollInto(max(0.0, min(self.pollTimeout if wait is None else wait, left)))
+        except Exception:
+            self.pendingTake = None
+            self.callOnReactor(self.tookFailed, request.id, Failure())
+            return
+        if self.buffer or left <= 0 or self.stopRequested.is_set():
+            self.answerTake(request)
+
+    def answerTake(self, request: TakeRequest) -> None:
+        """
+        Hand the pending take its messages.
+        """
+        self.pendingTake = None
+        taken, self.buffer = self.buffer[:request.limit], self.buffer[request.limit:]
+        if request.abandoned:
+            self.buffer[:0] = taken
+            return
+        after = self.positions()
+        first = dict(after.offsets)
+        for message in reversed(taken):
+            first[message.partition] = message.offset
+        self.callOnReactor(self.taken, request.id, taken, Cursor.fromMapping(first), after)
+
+    def positions(self) -> Cursor:
+        """
+        Per partition this member owns, the offset of the next message not
+        yet returned to a client (where the position is known).
+        """
+        nextOffsets: Dict[int, int] = {}
+        for message in self.buffer:
+            nextOffsets.setdefault(message.partition, message.offset)
+        missing = [p for p in sorted(self.assigned) if p not in nextOffsets]
+        if missing:
+            for tp in self.consumer.position([self.tp(p) for p in missing]):
+                if tp.offset >= 0:
+                    nextOffsets[tp.partition] = tp.offset
+        return Cursor.fromMapping(nextOffsets)
+
+    def do_commit(self, commitId: int, offsets: Mapping[int, int]) -> None:
+        """
+        Command: commit C{offsets} synchronously.
+        """
+        try:
+            self.consumer.commit(offsets=[self.tp(p, o) for p, o in sorted(offsets.items())],
+                                 asynchronous=False)
+        except Exception as e:
+            self.callOnReactor(self.committed, commitId, _kafkaReason(e))
+        else:
+            self.callOnReactor(self.committed, commitId, None)
+
+    def do_putBack(self, messages: List[Message]) -> None:
+        """
+        Command: put C{messages} back at the front of the buffer (those of
+        partitions still ours).
+        """
+        self.buffer[:0] = [m for m in messages if m.partition in self.assigned]
