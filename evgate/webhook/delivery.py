@@ -28,10 +28,10 @@ and delivery goes on; an API without one pauses the subscription instead,
 with the reason, and the message is tried again (from its first attempt)
 when an operator resumes it.
 
-Writes to the store are coalesced: at most one update per subscription is
-in flight, and what changed meanwhile goes in the next one.  A crash loses
-at most the writes not yet made, which means delivering some messages
-again, never skipping them.
+Writes to the store are coalesced (L{evgate.webhook.writes}): at most one
+update per subscription is in flight, and what changed meanwhile goes in
+the next one.  A crash loses at most the writes not yet made, which means
+delivering some messages again, never skipping them.
 
 Backpressure: the feed looks at L{Deliverer.backlog} after every batch and
 every settled message, and stops reading (pauses its upstream) above its
@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from treq import collect
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
@@ -64,6 +64,7 @@ from evgate.webhook.headers import (
     headerValue,
 )
 from evgate.webhook.retry import DELIVERED, REJECTED, RETRYABLE, RetryPolicy, classifyStatus, parseRetryAfter
+from evgate.webhook.writes import CoalescedWrites
 
 # Names this module had before the HTTP client side and the headers moved
 # out; other modules import them from here.
@@ -138,7 +139,7 @@ class Attempt:
         self.dlqTries = 0
 
 
-class Deliverer:
+class Deliverer(CoalescedWrites):
     """
     The deliveries of one subscription on this node.
 
@@ -170,12 +171,7 @@ class Deliverer:
         self._reopenCall: Any = None
         self._feedFactory: Optional[Callable[["Deliverer"], Any]] = None
         self._feedFailures = 0
-        # coalesced store writes
-        self._changes: Dict[str, Any] = {}
-        self._increments: Dict[str, int] = {}
-        self._saving: Optional[Deferred] = None
-        self._savedWaiters: List[Deferred] = []
-        self._savedPosition = position
+        self._initWrites(position)
 
     # -- lifecycle
 
@@ -558,72 +554,6 @@ class Deliverer:
     def _savePosition(self) -> None:
         if self.position is not None and self.position != self._savedPosition:
             self._save({"position": self.position})
-
-    def _save(self, changes: Mapping[str, Any], **increments: int) -> None:
-        self._changes.update(changes)
-        for name, amount in increments.items():
-            self._increments[name] = self._increments.get(name, 0) + amount
-        if self._saving is None:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._changes and not self._increments:
-            waiters, self._savedWaiters = self._savedWaiters, []
-            for d in waiters:
-                d.callback(None)
-            return
-        changes, self._changes = self._changes, {}
-        increments, self._increments = self._increments, {}
-        position = changes.get("position")
-        if isinstance(position, Cursor):
-            changes["position"] = position.encode(self.context.tag)
-        d = self.context.store.update(records.KIND, self.id, changes, increments)
-        self._saving = d
-
-        def saved(result: Any) -> None:
-            self._saving = None
-            if result is None:
-                self.log.info("webhook subscription {subscription} is no longer in the store", subscription=self.id)
-            elif isinstance(position, Cursor):
-                self._savedPosition = position
-            self._flush()
-
-        def notSaved(failure: Failure) -> None:
-            self._saving = None
-            if self.stopped:
-                # No retrying after the stop: what was not written is
-                # delivered again next time, as at-least-once allows.
-                self.log.warn("webhook subscription {subscription}: its last position was not stored: {error}",
-                              subscription=self.id, error=failure.getErrorMessage())
-                waiters, self._savedWaiters = self._savedWaiters, []
-                for d in waiters:
-                    d.callback(None)
-                return
-            self.log.failure("webhook subscription {subscription}: the store refused an update; trying again",
-                             failure, subscription=self.id)
-            # Put the lost changes back under anything newer, and try again
-            # later rather than in a tight loop.
-            for name, value in changes.items():
-                self._changes.setdefault(name, position if name == "position" else value)
-            for name, amount in increments.items():
-                self._increments[name] = self._increments.get(name, 0) + amount
-            self.reactor.callLater(1.0, self._flushIfIdle)
-
-        d.addCallbacks(saved, notSaved)
-
-    def _flushIfIdle(self) -> None:
-        if self._saving is None:
-            self._flush()
-
-    def flushed(self) -> Deferred:
-        """
-        A Deferred that fires when every change so far is in the store.
-        """
-        if self._saving is None and not self._changes and not self._increments:
-            return succeed(None)
-        d: Deferred = Deferred()
-        self._savedWaiters.append(d)
-        return d
 
     def _bug(self, failure: Failure, what: str) -> None:
         self.log.failure("webhook subscription {subscription}: unexpected error {what}", failure,
