@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -127,15 +128,33 @@ class Receiver:
     seconds.
     """
 
-    def __init__(self, decide: Optional[Callable[[bytes, int], int]] = None, delay: float = 0.0) -> None:
+    def __init__(self, decide: Optional[Callable[[bytes, int], int]] = None, delay: float = 0.0,
+                 protocol: str = "HTTP/1.1", closeAfterAnswer: bool = False,
+                 tls: Optional[ssl.SSLContext] = None) -> None:
+        """
+        @param protocol: the HTTP version the receiver answers with;
+            C{"HTTP/1.0"} (the standard library's default) closes the
+            connection after every answer.
+        @param closeAfterAnswer: close the connection after every answer
+            without saying so (no C{Connection: close}), as a receiver that
+            drops idle keep-alive connections at once does.
+        @param tls: serve HTTPS with this server context.
+        """
         self.decide = decide or (lambda body, attempt: 200)
         self.delay = delay
         self.requests: List[Delivery] = []
         self.lock = threading.Lock()
+        self.connections = 0
+        self.scheme = "https" if tls is not None else "http"
         receiver = self
 
         class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
+            protocol_version = protocol
+
+            def setup(self) -> None:
+                with receiver.lock:
+                    receiver.connections += 1
+                super().setup()
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
@@ -149,6 +168,8 @@ class Receiver:
                 self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+                if closeAfterAnswer:
+                    self.close_connection = True
 
             def log_message(self, format: str, *args: Any) -> None:
                 pass
@@ -161,6 +182,11 @@ class Receiver:
                 pass
 
         self.server = Server(("127.0.0.1", 0), Handler)
+        if tls is not None:
+            # The handshake runs in accept(), on the serving thread; a client
+            # that refuses the certificate makes accept() fail, which the
+            # server shrugs off.
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -169,7 +195,7 @@ class Receiver:
         """
         The receiver's callback URL.
         """
-        return f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}/hook"
 
     def delivered(self) -> List[bytes]:
         """

@@ -28,10 +28,10 @@ and delivery goes on; an API without one pauses the subscription instead,
 with the reason, and the message is tried again (from its first attempt)
 when an operator resumes it.
 
-Writes to the store are coalesced: at most one update per subscription is
-in flight, and what changed meanwhile goes in the next one.  A crash loses
-at most the writes not yet made, which means delivering some messages
-again, never skipping them.
+Writes to the store are coalesced (L{evgate.webhook.writes}): at most one
+update per subscription is in flight, and what changed meanwhile goes in
+the next one.  A crash loses at most the writes not yet made, which means
+delivering some messages again, never skipping them.
 
 Backpressure: the feed looks at L{Deliverer.backlog} after every batch and
 every settled message, and stops reading (pauses its upstream) above its
@@ -41,15 +41,12 @@ bound.
 from __future__ import annotations
 
 import random as _random
-import string
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
-from urllib.parse import quote
 
 from treq import collect
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail, succeed
-from twisted.internet.error import ConnectError, DNSLookupError
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import RESPONSES
@@ -57,26 +54,25 @@ from twisted.web.http_headers import Headers
 
 from evgate.message import Cursor, Draft, Message
 from evgate.webhook import records
+from evgate.webhook.client import MAX_RESPONSE_BYTES, USER_AGENT, ResponseDrain, ReusedConnectionLost, describeFailure
+from evgate.webhook.headers import (
+    RESERVED_HEADERS,
+    RESERVED_PREFIXES,
+    checkStaticHeaders,
+    deliveryHeaders,
+    headerName,
+    headerValue,
+)
 from evgate.webhook.retry import DELIVERED, REJECTED, RETRYABLE, RetryPolicy, classifyStatus, parseRetryAfter
-from evgate.webhook.signing import signature
-from evgate.webhook.ssrf import ForbiddenAddress
+from evgate.webhook.writes import CoalescedWrites
 
-USER_AGENT = b"evgate-webhook/1"
-
-# Response bodies are read (so that the connection can be reused) and
-# thrown away; a receiver that sends more than this is cut off.
-MAX_RESPONSE_BYTES = 65536
-
-# Header names the subscription's own headers may not use: ours, and the
-# ones that frame the HTTP message.
-RESERVED_HEADERS = frozenset({
-    "content-type", "content-length", "content-encoding", "transfer-encoding", "host", "connection",
-    "keep-alive", "upgrade", "te", "trailer", "expect", "proxy-authorization", "user-agent",
-})
-RESERVED_PREFIXES = ("webhook-", "evgate-")
-
-_TCHAR = frozenset(string.ascii_letters + string.digits + "!#$&'*+-.^_`|~")
-_VALUE_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+# Names this module had before the HTTP client side and the headers moved
+# out; other modules import them from here.
+__all__ = [
+    "MAX_RESPONSE_BYTES", "RESERVED_HEADERS", "RESERVED_PREFIXES", "USER_AGENT", "Attempt", "DeadLetters",
+    "Deliverer", "DeliveryContext", "checkStaticHeaders", "describeFailure", "headerName", "headerValue",
+    "splitDeadLetterTarget",
+]
 
 # Attempt states.
 IDLE = "idle"                    # taken from the queue, waiting to be sent
@@ -84,103 +80,6 @@ SENDING = "sending"              # a request is out
 WAITING = "waiting"              # a retry is scheduled
 DEADLETTERING = "dead-lettering"  # being published to the dead letters
 DONE = "done"                    # settled
-
-
-def headerName(name: str) -> str:
-    """
-    A message header name as an HTTP header name: lower-cased, with every
-    byte that is not a token character percent-encoded.
-    """
-    out = []
-    for char in name.lower():
-        if char in _TCHAR:
-            out.append(char)
-        else:
-            out.extend(f"%{byte:02X}" for byte in char.encode("utf-8"))
-    return "".join(out) or "%00"
-
-
-def headerValue(value: str) -> str:
-    """
-    A text as an HTTP header value: UTF-8, with C{%}, every byte outside
-    printable ASCII, and spaces at either end (which HTTP would strip)
-    percent-encoded, so that C{urllib.parse.unquote} restores it.
-    """
-    encoded = quote(value, safe=_VALUE_SAFE + " ")
-    if encoded.startswith(" "):
-        encoded = "%20" + encoded[1:]
-    if encoded.endswith(" "):
-        encoded = encoded[:-1] + "%20"
-    return encoded
-
-
-def checkStaticHeaders(headers: Any) -> Dict[str, str]:
-    """
-    A subscription's own C{headers}, checked: an object of names to
-    strings, names that are HTTP tokens and not reserved, values without
-    control characters.
-
-    @raise ValueError: with a sentence for the client.
-    """
-    if headers is None:
-        return {}
-    if not isinstance(headers, dict):
-        raise ValueError("headers must be an object of header names to strings")
-    if len(headers) > 32:
-        raise ValueError("headers may name at most 32 headers")
-    checked: Dict[str, str] = {}
-    for name, value in headers.items():
-        if not name or len(name) > 256 or any(c not in _TCHAR for c in name):
-            raise ValueError(f"header name {name[:80]!r} is not a valid HTTP header name")
-        lowered = name.lower()
-        if lowered in RESERVED_HEADERS or lowered.startswith(RESERVED_PREFIXES):
-            raise ValueError(f"header {name} is set by the gateway and cannot be given")
-        if not isinstance(value, str) or len(value) > 8192:
-            raise ValueError(f"header {name} must have a string value of at most 8192 characters")
-        if any(ord(c) < 0x20 and c != "\t" or ord(c) == 0x7F for c in value) or any(ord(c) > 0xFF for c in value):
-            raise ValueError(f"header {name} has characters that cannot be sent in an HTTP header")
-        checked[name] = value
-    return checked
-
-
-def describeFailure(failure: Failure, timeout: float) -> str:
-    """
-    One line for C{lastError} about a request that got no answer.
-    """
-    if failure.check(CancelledError, TimeoutError):
-        return f"no response within {timeout:g} s"
-    reasons = getattr(failure.value, "reasons", None)
-    if reasons:
-        if any(r.check(CancelledError, TimeoutError) for r in reasons):
-            return f"no response within {timeout:g} s"
-        return f"the connection failed before a response: {reasons[0].getErrorMessage()}"
-    if failure.check(ForbiddenAddress):
-        return f"refused to connect to {failure.value.args[0] if failure.value.args else 'a forbidden address'}"
-    if failure.check(DNSLookupError):
-        return "the callback host does not resolve"
-    if failure.check(ConnectError):
-        return f"cannot connect: {failure.getErrorMessage()}"
-    return f"{failure.type.__name__}: {failure.getErrorMessage()}"[:300]
-
-
-class _Enough(Exception):
-    """
-    A response body passed L{MAX_RESPONSE_BYTES}.
-    """
-
-
-class _Drain:
-    """
-    Counts a response body, and stops it past the limit.
-    """
-
-    def __init__(self) -> None:
-        self.size = 0
-
-    def __call__(self, data: bytes) -> None:
-        self.size += len(data)
-        if self.size > MAX_RESPONSE_BYTES:
-            raise _Enough()
 
 
 @dataclass
@@ -226,18 +125,21 @@ class Attempt:
     One message in the window, and how its delivery goes.
     """
 
-    __slots__ = ("event", "count", "state", "call", "request", "dlqTries")
+    __slots__ = ("event", "count", "state", "call", "request", "dlqTries", "resent")
 
     def __init__(self, event: Any) -> None:
         self.event = event
         self.count = 0
+        # Whether the current attempt was already sent again after its
+        # connection turned out closed (see Deliverer._unanswered).
+        self.resent = False
         self.state = IDLE
         self.call: Any = None
         self.request: Optional[Deferred] = None
         self.dlqTries = 0
 
 
-class Deliverer:
+class Deliverer(CoalescedWrites):
     """
     The deliveries of one subscription on this node.
 
@@ -269,12 +171,7 @@ class Deliverer:
         self._reopenCall: Any = None
         self._feedFactory: Optional[Callable[["Deliverer"], Any]] = None
         self._feedFailures = 0
-        # coalesced store writes
-        self._changes: Dict[str, Any] = {}
-        self._increments: Dict[str, int] = {}
-        self._saving: Optional[Deferred] = None
-        self._savedWaiters: List[Deferred] = []
-        self._savedPosition = position
+        self._initWrites(position)
 
     # -- lifecycle
 
@@ -449,43 +346,12 @@ class Deliverer:
         """
         The headers of one attempt to deliver C{message}.
         """
-        headers = Headers()
-        for name, value in self.staticHeaders.items():
-            headers.addRawHeader(name, value.encode("latin-1"))
-        contentType = b"application/octet-stream"
-        for name, value in message.headers:
-            if name.lower() == "content-type":
-                # As it is, when HTTP can carry it; a receiver decodes
-                # nothing here.
-                if value and all(0x20 <= ord(c) < 0x7F for c in value):
-                    contentType = value.strip().encode("ascii")
-                continue
-            headers.addRawHeader(("evgate-header-" + headerName(name)).encode("ascii"),
-                                 headerValue(value).encode("ascii"))
-        headers.setRawHeaders(b"content-type", [contentType])
-        headers.setRawHeaders(b"user-agent", [USER_AGENT])
-        headers.setRawHeaders(b"webhook-id", [messageId.encode("ascii")])
-        headers.setRawHeaders(b"webhook-timestamp", [str(timestamp).encode("ascii")])
-        headers.setRawHeaders(b"webhook-signature", [
-            signature(self.key, messageId, timestamp, message.content).encode("ascii")])
-        meta = {
-            "evgate-subscription": self.id,
-            "evgate-topic": headerValue(message.topic),
-            "evgate-partition": str(message.partition),
-            "evgate-offset": str(message.offset),
-            "evgate-timestamp": str(message.timestamp),
-        }
-        if message.key is not None:
-            meta["evgate-key"] = headerValue(message.key)
-        for name, value in message.extra.items():
-            text = value if isinstance(value, str) else _json(value)
-            meta["evgate-meta-" + headerName(name)] = headerValue(text)
-        for name, value in meta.items():
-            headers.setRawHeaders(name.encode("ascii"), [value.encode("ascii")])
-        return headers
+        return deliveryHeaders(self.staticHeaders, self.key, self.id, message, messageId, timestamp)
 
-    def _send(self, attempt: Attempt) -> None:
-        attempt.count += 1
+    def _send(self, attempt: Attempt, counted: bool = True) -> None:
+        if counted:
+            attempt.count += 1
+            attempt.resent = False
         attempt.state = SENDING
         message = attempt.event.message
         messageId = self.messageId(message)
@@ -501,7 +367,7 @@ class Deliverer:
         d.addErrback(self._bug, "handling a delivery's outcome")
 
     def _answered(self, response: Any, attempt: Attempt) -> None:
-        drained = collect(response, _Drain())
+        drained = collect(response, ResponseDrain())
         drained.addErrback(lambda f: None)
         if attempt.state != SENDING or attempt.request is None:
             return
@@ -522,6 +388,26 @@ class Deliverer:
         if attempt.state != SENDING or attempt.request is None:
             return
         attempt.request = None
+        if failure.check(ReusedConnectionLost) and not attempt.resent:
+            # The request went out on a pooled connection that the receiver
+            # had closed, and not one byte of an answer came back.  Sending
+            # it again at once, on a new connection (the client stops
+            # reusing this receiver's connections), without counting an
+            # attempt or waiting a backoff, is only safe because nothing of
+            # the answer arrived: the receiver cannot have told us anything
+            # about this message.  Should it have taken the request all the
+            # same, it sees the same webhook-id twice, which at-least-once
+            # delivery allows.  Once per attempt, so that a receiver that
+            # closes every connection still fails attempts and is retried
+            # with backoff.
+            attempt.resent = True
+            message = attempt.event.message
+            self.log.debug("webhook subscription {subscription}: {topic}/{partition}@{offset} went out on a "
+                           "connection the receiver had closed; sending it again on a new one",
+                           subscription=self.id, topic=message.topic, partition=message.partition,
+                           offset=message.offset)
+            self._send(attempt, counted=False)
+            return
         self._failed(attempt, RETRYABLE, describeFailure(failure, self.context.timeout), None, None)
 
     def _failed(self, attempt: Attempt, outcome: str, detail: str, status: Optional[int],
@@ -669,81 +555,9 @@ class Deliverer:
         if self.position is not None and self.position != self._savedPosition:
             self._save({"position": self.position})
 
-    def _save(self, changes: Mapping[str, Any], **increments: int) -> None:
-        self._changes.update(changes)
-        for name, amount in increments.items():
-            self._increments[name] = self._increments.get(name, 0) + amount
-        if self._saving is None:
-            self._flush()
-
-    def _flush(self) -> None:
-        if not self._changes and not self._increments:
-            waiters, self._savedWaiters = self._savedWaiters, []
-            for d in waiters:
-                d.callback(None)
-            return
-        changes, self._changes = self._changes, {}
-        increments, self._increments = self._increments, {}
-        position = changes.get("position")
-        if isinstance(position, Cursor):
-            changes["position"] = position.encode(self.context.tag)
-        d = self.context.store.update(records.KIND, self.id, changes, increments)
-        self._saving = d
-
-        def saved(result: Any) -> None:
-            self._saving = None
-            if result is None:
-                self.log.info("webhook subscription {subscription} is no longer in the store", subscription=self.id)
-            elif isinstance(position, Cursor):
-                self._savedPosition = position
-            self._flush()
-
-        def notSaved(failure: Failure) -> None:
-            self._saving = None
-            if self.stopped:
-                # No retrying after the stop: what was not written is
-                # delivered again next time, as at-least-once allows.
-                self.log.warn("webhook subscription {subscription}: its last position was not stored: {error}",
-                              subscription=self.id, error=failure.getErrorMessage())
-                waiters, self._savedWaiters = self._savedWaiters, []
-                for d in waiters:
-                    d.callback(None)
-                return
-            self.log.failure("webhook subscription {subscription}: the store refused an update; trying again",
-                             failure, subscription=self.id)
-            # Put the lost changes back under anything newer, and try again
-            # later rather than in a tight loop.
-            for name, value in changes.items():
-                self._changes.setdefault(name, position if name == "position" else value)
-            for name, amount in increments.items():
-                self._increments[name] = self._increments.get(name, 0) + amount
-            self.reactor.callLater(1.0, self._flushIfIdle)
-
-        d.addCallbacks(saved, notSaved)
-
-    def _flushIfIdle(self) -> None:
-        if self._saving is None:
-            self._flush()
-
-    def flushed(self) -> Deferred:
-        """
-        A Deferred that fires when every change so far is in the store.
-        """
-        if self._saving is None and not self._changes and not self._increments:
-            return succeed(None)
-        d: Deferred = Deferred()
-        self._savedWaiters.append(d)
-        return d
-
     def _bug(self, failure: Failure, what: str) -> None:
         self.log.failure("webhook subscription {subscription}: unexpected error {what}", failure,
                          subscription=self.id, what=what)
-
-
-def _json(value: Any) -> str:
-    import json
-
-    return json.dumps(value, separators=(",", ":"), sort_keys=True)
 
 
 def splitDeadLetterTarget(text: str) -> Tuple[str, str]:

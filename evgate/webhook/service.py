@@ -132,7 +132,7 @@ class WebhookService(Service):
         self.resolve = resolve if resolve is not None else reactorResolver(reactor)
         self.http = http
         self.random = random if random is not None else _random.SystemRandom()
-        self.pool: Any = None
+        self.agent: Any = None
         self.deliverers: Dict[str, Deliverer] = {}
         self.stopping: Dict[str, Deferred] = {}
         self.loop: Optional[LoopingCall] = None
@@ -151,18 +151,13 @@ class WebhookService(Service):
 
     def _makeHttp(self) -> Any:
         from treq.client import HTTPClient
-        from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory
 
-        class QuietFactory(_HTTP11ClientFactory):
-            # One log line per connection to a receiver says nothing useful.
-            noisy = False
+        from evgate.webhook.client import DeliveryAgent, WebhookTrust
 
-        self.pool = HTTPConnectionPool(self.reactor, persistent=True)
-        self.pool._factory = QuietFactory
-        self.pool.maxPersistentPerHost = 4
-        self.pool.cachedConnectionTimeout = 60
-        factory = GuardedEndpointFactory(self.reactor, self.policy, self.resolve)
-        return HTTPClient(Agent.usingEndpointFactory(self.reactor, factory, pool=self.pool))
+        trust = self.gateway.settings.options.get("webhook-trust") or WebhookTrust()
+        factory = GuardedEndpointFactory(self.reactor, self.policy, self.resolve, tlsPolicy=trust.tlsPolicy())
+        self.agent = DeliveryAgent(self.reactor, factory)
+        return HTTPClient(self.agent)
 
     def stopService(self) -> Deferred:
         """
@@ -175,9 +170,9 @@ class WebhookService(Service):
             self._stopDeliverer(id)
         waits = list(self.stopping.values())
         d: Deferred = DeferredList(waits, consumeErrors=True) if waits else succeed(None)
-        if self.pool is not None:
-            pool = self.pool
-            d.addCallback(lambda _: pool.closeCachedConnections())
+        if self.agent is not None:
+            agent = self.agent
+            d.addCallback(lambda _: agent.closeCachedConnections())
         return d
 
     # -- which subscriptions run here
