@@ -100,7 +100,6 @@ def endpointParsers() -> Dict[str, EndpointParser]:
     return {"memory": _memoryOptions, "kafka": kafkaOptions, "mqtt5": mqttOptions}
 
 
-
 # Modules that register more keys with apiOptionParser / gatewayKeys when
 # imported; parseConfig imports them first.
 EXTENSION_MODULES: Tuple[str, ...] = (
@@ -115,6 +114,7 @@ EXTENSION_MODULES: Tuple[str, ...] = (
     "evgate.security.limits",
     "evgate.store",
     "evgate.entrypoints.webhook",
+    "evgate.webhook.client",
     "evgate.admin.app",
     "evgate.logs",
 )
