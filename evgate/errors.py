@@ -135,6 +135,29 @@ class Conflict(Problem):
     title = "Conflict"
 
 
+class MalformedRequest(BadRequest):
+    """The request line or headers break HTTP/1.1's syntax."""
+
+    slug = "malformed-request"
+    title = "Malformed request"
+
+
+class RequestTimeout(Problem):
+    """The request's head or body came too slowly."""
+
+    status = 408
+    slug = "request-timeout"
+    title = "Request timeout"
+
+
+class HeaderFieldsTooLarge(Problem):
+    """The request line and headers are larger than max-header-bytes."""
+
+    status = 431
+    slug = "header-fields-too-large"
+    title = "Request header fields too large"
+
+
 class UnsupportedMediaType(Problem):
     """The request body is not in a format the route takes."""
 
@@ -173,6 +196,18 @@ class EndpointUnavailable(Problem):
     status = 503
     slug = "endpoint-unavailable"
     title = "Endpoint unavailable"
+
+    def __init__(self, detail: str, retryAfter: int = 1, **kw: Any) -> None:
+        headers = list(kw.pop("headers", ())) + [("Retry-After", str(retryAfter))]
+        super().__init__(detail, headers=headers, **kw)
+
+
+class ServiceOverloaded(Problem):
+    """The node holds as many connections as max-connections allows."""
+
+    status = 503
+    slug = "overloaded"
+    title = "Service overloaded"
 
     def __init__(self, detail: str, retryAfter: int = 1, **kw: Any) -> None:
         headers = list(kw.pop("headers", ())) + [("Retry-After", str(retryAfter))]

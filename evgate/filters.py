@@ -60,6 +60,7 @@ import lark
 from celpy import celtypes
 from twisted.logger import Logger
 
+from evgate import jsonlimits
 from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import BadFilter
 
@@ -273,7 +274,7 @@ def _contentValue(content: bytes) -> Any:
     except UnicodeDecodeError:
         return celtypes.BytesType(content)
     try:
-        return celpy.json_to_cel(json.loads(text))
+        return celpy.json_to_cel(jsonlimits.loads(text))
     except (ValueError, TypeError, RecursionError):
         # Not JSON (or JSON cel-python cannot represent, such as integers
         # beyond 64 bits): the text itself.

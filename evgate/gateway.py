@@ -21,15 +21,19 @@ from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
 from evgate.config import ApiConfig, Config
 from evgate.entrypoints.cors import applyCors, preflight
-from evgate.errors import MethodNotAllowed, NotFound, PayloadTooLarge, Problem, Unauthorized
+from evgate.errors import MethodNotAllowed, NotFound, Problem, Unauthorized
 from evgate.hub import Hub
 from evgate.interfaces import IConnector, IEntrypoint, IPlan
 from evgate.message import cursorTag
 from evgate.metrics import tallyFor
+
+# The site, its requests and channel live in evgate.site; imported from
+# here by older code.
+from evgate.site import GatewayRequest, GatewaySite, _Discard  # noqa: F401
 
 log = Logger()
 
@@ -139,133 +143,6 @@ def finishWithFailure(request: Request, failure: Failure, context: str) -> None:
         return
     log.failure("unexpected error {context}", failure, context=context)
     finishWithProblem(request, Problem("an internal error occurred; it has been logged"))
-
-
-class GatewayRequest(Request):
-    """
-    A request that refuses a body bigger than the site's limit as soon as it
-    knows, without reading or buffering the rest of it.
-    """
-
-    _received = 0
-    _refused = False
-    # What the access log and the request counts read (evgate.logs): set
-    # by the gateway resource and the entrypoints as the request goes.
-    evgateStarted: Optional[float] = None
-    evgateTally: Any = None
-    evgateConsumer: Optional[str] = None
-    evgateStream: Any = None
-    evgateMessages: Optional[int] = None
-
-    def _limit(self) -> int:
-        return getattr(getattr(self.channel, "site", None), "maxBodyBytes", 1 << 62) if self.channel else 1 << 62
-
-    def gotLength(self, length: Optional[int]) -> None:
-        if length is not None and length > self._limit():
-            self.content = _Discard()  # type: ignore[assignment]
-            self._refuse()
-            return
-        super().gotLength(length)
-
-    def handleContentChunk(self, data: bytes) -> None:
-        if self._refused:
-            return
-        self._received += len(data)
-        if self._received > self._limit():
-            self._refuse()
-            return
-        super().handleContentChunk(data)
-
-    def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
-        if self._refused:
-            return
-        # For the access log's duration; one clock read per request.
-        site = getattr(self.channel, "site", None)
-        if site is not None:
-            self.evgateStarted = site.reactor.seconds()
-        super().requestReceived(command, path, version)
-
-    def connectionLost(self, reason: Any) -> None:
-        # A request whose client left before it was finished (a stream the
-        # client closed, a long poll given up) is never finished: this is
-        # where it ends for the access log and the request counts.
-        site = getattr(self, "site", None)
-        super().connectionLost(reason)
-        if not self.finished and site is not None and getattr(site, "requestLog", None) is not None:
-            site.requestLog.requestEnded(self, lost=True)
-
-    def _refuse(self) -> None:
-        self._refused = True
-        # The request line and headers are known at this point; answering
-        # needs them for the HTTP version and keep-alive decision.
-        self.method = getattr(self.channel, "_command", b"POST")
-        self.uri = getattr(self.channel, "_path", b"/")
-        self.path = self.uri.split(b"?", 1)[0]
-        self.clientproto = getattr(self.channel, "_version", b"HTTP/1.1")
-        problem = PayloadTooLarge(f"the message is larger than max-message-bytes ({self._limit()} bytes)")
-        self.setHeader(b"Connection", b"close")
-        body = writeProblem(self, problem)
-        self.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
-        channel = self.channel
-        self.write(body)
-        self.finish()
-        # The rest of the body is still on its way: close rather than read it.
-        if channel is not None:
-            channel.loseConnection()
-
-
-class _Discard:
-    """
-    A body sink for a refused request.
-    """
-
-    def write(self, data: bytes) -> None:
-        pass
-
-    def seek(self, *args: Any) -> None:
-        pass
-
-    def read(self, *args: Any) -> bytes:
-        return b""
-
-    def close(self) -> None:
-        pass
-
-
-class GatewaySite(Site):
-    """
-    The gateway's site: L{GatewayRequest}s, counted and logged by its
-    L{evgate.logs.RequestLog} (the data plane's; the admin site has none).
-    """
-
-    requestFactory = GatewayRequest
-
-    def __init__(self, resource: Resource, maxBodyBytes: int, accessLog: bool = False,
-                 requestLog: Any = None, metrics: Any = None, **kwargs: Any) -> None:
-        # Credentials in query strings stay out of twisted.web's own
-        # formatter, should anything use it.
-        from evgate.security import redactedLogFormatter
-
-        kwargs.setdefault("logFormatter", redactedLogFormatter)
-        # A message body is the message, never a form: not parsing it saves
-        # a MIME header parse per POST (a quarter of the publish path) and
-        # keeps a form-encoded body's fields out of the query parameters
-        # (a body "key=x" must not set the message key).
-        kwargs.setdefault("parsePOSTFormSubmission", False)
-        super().__init__(resource, **kwargs)
-        self.maxBodyBytes = maxBodyBytes
-        if requestLog is None and accessLog:
-            from evgate.logs import RequestLog
-
-            requestLog = RequestLog(True)
-        self.requestLog = requestLog
-        self.metrics = metrics
-
-    def log(self, request: Any) -> None:
-        # evgate's own line (evgate.logs), not twisted.web's combined log:
-        # it names the API and consumer, and costs little when off.
-        if self.requestLog is not None:
-            self.requestLog.requestEnded(request)
 
 
 class GatewayResource(Resource):

@@ -426,6 +426,7 @@ class GatewayCollector(Collector):
                                             "because the shared limits store (Redis) was unreachable.")
             fallbacks.add_metric([], shared.fallbacks)
             yield fallbacks
+        yield from _connections(getattr(gateway, "site", None))
         reloads = CounterMetricFamily("evgate_config_reloads", "Configuration reloads, by result.",
                                       labels=["result"])
         for result, count in sorted(metrics.reloads.items()):
@@ -436,6 +437,21 @@ class GatewayCollector(Collector):
                                      "was last applied (start or reload), POSIX seconds.")
             last.add_metric([], metrics.lastReload)
             yield last
+
+
+def _connections(site: Any) -> Iterator[Any]:
+    # The data plane site's connection counts (evgate.site).
+    counts = getattr(site, "connectionCounts", None)
+    if counts is None:
+        return
+    refused = CounterMetricFamily("evgate_connections_refused", "Connections refused or closed early by the "
+                                  "connection limits, by reason.", labels=["reason"])
+    for reason, count in sorted(counts.refused.items()):
+        refused.add_metric([reason], count)
+    yield refused
+    opened = GaugeMetricFamily("evgate_connections_open", "Connections open on the data plane's listeners.")
+    opened.add_metric([], site.openConnections)
+    yield opened
 
 
 def subscriberCount(gateway: Any, api: Any, entrypoint: Any) -> Optional[int]:

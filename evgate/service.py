@@ -26,6 +26,7 @@ from evgate.logs import RequestLog, offerLogObserver
 from evgate.metrics import CountingStore, GatewayMetrics, RateSampler
 from evgate.reload import Reloader, ReloadService, checkConfig, reconfigService
 from evgate.security.limits import buildLimits
+from evgate.site import connectionLimits
 
 
 def cannotListen(path: str, role: str, error: CannotListenError) -> SystemExit:
@@ -265,7 +266,8 @@ class GatewayService(MultiService):
         self.apis: List[ApiRuntime] = buildApis(config, self.connectors, self.hub, self)
         self.resource = GatewayResource(self.apis)
         self.site = GatewaySite(self.resource, self.settings.maxMessageBytes, requestLog=self.requestLog,
-                                metrics=self.metrics, reactor=reactor)
+                                metrics=self.metrics, reactor=reactor,
+                                limits=connectionLimits(self.settings.options))
         self.listeners: List[Any] = []
         if worker is not None:
             for fd in worker.listenFds:

@@ -66,6 +66,11 @@ from werkzeug.exceptions import HTTPException
 
 from evgate.config import SectionReader, gatewayKeys
 from evgate.errors import BadRequest, MethodNotAllowed, NotFound, Problem, Unauthorized, UnsupportedMediaType
+from evgate.jsonlimits import loads as jsonLoads
+
+# The site (and with it its [gateway] keys: this module is one of those
+# parseConfig imports, see evgate.config.EXTENSION_MODULES).
+from evgate.site import GatewaySite, connectionLimits
 
 # Feature modules whose routes the admin app serves; each registers them
 # with adminRoute when imported.
@@ -339,8 +344,9 @@ def readJson(request: Request) -> Any:
     if not body.strip():
         raise BadRequest("the body must be a JSON document")
     try:
-        return json.loads(body.decode("utf-8"))
+        return jsonLoads(body.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
+        # JsonTooDeep included: its message names the limit.
         raise BadRequest(f"the body is not JSON: {e}") from None
 
 
@@ -356,8 +362,10 @@ def health(admin: AdminApp, request: Request) -> Dict[str, Any]:
 def adminSite(app: AdminApp, reactor: Any) -> Any:
     """
     The site of the admin listener: bodies over L{MAX_BODY_BYTES} are
-    refused before they are read.
+    refused before they are read, and the connection limits of
+    C{[gateway]} (L{evgate.site.ConnectionLimits}) apply as on the data
+    plane.
     """
-    from evgate.gateway import GatewaySite
-
-    return GatewaySite(app.resource(), MAX_BODY_BYTES, False, reactor=reactor)
+    settings = getattr(getattr(app, "gateway", None), "settings", None)
+    limits = connectionLimits(getattr(settings, "options", None))
+    return GatewaySite(app.resource(), MAX_BODY_BYTES, False, reactor=reactor, limits=limits)

@@ -26,6 +26,7 @@ from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from evgate import jsonlimits
 from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import BadRequest, EndpointTimeout, Problem
 from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, jsonBody, queryArgs, writeProblem
@@ -86,7 +87,7 @@ def envelopeRecords(content: bytes) -> List[Tuple[bytes, Optional[str], Tuple[Tu
     @raise BadRequest: naming the first record that is not valid.
     """
     try:
-        document = json.loads(content)
+        document = jsonlimits.loads(content)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadRequest(f"the batch is not valid JSON: {e}") from None
     if not isinstance(document, dict) or not isinstance(document.get("records"), list):

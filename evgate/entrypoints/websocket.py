@@ -47,6 +47,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from evgate import jsonlimits
 from evgate.directwrite import boundSendBuffer, writeNow
 from evgate.entrypoints.http_get import requestCursor
 from evgate.entrypoints.streaming import StreamSubscriber, stopAll
@@ -105,7 +106,9 @@ def parseJsonFrame(payload: bytes, maxBytes: int) -> Tuple[Draft, Any]:
     @raise FrameTooBig: for content larger than C{maxBytes}.
     """
     try:
-        document = json.loads(payload)
+        document = jsonlimits.loads(payload)
+    except jsonlimits.JsonLimitError as e:
+        raise BadRequest(f"an evgate.json frame is refused: {e}") from None
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("an evgate.json frame is one JSON object: "
                          '{"key": ..., "headers": {...}, "content": "..."}') from None
@@ -430,7 +433,7 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
 def _refOf(payload: bytes) -> Any:
     # The ref of a frame that was refused, when it is readable at all.
     try:
-        document = json.loads(payload)
+        document = jsonlimits.loads(payload)
     except (ValueError, UnicodeDecodeError):
         return None
     return document.get("ref") if isinstance(document, dict) else None

@@ -49,7 +49,6 @@ at which streams are closed.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -63,6 +62,7 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from evgate import jsonlimits
 from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import AuthenticationUnavailable, Forbidden, Unauthorized
 from evgate.gateway import Consumer
@@ -354,7 +354,7 @@ class JwksKeys:
         return response.content()  # type: ignore[no-any-return]
 
     def _parsed(self, body: bytes) -> None:
-        document = json.loads(body)
+        document = jsonlimits.loads(body)
         keys = parseJwks(document)
         if not keys:
             raise ValueError("the set holds no usable signing key")

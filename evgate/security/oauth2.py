@@ -33,7 +33,6 @@ Concurrent requests with the same token share one introspection call.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import quote
@@ -44,6 +43,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from evgate import jsonlimits
 from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import AuthenticationUnavailable
 from evgate.gateway import Consumer
@@ -194,7 +194,7 @@ class OAuth2Plan:
 
     def _parsed(self, body: bytes, digest: bytes) -> Mapping[str, Any]:
         try:
-            answer = json.loads(body)
+            answer = jsonlimits.loads(body)
         except ValueError:
             raise _BadAnswer("the answer is not JSON") from None
         if not isinstance(answer, dict) or not isinstance(answer.get("active"), bool):

@@ -34,6 +34,7 @@ from twisted.internet.defer import Deferred, DeferredList, fail, succeed
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from evgate import jsonlimits
 from evgate.interfaces import IStore
 from evgate.store import Record, applyUpdate
 
@@ -69,12 +70,12 @@ def _prepare(connection: sqlite3.Connection) -> None:
 def _get(txn: Any, kind: str, id: str) -> Optional[Record]:
     txn.execute("SELECT record FROM records WHERE kind = ? AND id = ?", (kind, id))
     row = txn.fetchone()
-    return None if row is None else json.loads(row[0])  # type: ignore[no-any-return]
+    return None if row is None else jsonlimits.loads(row[0])  # type: ignore[no-any-return]
 
 
 def _list(txn: Any, kind: str) -> List[Tuple[str, Record]]:
     txn.execute("SELECT id, record FROM records WHERE kind = ? ORDER BY id", (kind,))
-    return [(id, json.loads(text)) for id, text in txn.fetchall()]
+    return [(id, jsonlimits.loads(text)) for id, text in txn.fetchall()]
 
 
 def _create(txn: Any, kind: str, id: str, text: str) -> bool:

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from evgate import jsonlimits
 from evgate.errors import EndpointUnavailable
 from evgate.interfaces import IWatchableStore
 from evgate.message import Draft
@@ -212,10 +213,10 @@ class KafkaStore(Service):
             if not sep or not kind:
                 raise ValueError("not kind/id")
             headers = {name: raw.decode("utf-8") for name, raw in rawHeaders or () if raw is not None}
-            record = None if value is None else json.loads(value)
+            record = None if value is None else jsonlimits.loads(value)
             if record is not None and not isinstance(record, dict):
                 raise ValueError("not a JSON object")
-            patch = json.loads(headers[PATCH_HEADER]) if PATCH_HEADER in headers else {}
+            patch = jsonlimits.loads(headers[PATCH_HEADER]) if PATCH_HEADER in headers else {}
             if not isinstance(patch, dict) or not all(isinstance(patch.get(part, {}), dict)
                                                       for part in ("changes", "increments")):
                 raise ValueError("a bad patch header")
