@@ -289,7 +289,7 @@ _apiOptionParsers: List[ApiOptionParser] = []
 EXTENSION_MODULES: Tuple[str, ...] = (
     "evgate.filters",
     "evgate.entrypoints.streaming",
-    "evgate.entrypoints.cors",
+    "evgate.cors",
     "evgate.entrypoints.http_post",
     "evgate.connectors.mqtt",
     "evgate.security.apikey",

@@ -18,6 +18,7 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from evgate.config import ConfigError, SectionReader, parseConfig
@@ -30,7 +31,7 @@ from evgate.connectors.kafka import (
     toMessage,
 )
 from evgate.errors import EndpointTimeout, EndpointUnavailable, PayloadTooLarge
-from evgate.interfaces import IConnector, IUpstreamSubscription
+from evgate.interfaces import IConnector, IConsumerGroups, IUpstreamSubscription
 from evgate.message import Cursor, Draft, Message, Position, cursorTag
 
 from .helpers import memoryGateway
@@ -1492,6 +1493,7 @@ class FakeGroupReader:
         self.putBacks.append(messages)
 
 
+@implementer(IConsumerGroups)
 class FakeGroupConnector:
     """
     A connector with group mode that answers from a script.

@@ -70,7 +70,7 @@ from zope.interface import implementer
 
 from evgate.config import SectionReader
 from evgate.errors import EndpointTimeout, EndpointUnavailable, PayloadTooLarge, Problem
-from evgate.interfaces import IConnector, IUpstreamSink, IUpstreamSubscription
+from evgate.interfaces import IConnector, IConsumerGroups, IHoldableSubscription, IRetainedLog, IUpstreamSink
 from evgate.message import NO_EXTRA, Cursor, Draft, Message, Position
 
 Start = Union[str, Cursor]
@@ -917,7 +917,7 @@ class ConsumerThread:
         return low, high
 
 
-@implementer(IUpstreamSubscription)
+@implementer(IHoldableSubscription)
 class AssignedReader(ConsumerThread):
     """
     An upstream subscription: reads one topic with C{assign} and explicit
@@ -1724,7 +1724,7 @@ class _Publish:
         self.timer: Any = None
 
 
-@implementer(IConnector)
+@implementer(IConnector, IConsumerGroups, IRetainedLog)
 class KafkaConnector(Service):
     """
     An endpoint of C{type = kafka}.

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from evgate.interfaces import IConnector, IUpstreamSink, IUpstreamSubscription
+from evgate.interfaces import IConnector, IHeadOffsets, IRetainedLog, IUpstreamSink, IUpstreamSubscription
 from evgate.message import Cursor, Draft, Message, Position
 
 # Messages handed to a sink per reactor turn: big enough to amortise the
@@ -125,7 +125,7 @@ class MemorySubscription:
             self._log.subscriptions.remove(self)
 
 
-@implementer(IConnector)
+@implementer(IConnector, IHeadOffsets, IRetainedLog)
 class MemoryConnector(Service):
     """
     An endpoint of C{type = memory}.
@@ -154,6 +154,12 @@ class MemoryConnector(Service):
         if log is None:
             log = self._topics[topic] = TopicLog(topic, self.retention)
         return log
+
+    def headOffsets(self, topic: str) -> Dict[int, int]:
+        """
+        The next offset of C{topic}'s one partition.
+        """
+        return {0: self.topicLog(topic).nextOffset}
 
     def publish(self, topic: str, draft: Draft, timeout: float = 0) -> "Deferred[Position]":
         log = self.topicLog(topic)

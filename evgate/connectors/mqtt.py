@@ -70,7 +70,7 @@ from zope.interface import implementer
 
 from evgate.config import ApiContext, ConfigError, SectionReader, apiOptionParser
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, PayloadTooLarge
-from evgate.interfaces import IConnector, IUpstreamSink, IUpstreamSubscription
+from evgate.interfaces import IConnector, ISharedSubscriptions, IUpstreamSink, IUpstreamSubscription
 from evgate.message import Cursor, Draft, Message, Position
 
 # Events handed to the reactor per turn: large enough to amortise a hop,
@@ -736,7 +736,7 @@ class _Publish:
 # ---------------------------------------------------------------- the connector
 
 
-@implementer(IConnector)
+@implementer(IConnector, ISharedSubscriptions)
 class MqttConnector(Service):
     """
     An endpoint of C{type = mqtt5}: one MQTT 5 connection (one paho client
