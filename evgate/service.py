@@ -11,7 +11,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
@@ -254,7 +254,8 @@ class GatewayService(MultiService):
         node.requestLog = RequestLog(settings.accessLog)
         for name, endpoint in config.endpoints.items():
             connector = buildConnector(endpoint, reactor)
-            connector.setServiceParent(self)
+            # Connectors and stores are services too (see their interfaces).
+            IService(connector).setServiceParent(self)
             node.connectors[name] = connector
         node.hub = Hub(node.connectors, reactor, window=settings.replayWindow)
         # Before the listeners, so that the limits store is connecting by
@@ -265,7 +266,7 @@ class GatewayService(MultiService):
         # that use them, so that it stops after them (evgate.store).
         if settings.options.get("store") is not None:
             store = buildStore(settings.options["store"], reactor, node.connectors, config.path)
-            store.setServiceParent(self)
+            IService(store).setServiceParent(self)
             node.store = store
             # The API keys live in the store; the registry is the node's,
             # shared by every API with the api-key plan (and the admin API).

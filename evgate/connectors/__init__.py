@@ -10,27 +10,20 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.python.failure import Failure
 
 from evgate.config import EndpointConfig
+from evgate.connectors.kafka import KafkaConnector
+from evgate.connectors.memory import MemoryConnector
+from evgate.connectors.mqtt import MqttConnector
 from evgate.errors import Problem
+from evgate.interfaces import IConnector
+from evgate.registry import Registry
 
 
-def buildConnector(endpoint: EndpointConfig, reactor: Any) -> Any:
+def buildConnector(endpoint: EndpointConfig, reactor: Any) -> IConnector:
     """
-    The connector of one C{[endpoint:NAME]} section.  Broker libraries are
-    imported here, only for the types the configuration uses.
+    The connector of one C{[endpoint:NAME]} section, made by the class
+    registered for its C{type} in L{CONNECTORS}.
     """
-    if endpoint.type == "memory":
-        from evgate.connectors.memory import MemoryConnector
-
-        return MemoryConnector(endpoint.name, endpoint.options["retention"], reactor)
-    if endpoint.type == "kafka":
-        from evgate.connectors.kafka import KafkaConnector
-
-        return KafkaConnector(endpoint.name, endpoint.options, reactor)
-    if endpoint.type == "mqtt5":
-        from evgate.connectors.mqtt import MqttConnector
-
-        return MqttConnector(endpoint.name, endpoint.options, reactor)
-    raise ValueError(f"unknown endpoint type {endpoint.type!r}")
+    return CONNECTORS.factory(endpoint.type)(endpoint, reactor)
 
 
 def publishEach(connector: Any, topic: str, drafts: Sequence[Any], timeout: float) -> Deferred:
@@ -49,3 +42,13 @@ def _problemOf(failure: Failure) -> Any:
     if failure.check(Problem):
         return failure.value
     return failure
+
+
+# The endpoint types, by the name of the type key.
+CONNECTORS: Registry[IConnector] = Registry(IConnector, "endpoint type")
+CONNECTORS.register("memory", MemoryConnector,
+                    lambda endpoint, reactor: MemoryConnector(endpoint.name, endpoint.options["retention"], reactor))
+CONNECTORS.register("kafka", KafkaConnector,
+                    lambda endpoint, reactor: KafkaConnector(endpoint.name, endpoint.options, reactor))
+CONNECTORS.register("mqtt5", MqttConnector,
+                    lambda endpoint, reactor: MqttConnector(endpoint.name, endpoint.options, reactor))
