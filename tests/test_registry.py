@@ -14,7 +14,7 @@ from zope.interface.verify import verifyClass
 from evgate.connectors import CONNECTORS
 from evgate.entrypoints import ENTRYPOINTS
 from evgate.interfaces import IConnector, IEntrypoint, IPlan, IStore
-from evgate.registry import Registry, RegistrationError
+from evgate.registry import RegistrationError, Registry
 from evgate.security import PLANS
 from evgate.store import STORES
 
