@@ -105,7 +105,7 @@ def endpointParsers() -> Dict[str, EndpointParser]:
 EXTENSION_MODULES: Tuple[str, ...] = (
     "evgate.filters",
     "evgate.entrypoints.streaming",
-    "evgate.entrypoints.cors",
+    "evgate.cors",
     "evgate.entrypoints.http_post",
     "evgate.connectors.mqtt",
     "evgate.security.apikey",
@@ -255,6 +255,14 @@ def parseConfig(text: str, path: str = "<string>") -> Config:
         raise ConfigError(path, e.section, e.option, f"key appears twice (line {e.lineno})") from None
     except configparser.MissingSectionHeaderError as e:
         raise ConfigError(path, None, None, f"line {e.lineno}: text before the first [section]") from None
+    except configparser.ParsingError as e:
+        # configparser's own message names the source but no line; the
+        # first line it could not read is what the operator has to find.
+        # (It keeps each bad line as its repr.)
+        lineno, line = e.errors[0] if e.errors else (0, "''")
+        text = line[1:-1].replace("\\n", "").strip() if line[:1] in ("'", '"') else line.strip()
+        raise ConfigError(path, None, None, f"line {lineno}: not a key = value, [section] or comment: "
+                                            f"{text[:80]}") from None
     except configparser.Error as e:
         raise ConfigError(path, None, None, str(e).splitlines()[0]) from None
 

@@ -14,47 +14,33 @@ without its plans.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from evgate.config import ApiConfig, Config
-from evgate.entrypoints.cors import applyCors, preflight
+from evgate.config import ApiConfig
+from evgate.cors import applyCors, preflight
 from evgate.errors import MethodNotAllowed, NotFound, Problem, Unauthorized
 from evgate.hub import Hub
 from evgate.interfaces import IConnector, IEntrypoint, IPlan
 from evgate.message import cursorTag
 from evgate.metrics import tallyFor
+from evgate.security.consumer import Consumer
+from evgate.security.limits import admit
+
+if TYPE_CHECKING:
+    from evgate.node import NodeContext
 
 # The site, its requests and channel live in evgate.site; imported from
 # here by older code.
 from evgate.site import GatewayRequest, GatewaySite, _Discard  # noqa: F401
 
 log = Logger()
-
-
-@dataclass(frozen=True)
-class Consumer:
-    """
-    Who is calling: the result of a plan's authentication.
-
-    @ivar id: a stable identity for limits and logs (C{"anonymous"} for
-        keyless callers, else the key id, token subject or certificate).
-    @ivar plan: the name of the plan that authenticated the caller.
-    @ivar claims: what the credentials say about the caller (JWT claims,
-        introspection answer), visible to filters as C{claims}.
-    @ivar expiresAt: POSIX seconds when the credentials expire, if they do.
-    """
-
-    id: str
-    plan: str
-    claims: Mapping[str, Any] = field(default_factory=dict)
-    expiresAt: Optional[float] = None
 
 
 @dataclass
@@ -68,7 +54,7 @@ class ApiRuntime:
     hub: Hub
     entrypoints: List[IEntrypoint]
     plans: List[IPlan]
-    gateway: Any
+    node: "NodeContext"
     tag: bytes = b""
     # Counts of requests that reached the API but none of its entrypoints
     # (405s, preflights): see evgate.metrics.
@@ -91,7 +77,7 @@ class ApiRuntime:
         """
         methods = []
         for entrypoint in self.entrypoints:
-            for method in getattr(entrypoint, "methods", ()):
+            for method in entrypoint.methods:
                 if method not in methods:
                     methods.append(method)
         return methods
@@ -190,55 +176,52 @@ class GatewayResource(Resource):
             return writeProblem(request, MethodNotAllowed(
                 f"{request.method.decode('latin-1')} is not served by API {api.name}; "
                 f"allowed: {allow.decode('ascii') or 'none'}"))
+        # Every plan answers with a Deferred, also when it knows at once
+        # (keyless): one path, whose callbacks run before this returns when
+        # nothing waits (see docs/benchmarks.md for its cost).
         consumer = admit(api, entrypoint, request, authenticate(api, request))
-        if isinstance(consumer, Deferred):
-            def authenticated(who: Consumer) -> None:
-                request.evgateConsumer = who.id  # type: ignore[attr-defined]
-                result = entrypoint.render(request, ApiCall(api, who))
-                if result is not NOT_DONE_YET and not request.finished:
-                    request.write(result)
-                    request.finish()
 
-            consumer.addCallback(authenticated)
-            consumer.addErrback(lambda f: finishWithFailure(request, f, "authenticating"))
-            return NOT_DONE_YET
-        request.evgateConsumer = consumer.id  # type: ignore[attr-defined]
-        return entrypoint.render(request, ApiCall(api, consumer))
+        def authenticated(who: Consumer) -> None:
+            request.evgateConsumer = who.id  # type: ignore[attr-defined]
+            result = entrypoint.render(request, ApiCall(api, who))
+            if result is not NOT_DONE_YET and not request.finished:
+                # As twisted.web does for a body returned from render: a
+                # known length rather than chunked framing.
+                if not request.responseHeaders.hasHeader(b"content-length"):
+                    request.setHeader(b"Content-Length", b"%d" % (len(result),))
+                request.write(result)
+                request.finish()
+
+        consumer.addCallback(authenticated)
+        consumer.addErrback(lambda f: finishWithFailure(request, f, "authenticating"))
+        return NOT_DONE_YET
 
 
-def admit(api: ApiRuntime, entrypoint: IEntrypoint, request: Request, consumer: Any) -> Any:
+def authenticate(api: ApiRuntime, request: Request) -> Deferred:
     """
-    The limits step of the plan chain (see L{evgate.security.limits.admit}).
+    Run the plan chain: the one plan whose credentials the request carries
+    decides (keyless's "credentials" are none at all).  Credentials present
+    but invalid never fall back to another plan; credentials of two plans
+    at once, or credentials that none of the API's plans takes, are a 401.
+
+    @return: a Deferred of the L{Consumer}, which may fail with a
+        L{Problem}.
     """
-    from evgate.security.limits import admit as admitWithin
-
-    return admitWithin(api, entrypoint, request, consumer)
-
-
-def authenticate(api: ApiRuntime, request: Request) -> Any:
-    """
-    Run the plan chain: the plan whose credentials the request carries
-    decides; credentials present but invalid never fall back to another
-    plan.
-
-    @return: a L{Consumer} when that is known at once, else a Deferred of
-        one (which may fail with a L{Problem}).
-    """
-    keyless = None
-    for plan in api.plans:
-        if plan.name == "keyless":
-            keyless = plan
-            continue
-        if plan.present(request):
-            return maybeDeferred(plan.authenticate, request)
-    if keyless is not None:
-        return keyless.authenticate(request)
-    challenges = [getattr(p, "challenge", p.name) for p in api.plans]
+    presented = [plan for plan in api.plans if plan.present(request)]
+    if len(presented) == 1:
+        return presented[0].authenticate(request)
+    names = ", ".join(p.name for p in api.plans)
+    challenges = [p.challenge for p in api.plans if p.challenge]
+    headers = [("WWW-Authenticate", ", ".join(challenges))] if challenges else []
+    if presented:
+        detail = (f"the request carries credentials of several plans ({', '.join(p.name for p in presented)}); "
+                  "send one")
+    elif any(p.name == "keyless" for p in api.plans):
+        detail = f"API {api.name} does not take the credentials the request carries (plans: {names})"
+    else:
+        detail = f"API {api.name} needs credentials ({names})"
     d: Deferred = Deferred()
-    d.errback(Unauthorized(
-        f"API {api.name} needs credentials ({', '.join(p.name for p in api.plans)})",
-        headers=[("WWW-Authenticate", ", ".join(challenges))],
-    ))
+    d.errback(Unauthorized(detail, headers=headers))
     return d
 
 
@@ -260,19 +243,3 @@ def jsonBody(request: Request, status: int, document: Any) -> bytes:
     # the body is written later (after a broker's acknowledgement).
     request.setHeader(b"Content-Length", b"%d" % (len(body),))
     return body
-
-
-def buildApis(config: Config, connectors: Mapping[str, IConnector], hub: Hub, gateway: Any) -> List[ApiRuntime]:
-    """
-    The runtimes of every API in C{config}.
-    """
-    from evgate.entrypoints import buildEntrypoints
-    from evgate.security import buildPlans
-
-    apis = []
-    for api in config.apis.values():
-        runtime = ApiRuntime(api, connectors[api.endpoint], hub, [], [], gateway)
-        runtime.entrypoints = buildEntrypoints(runtime)
-        runtime.plans = buildPlans(runtime)
-        apis.append(runtime)
-    return apis

@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from evgate.interfaces import IConnector, ISubscriber, IUpstreamSink
+from evgate.interfaces import IConnector, IHoldableSubscription, ISubscriber, IUpstreamSink
 from evgate.message import Cursor, Message
 
 # A filter judges an Event, not a bare Message, so that what it derives from
@@ -506,9 +506,8 @@ class PrivateStream(_Stream):
             return
         self.lastBatch = leftovers
         self.parkedAt = cursor
-        hold = getattr(self.upstream, "hold", None)
-        if hold is not None:
-            hold()
+        if IHoldableSubscription.providedBy(self.upstream):
+            self.upstream.hold()
         else:
             self.upstream.pause()
 
@@ -524,11 +523,10 @@ class PrivateStream(_Stream):
         subscription.stream = self
         subscription.subscriber.started(cursor)
         kept, self.lastBatch = self.lastBatch, []
-        drain = getattr(self.upstream, "drainHeld", None)
-        if drain is not None:
+        if IHoldableSubscription.providedBy(self.upstream):
             # What the upstream read while parked joins the kept events:
             # one fuller page rather than a page per batch.
-            more = drain()
+            more = self.upstream.drainHeld()
             if more:
                 kept = kept + self.makeEvents(more)
         if kept and not subscription.closed:

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import deque
-from typing import Any, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
@@ -40,7 +40,10 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
-from evgate.interfaces import IStore
+from evgate.interfaces import IHeadOffsets, IStore, IStreamingEntrypoint
+
+if TYPE_CHECKING:
+    from evgate.node import NodeContext
 
 # Upper bounds (seconds) of the publish latency histogram: from a memory
 # endpoint's microseconds to a Kafka broker that takes its time.
@@ -123,10 +126,7 @@ def tallyFor(api: Any, entrypoint: str) -> Tally:
     across reloads), or a private one when the node counts nothing (tests
     that build runtimes by hand).
     """
-    metrics = getattr(api.gateway, "metrics", None)
-    if isinstance(metrics, GatewayMetrics):
-        return metrics.tally(api.name, entrypoint)
-    return Tally(api.name, entrypoint)
+    return api.node.metrics.tally(api.name, entrypoint)  # type: ignore[no-any-return]
 
 
 def tallyOf(request: Any, api: Any, entrypoint: str) -> Tally:
@@ -168,12 +168,12 @@ class GatewayMetrics:
     """
     The counters of one gateway node and its own Prometheus registry.
 
-    @ivar gateway: the L{evgate.service.GatewayService} whose live state the
+    @ivar node: the L{evgate.node.NodeContext} whose live state the
         collector reads at scrape time.
     """
 
-    def __init__(self, gateway: Any) -> None:
-        self.gateway = gateway
+    def __init__(self, node: "NodeContext") -> None:
+        self.node = node
         self.tallies: Dict[Tuple[str, str], Tally] = {}
         self.webhooks: Dict[str, WebhookCounts] = {}
         self.reloads: Dict[str, int] = {"applied": 0, "refused": 0, "unchanged": 0}
@@ -219,7 +219,7 @@ class GatewayMetrics:
         The tallies of this node: this process's, plus the last report of
         each worker process (L{evgate.workers}), summed.
         """
-        pool = getattr(self.gateway, "workerPool", None)
+        pool = self.node.workerPool
         reports = pool.liveReports() if pool is not None else []
         if not reports:
             return self.tallies
@@ -275,15 +275,11 @@ class GatewayMetrics:
 def headOffsets(connector: Any, topic: str) -> Optional[Mapping[int, int]]:
     """
     The next offset of every partition of C{topic}, where the endpoint knows
-    it without asking a broker: the in-memory endpoint, or any connector
-    with a C{headOffsets(topic)} method.  L{None} elsewhere (Kafka's group
-    lag is Kafka's own metric: see docs/operations.md).
+    it without asking a broker (an L{IHeadOffsets}: the in-memory endpoint,
+    Kafka).  L{None} elsewhere.
     """
-    if getattr(connector, "kind", None) == "memory":
-        return {0: connector.topicLog(topic).nextOffset}
-    method = getattr(connector, "headOffsets", None)
-    if method is not None:
-        return method(topic)  # type: ignore[no-any-return]
+    if IHeadOffsets.providedBy(connector):
+        return connector.headOffsets(topic)  # type: ignore[no-any-return]
     return None
 
 
@@ -309,13 +305,13 @@ class GatewayCollector(Collector):
 
     def collect(self) -> Iterable[Any]:
         metrics = self.metrics
-        gateway = metrics.gateway
+        node = metrics.node
         tallies = sorted(metrics.allTallies().values(), key=lambda t: (t.api, t.entrypoint))
         yield from self._traffic(tallies)
-        yield from self._subscribers(gateway)
-        yield from self._webhooks(gateway)
-        yield from self._endpoints(gateway)
-        yield from self._node(gateway)
+        yield from self._subscribers(node)
+        yield from self._webhooks(node)
+        yield from self._endpoints(node)
+        yield from self._node(node)
 
     def _traffic(self, tallies: List[Tally]) -> Iterator[Any]:
         labels = ["api", "entrypoint"]
@@ -355,22 +351,22 @@ class GatewayCollector(Collector):
         yield from families.values()
         yield latency
 
-    def _subscribers(self, gateway: Any) -> Iterator[Any]:
+    def _subscribers(self, node: "NodeContext") -> Iterator[Any]:
         live = GaugeMetricFamily("evgate_subscribers", "Live subscribers: open event streams and WebSockets, "
                                  "waiting long polls, running webhook deliverers.", labels=["api", "entrypoint"])
         lag = GaugeMetricFamily("evgate_subscriber_lag_messages", "Messages between the endpoint's head and the "
                                 "furthest-behind live stream, where the endpoint knows its head.",
                                 labels=["api", "entrypoint"])
-        for api in list(getattr(gateway, "apis", ())):
+        for api in list(node.apis):
             head = None
             for entrypoint in api.entrypoints:
-                count = subscriberCount(gateway, api, entrypoint)
+                count = subscriberCount(node, api, entrypoint)
                 if count is None:
                     continue
                 live.add_metric([api.name, entrypoint.name], count)
-                streams = getattr(entrypoint, "live", None)
-                if not streams:
+                if not IStreamingEntrypoint.providedBy(entrypoint) or not entrypoint.live:
                     continue
+                streams = entrypoint.live
                 if head is None:
                     head = headOffsets(api.connector, api.config.topic) or {}
                 if head:
@@ -379,7 +375,7 @@ class GatewayCollector(Collector):
         yield live
         yield lag
 
-    def _webhooks(self, gateway: Any) -> Iterator[Any]:
+    def _webhooks(self, node: "NodeContext") -> Iterator[Any]:
         metrics = self.metrics
         delivered = CounterMetricFamily("evgate_webhook_deliveries", "Webhook messages delivered (2xx).",
                                         labels=["api"])
@@ -397,30 +393,30 @@ class GatewayCollector(Collector):
         lag = GaugeMetricFamily("evgate_webhook_lag_messages", "Messages between the endpoint's head and a webhook "
                                 "subscription's position, where the endpoint knows its head.",
                                 labels=["api", "subscription"])
-        service = getattr(gateway, "webhooks", None)
+        service = node.webhooks
         if service is not None:
             heads: Dict[str, Any] = {}
             for id, deliverer in sorted(service.deliverers.items()):
                 apiName = deliverer.context.api
                 if apiName not in heads:
-                    api = gateway.api(apiName)
-                    heads[apiName] = headOffsets(api.connector, api.config.topic) if api is not None else None
+                    runtime = node.api(apiName)
+                    heads[apiName] = (headOffsets(runtime.connector, runtime.config.topic)
+                                      if runtime is not None else None)
                 head = heads[apiName]
                 if head:
                     lag.add_metric([apiName, id], lagOf(head, deliverer.position))
         yield lag
 
-    def _endpoints(self, gateway: Any) -> Iterator[Any]:
+    def _endpoints(self, node: "NodeContext") -> Iterator[Any]:
         up = GaugeMetricFamily("evgate_endpoint_connected", "1 while the endpoint's broker is reachable.",
                                labels=["endpoint", "type"])
-        for name, connector in sorted(getattr(gateway, "connectors", {}).items()):
+        for name, connector in sorted(node.connectors.items()):
             up.add_metric([name, connector.kind], 1 if connector.connected else 0)
         yield up
 
-    def _node(self, gateway: Any) -> Iterator[Any]:
+    def _node(self, node: "NodeContext") -> Iterator[Any]:
         metrics = self.metrics
-        limits = getattr(gateway, "limits", None)
-        shared = getattr(limits, "shared", None)
+        shared = node.limits.shared
         if shared is not None:
             fallbacks = CounterMetricFamily("evgate_limits_store_fallbacks", "Limit checks counted on this node "
                                             "because the shared limits store (Redis) was unreachable.")
@@ -454,14 +450,14 @@ def _connections(site: Any) -> Iterator[Any]:
     yield opened
 
 
-def subscriberCount(gateway: Any, api: Any, entrypoint: Any) -> Optional[int]:
+def subscriberCount(node: "NodeContext", api: Any, entrypoint: Any) -> Optional[int]:
     """
     The live subscribers of one entrypoint on this node (its worker
     processes included), or L{None} for one that has none by nature
     (http-post).
     """
-    count = localSubscriberCount(gateway, api, entrypoint)
-    pool = getattr(gateway, "workerPool", None)
+    count = localSubscriberCount(node, api, entrypoint)
+    pool = node.workerPool
     if count is None or pool is None:
         return count
     for report in pool.liveReports():
@@ -471,18 +467,17 @@ def subscriberCount(gateway: Any, api: Any, entrypoint: Any) -> Optional[int]:
     return count
 
 
-def localSubscriberCount(gateway: Any, api: Any, entrypoint: Any) -> Optional[int]:
+def localSubscriberCount(node: "NodeContext", api: Any, entrypoint: Any) -> Optional[int]:
     """
     L{subscriberCount} of this process alone.
     """
     if entrypoint.name == "webhook":
-        service = getattr(gateway, "webhooks", None)
+        service = node.webhooks
         if service is None:
             return 0
         return sum(1 for d in list(service.deliverers.values()) if d.context.api == api.name)
-    live = getattr(entrypoint, "live", None)
-    if live is not None:
-        return len(live)
+    if IStreamingEntrypoint.providedBy(entrypoint):
+        return len(entrypoint.live)
     if entrypoint.name == "http-get":
         return int(entrypoint.tally.waiting)
     return None
@@ -581,7 +576,7 @@ class RateSampler(Service):
 
     def _now(self) -> Dict[str, Tuple[int, int]]:
         now: Dict[str, Tuple[int, int]] = {}
-        for api in list(getattr(self.metrics.gateway, "apis", ())):
+        for api in list(self.metrics.node.apis):
             totals = self.metrics.totals(api.name)
             now[api.name] = (totals["messagesIn"], totals["messagesOut"])
         return now

@@ -53,7 +53,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field, replace
-from typing import Any, Dict, List, Mapping, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
@@ -62,6 +62,10 @@ from twisted.python.failure import Failure
 
 from evgate.config import Config, ConfigError, loadConfig
 from evgate.connectors import buildConnector
+from evgate.node import buildApis
+
+if TYPE_CHECKING:
+    from evgate.service import GatewayService
 
 # [gateway] keys a reload applies; every other key needs a restart.
 RELOADABLE_GATEWAY_KEYS = frozenset({"access-log"})
@@ -128,7 +132,7 @@ def _differing(old: Mapping[str, str], new: Mapping[str, str]) -> List[str]:
     return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
 
 
-def checkConfig(gateway: Any, path: Optional[str] = None) -> ReloadPlan:
+def checkConfig(gateway: "GatewayService", path: Optional[str] = None) -> ReloadPlan:
     """
     Read the configuration file again and plan the reload of C{gateway}.
 
@@ -175,14 +179,12 @@ def checkConfig(gateway: Any, path: Optional[str] = None) -> ReloadPlan:
     return plan
 
 
-def _build(gateway: Any, plan: ReloadPlan) -> Dict[str, Any]:
+def _build(gateway: "GatewayService", plan: ReloadPlan) -> Dict[str, Any]:
     """
     The runtimes of the added and changed APIs of C{plan}, built now so
     that a mistake found while building (a dead-letter endpoint that does
     not exist) refuses the reload before anything changed.
     """
-    from evgate.gateway import buildApis
-
     config = plan.config
     subset = replace(config, gateway=gateway.config.gateway,
                      apis={n: config.apis[n] for n in plan.added + plan.changed})
@@ -192,13 +194,13 @@ def _build(gateway: Any, plan: ReloadPlan) -> Dict[str, Any]:
     connectors = gateway.connectors
     connectors.update(plan.connectors)
     try:
-        return {runtime.name: runtime for runtime in buildApis(subset, connectors, gateway.hub, gateway)}
+        return {runtime.name: runtime for runtime in buildApis(subset, connectors, gateway.node)}
     finally:
         for name in plan.connectors:
             del connectors[name]
 
 
-def reconfigService(gateway: Any, plan: ReloadPlan) -> Deferred:
+def reconfigService(gateway: "GatewayService", plan: ReloadPlan) -> Deferred:
     """
     Apply C{plan} (from L{checkConfig}) to C{gateway}, all at once.
 
@@ -216,7 +218,7 @@ def reconfigService(gateway: Any, plan: ReloadPlan) -> Deferred:
     current = {api.name: api for api in gateway.apis}
     apis = [current[name] if name in plan.unchanged else plan.runtimes[name] for name in config.apis]
     retired = [current[name] for name in plan.changed + plan.removed]
-    gateway.apis = apis
+    gateway.node.apis = apis
     gateway.resource.setApis(apis)
     for runtime in retired:
         _stopEntrypoints(runtime)
@@ -227,8 +229,9 @@ def reconfigService(gateway: Any, plan: ReloadPlan) -> Deferred:
         for (endpoint, _), stream in list(gateway.hub.streams.items()):
             if endpoint == name:
                 stream.close()
-        connector = gateway.connectors.pop(name)
-        waits.append(maybeDeferred(connector.disownServiceParent))
+        # Connectors are services of the node as well (IConnector says so).
+        retiring: Any = gateway.connectors.pop(name)
+        waits.append(maybeDeferred(retiring.disownServiceParent))
         log.info("reload: endpoint {endpoint} stopped", endpoint=name)
 
     if "access-log" in plan.gatewayChanged:
@@ -236,7 +239,7 @@ def reconfigService(gateway: Any, plan: ReloadPlan) -> Deferred:
     # The running configuration is the new file's; [gateway] keeps the
     # settings that run (equal but for the keys a reload applies, which
     # are applied above).
-    gateway.config = replace(config, gateway=gateway.config.gateway)
+    gateway.node.config = replace(config, gateway=gateway.config.gateway)
     waits.append(_followWebhooks(gateway, plan))
     gateway.metrics.reloads["applied"] += 1
     gateway.metrics.lastReload = gateway.reactor.seconds()
@@ -254,19 +257,14 @@ def _stopEntrypoints(runtime: Any) -> None:
     # The streams of a retired runtime end as at shutdown: their clients
     # reconnect with their cursors and meet the new definition.
     for entrypoint in runtime.entrypoints:
-        stop = getattr(entrypoint, "stop", None)
-        if stop is not None:
-            stop()
-    # An API-key plan listens for revocations to close its streams; a
-    # retired one has none left to close.
+        entrypoint.stop()
+    # A plan may hold on to the node (an API-key plan listens for
+    # revocations to close its streams); a retired one lets go.
     for plan in runtime.plans:
-        registry = getattr(plan, "registry", None)
-        listener = getattr(plan, "_revoked", None)
-        if registry is not None and listener in registry.revokedListeners:
-            registry.revokedListeners.remove(listener)
+        plan.stop()
 
 
-def _followWebhooks(gateway: Any, plan: ReloadPlan) -> Deferred:
+def _followWebhooks(gateway: "GatewayService", plan: ReloadPlan) -> Deferred:
     """
     Bring webhook deliveries in line with the new APIs: deliverers of
     changed or removed APIs stop, and those of changed APIs start again
@@ -275,12 +273,7 @@ def _followWebhooks(gateway: Any, plan: ReloadPlan) -> Deferred:
     service = gateway.webhooks
     if service is None:
         if any("webhook" in api.config.entrypoints for api in gateway.apis):
-            from evgate.metrics import CountingStore
-            from evgate.webhook.service import WebhookService
-
-            service = gateway.webhooks = WebhookService(gateway, CountingStore(gateway.store, gateway.metrics),
-                                                        gateway.reactor)
-            service.setServiceParent(gateway)
+            gateway.startWebhooks()
         return succeed(None)
     touched = set(plan.changed) | set(plan.removed)
     stops = [service._stopDeliverer(id) for id, deliverer in list(service.deliverers.items())
@@ -300,7 +293,7 @@ class Reloader:
 
     log = Logger()
 
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: "GatewayService") -> None:
         self.gateway = gateway
         self.last: Optional[Dict[str, Any]] = None
         self.running: Optional[Deferred] = None
@@ -344,7 +337,7 @@ class Reloader:
         def done(result: Any) -> Any:
             self.running = None
             self.last = self._outcome(True, "applied", plan.summary())
-            pool = getattr(gateway, "workerPool", None)
+            pool = gateway.node.workerPool
             if pool is not None and not isinstance(result, Failure):
                 # Each worker reads the file again itself.
                 pool.reload()

@@ -11,22 +11,29 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from twisted.application.internet import StreamServerEndpointService
-from twisted.application.service import MultiService, Service
+from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from evgate.admin.app import AdminApp, adminSite
+from evgate.admin.ops import Tails
 from evgate.config import Config, ConfigError, GatewayConfig
 from evgate.connectors import buildConnector
-from evgate.gateway import ApiRuntime, GatewayResource, GatewaySite, buildApis
+from evgate.gateway import ApiRuntime, GatewayResource, GatewaySite
 from evgate.hub import Hub
-from evgate.interfaces import IConnector
+from evgate.interfaces import IConnector, IStore
 from evgate.logs import RequestLog, offerLogObserver
 from evgate.metrics import CountingStore, GatewayMetrics, RateSampler
+from evgate.node import NodeContext, buildApis
 from evgate.reload import Reloader, ReloadService, checkConfig, reconfigService
-from evgate.security.limits import buildLimits
+from evgate.security.apikey import KeyRegistry
+from evgate.security.limits import Limits, buildLimits
 from evgate.site import connectionLimits
+from evgate.store import buildStore
+from evgate.webhook.service import WebhookService
+from evgate.workers import WorkerPool
 
 
 def cannotListen(path: str, role: str, error: CannotListenError) -> SystemExit:
@@ -224,11 +231,13 @@ class AdoptedListener(Service):
 
 class GatewayService(MultiService):
     """
-    One evgate node.
+    One evgate node: it builds the node's parts, shares them through its
+    L{NodeContext} (C{node}), and starts and stops them in order.
 
-    Entrypoints reach the node's settings through C{api.gateway}: the
-    attributes of L{GatewayConfig} are readable on this object, and
-    C{reactor} is the reactor it runs on.
+    The attributes tests and the admin API read (C{hub}, C{connectors},
+    C{apis}, C{metrics}, C{store}, C{webhooks}, C{settings} ...) read
+    through to the node context; the node's settings are
+    C{node.settings}.
     """
 
     log = Logger()
@@ -237,37 +246,37 @@ class GatewayService(MultiService):
         super().__init__()
         # A worker process (evgate.workers) serves the data plane only.
         self.worker = worker
-        self.workerPool: Any = None
-        self.config = config
-        self.settings: GatewayConfig = config.gateway
+        node = self.node = NodeContext(reactor, config)
         self.reactor = reactor
+        settings = node.settings
         # Counters and the Prometheus registry of this node (evgate.metrics),
         # before anything that counts; and the access log (evgate.logs).
-        self.metrics = GatewayMetrics(self)
-        self.requestLog = RequestLog(self.settings.accessLog)
-        self.connectors: Dict[str, IConnector] = {}
+        node.metrics = GatewayMetrics(node)
+        node.requestLog = RequestLog(settings.accessLog)
         for name, endpoint in config.endpoints.items():
             connector = buildConnector(endpoint, reactor)
-            connector.setServiceParent(self)
-            self.connectors[name] = connector
-        self.hub = Hub(self.connectors, reactor, window=self.settings.replayWindow)
+            # Connectors and stores are services too (see their interfaces).
+            IService(connector).setServiceParent(self)
+            node.connectors[name] = connector
+        node.hub = Hub(node.connectors, reactor, window=settings.replayWindow)
         # Before the listeners, so that the limits store is connecting by
         # the time the first request comes.
-        self.limits = buildLimits(self.settings, reactor)
-        self.limits.setServiceParent(self)
+        node.limits = buildLimits(settings, reactor)
+        node.limits.setServiceParent(self)
         # Durable records (webhook subscriptions, keys): before the features
         # that use them, so that it stops after them (evgate.store).
-        self.store: Any = None
-        if self.settings.options.get("store") is not None:
-            from evgate.store import buildStore
-
-            self.store = buildStore(self.settings.options["store"], reactor, self.connectors, config.path)
-            self.store.setServiceParent(self)
-        self.apis: List[ApiRuntime] = buildApis(config, self.connectors, self.hub, self)
-        self.resource = GatewayResource(self.apis)
-        self.site = GatewaySite(self.resource, self.settings.maxMessageBytes, requestLog=self.requestLog,
-                                metrics=self.metrics, reactor=reactor,
-                                limits=connectionLimits(self.settings.options))
+        if settings.options.get("store") is not None:
+            store = buildStore(settings.options["store"], reactor, node.connectors, config.path)
+            IService(store).setServiceParent(self)
+            node.store = store
+            # The API keys live in the store; the registry is the node's,
+            # shared by every API with the api-key plan (and the admin API).
+            node.apiKeys = KeyRegistry(node)
+            node.apiKeys.setServiceParent(self)
+        node.apis = buildApis(config, node.connectors, node)
+        self.resource = GatewayResource(node.apis)
+        self.site = GatewaySite(self.resource, settings.maxMessageBytes, requestLog=node.requestLog,
+                                metrics=node.metrics, reactor=reactor)
         self.listeners: List[Any] = []
         if worker is not None:
             for fd in worker.listenFds:
@@ -275,8 +284,8 @@ class GatewayService(MultiService):
                 adopted.setServiceParent(self)
                 self.listeners.append(adopted)
         else:
-            workers = self.settings.workers
-            for description in self.settings.listen:
+            workers = settings.workers
+            for description in settings.listen:
                 tcp = reusePortEndpoint(description, reactor) if workers > 1 else None
                 if tcp is not None:
                     listener: Any = ReusePortListener(description, tcp, self.site, reactor, workers, config.path)
@@ -285,34 +294,126 @@ class GatewayService(MultiService):
                 listener.setServiceParent(self)
                 self.listeners.append(listener)
             if workers > 1:
-                from evgate.workers import WorkerPool
-
-                self.workerPool = WorkerPool(self, self.settings.workers, reactor)
-                self.workerPool.setServiceParent(self)
+                node.workerPool = WorkerPool(self, settings.workers, reactor)
+                node.workerPool.setServiceParent(self)
         # Webhook deliveries (evgate.webhook.service), and the admin API on
         # a listener of its own (evgate.admin.app): the primary's alone.
-        self.webhooks: Any = None
-        if worker is None and any("webhook" in api.config.entrypoints for api in self.apis):
-            from evgate.webhook.service import WebhookService
-
-            # Delivery outcomes are counted for /metrics as they are stored.
-            self.webhooks = WebhookService(self, CountingStore(self.store, self.metrics), reactor)
-            self.webhooks.setServiceParent(self)
+        if worker is None and any("webhook" in api.config.entrypoints for api in node.apis):
+            self.startWebhooks()
         # Reload (SIGHUP, POST /reload: evgate.reload) and recent rates.
         self.reloader = Reloader(self)
         ReloadService(self.reloader).setServiceParent(self)
-        self.rates = RateSampler(self.metrics, reactor)
+        self.rates = RateSampler(node.metrics, reactor)
         self.rates.setServiceParent(self)
-        self.metrics.lastReload = reactor.seconds()
-        self.admin: Any = None
-        adminSettings = self.settings.options.get("admin")
+        node.metrics.lastReload = reactor.seconds()
+        self.admin: Optional[AdminApp] = None
+        self.tails: Optional[Tails] = None
+        adminSettings = settings.options.get("admin")
         if adminSettings is not None and worker is None:
-            from evgate.admin.app import AdminApp, adminSite
-
             self.admin = AdminApp(self, adminSettings.token)
+            # The admin API's live tails end when the node stops.
+            self.tails = Tails()
+            self.tails.setServiceParent(self)
             self.adminListener = ListenerService(adminSettings.listen, adminSite(self.admin, reactor), reactor,
                                                  "admin", config.path)
             self.adminListener.setServiceParent(self)
+
+    def startWebhooks(self) -> "WebhookService":
+        """
+        Start delivering webhooks (at start, or when a reload adds the
+        first API with the webhook entrypoint).
+        """
+        node = self.node
+        # Delivery outcomes are counted for /metrics as they are stored.
+        service = node.webhooks = WebhookService(node, CountingStore(node.store, node.metrics), node.reactor)
+        service.setServiceParent(self)
+        return service
+
+    # The node's parts, as tests and the admin API name them.
+
+    @property
+    def config(self) -> Config:
+        """
+        The running configuration (C{node.config}).
+        """
+        return self.node.config
+
+    @property
+    def settings(self) -> GatewayConfig:
+        """
+        The node's C{[gateway]} settings (C{node.settings}).
+        """
+        return self.node.settings
+
+    @property
+    def hub(self) -> Hub:
+        """
+        The node's hub.
+        """
+        return self.node.hub
+
+    @property
+    def connectors(self) -> Dict[str, IConnector]:
+        """
+        The node's connectors by endpoint name.
+        """
+        return self.node.connectors
+
+    @property
+    def apis(self) -> List[ApiRuntime]:
+        """
+        The live API runtimes.
+        """
+        return self.node.apis
+
+    @property
+    def metrics(self) -> GatewayMetrics:
+        """
+        The node's counters.
+        """
+        return self.node.metrics
+
+    @property
+    def requestLog(self) -> RequestLog:
+        """
+        The data plane's access log.
+        """
+        return self.node.requestLog
+
+    @property
+    def limits(self) -> Limits:
+        """
+        The node's limit counters.
+        """
+        return self.node.limits
+
+    @property
+    def store(self) -> Optional[IStore]:
+        """
+        The node's store, if it has one.
+        """
+        return self.node.store
+
+    @property
+    def apiKeys(self) -> Optional[KeyRegistry]:
+        """
+        The node's API keys, if it has a store.
+        """
+        return self.node.apiKeys
+
+    @property
+    def webhooks(self) -> Optional["WebhookService"]:
+        """
+        The node's webhook deliveries, if any.
+        """
+        return self.node.webhooks
+
+    @property
+    def workerPool(self) -> Optional[WorkerPool]:
+        """
+        The worker processes of a primary with workers.
+        """
+        return self.node.workerPool
 
     def setServiceParent(self, parent: Any) -> None:
         # twistd's application: offer it the log observer of log-format
@@ -333,32 +434,22 @@ class GatewayService(MultiService):
         """
         return reconfigService(self, plan)
 
-    def __getattr__(self, name: str) -> Any:
-        # Only reached for names the service itself lacks: the settings.
-        settings = self.__dict__.get("settings")
-        if settings is not None and hasattr(settings, name):
-            return getattr(settings, name)
-        raise AttributeError(name)
-
     def api(self, name: str) -> Optional[ApiRuntime]:
         """
         The runtime of the API called C{name}.
         """
-        for api in self.apis:
-            if api.name == name:
-                return api
-        return None
+        return self.node.api(name)
 
     def stopService(self) -> Deferred:
         # Entrypoints first, so that streams end with their own goodbye
         # (an SSE comment, WebSocket close 1013) while the hub still runs;
         # then the hub, so that connectors close with no reader left.
         stopping = []
-        for api in self.apis:
+        for api in self.node.apis:
             for entrypoint in api.entrypoints:
-                stop = getattr(entrypoint, "stop", None)
-                if stop is not None:
-                    stopping.append(maybeDeferred(stop))
+                stopping.append(maybeDeferred(entrypoint.stop))
+            for plan in api.plans:
+                stopping.append(maybeDeferred(plan.stop))
         d = DeferredList(stopping, consumeErrors=True)
 
         def stopRest(_: Any) -> Deferred:

@@ -39,6 +39,8 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.logger import Logger
 
+from evgate.metrics import localSubscriberCount
+
 REPORT_FD = 3
 FIRST_LISTEN_FD = 4
 REPORT_INTERVAL = 1.0
@@ -53,8 +55,6 @@ def snapshot(gateway: Any) -> Dict[str, Any]:
     The counters of C{gateway} (a worker) that the primary adds to its
     own: every tally, and the live subscribers per API and entrypoint.
     """
-    from evgate.metrics import localSubscriberCount
-
     tallies = []
     for tally in list(gateway.metrics.tallies.values()):
         tallies.append([tally.api, tally.entrypoint, {
@@ -66,7 +66,7 @@ def snapshot(gateway: Any) -> Dict[str, Any]:
     subscribers = []
     for api in list(gateway.apis):
         for entrypoint in api.entrypoints:
-            count = localSubscriberCount(gateway, api, entrypoint)
+            count = localSubscriberCount(gateway.node, api, entrypoint)
             if count is not None:
                 subscribers.append([api.name, entrypoint.name, count])
     return {"pid": os.getpid(), "tallies": tallies, "subscribers": subscribers}

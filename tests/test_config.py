@@ -108,6 +108,14 @@ class ErrorTests(SynchronousTestCase):
         self.assertTrue(str(error).startswith("/etc/evgate/evgate.ini"), str(error))
         self.assertNotIn("\n", str(error))
 
+    def test_notIni(self) -> None:
+        """
+        A line that is not INI is reported with its line number and text,
+        on one line.
+        """
+        text = "[gateway]\nlisten = tcp:0\nthis is not ini\n"
+        self.assertError(text, None, None, "line 3: not a key = value, [section] or comment: this is not ini")
+
     def test_unknownSection(self) -> None:
         """
         A section that is neither gateway, endpoint nor api is refused.

@@ -18,6 +18,7 @@ from treq.testing import StubTreq
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 from zope.interface.verify import verifyClass, verifyObject
 
 from evgate.config import ConfigError, SectionReader, parseConfig
@@ -1535,6 +1536,7 @@ class FakeGroupReader:
         self.putBacks.append(messages)
 
 
+@implementer(IConsumerGroups)
 class FakeGroupConnector:
     """
     A connector with group mode that answers from a script.

@@ -75,7 +75,7 @@ class ReportTests(SynchronousTestCase):
         pool = FakePool()
         pool.reports[1] = report
         pool.reports[2] = report
-        primary.workerPool = pool
+        primary.node.workerPool = pool
         merged = primary.metrics.allTallies()[("demo", "http-post")]
         self.assertEqual(merged.codes, {202: 3, 400: 1})
         self.assertEqual((merged.messagesIn, merged.bytesIn, merged.latencyCount), (3, 25, 3))

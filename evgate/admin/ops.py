@@ -252,12 +252,10 @@ class Tails(Service):
 
 def tailsOf(gateway: Any) -> Tails:
     """
-    The node's L{Tails}, made (and added to its services) on first use.
+    The node's L{Tails} (the service makes them with the admin API).
     """
-    tails = gateway.__dict__.get("tails")
-    if tails is None:
-        tails = gateway.tails = Tails()
-        tails.setServiceParent(gateway)
+    tails = gateway.tails
+    assert tails is not None, "the admin API runs without its tails"
     return tails  # type: ignore[no-any-return]
 
 
@@ -296,7 +294,7 @@ class TailSubscriber:
         self.tails = tails
         self.api = api
         self.request = request
-        self.reactor = api.gateway.reactor
+        self.reactor = api.node.reactor
         self.subscription: Optional[HubSubscription] = None
         self.paused = False
         self.skipped = 0

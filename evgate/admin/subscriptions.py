@@ -34,7 +34,7 @@ def webhooks(admin: AdminApp, api: str) -> Any:
     runtime = admin.gateway.api(api)
     if runtime is None:
         raise NotFound(f"there is no API named {api}")
-    service = getattr(admin.gateway, "webhooks", None)
+    service = admin.gateway.webhooks
     if "webhook" not in runtime.config.entrypoints or service is None:
         raise Conflict(f"API {api} does not list webhook in its entrypoints")
     return service

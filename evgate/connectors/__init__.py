@@ -1,6 +1,7 @@
 """
 Connectors: one package or module per endpoint type, each an
-L{evgate.interfaces.IConnector}.
+L{evgate.interfaces.IConnector}, registered by the name of its C{type} key
+in L{CONNECTORS}.
 """
 
 from __future__ import annotations
@@ -12,18 +13,25 @@ from evgate.connectors.kafka import KafkaConnector
 from evgate.connectors.memory import MemoryConnector
 from evgate.connectors.mqtt import MqttConnector
 from evgate.ini import EndpointConfig
+from evgate.interfaces import IConnector
+from evgate.registry import Registry
 
-__all__ = ["buildConnector", "publishEach"]
+__all__ = ["CONNECTORS", "buildConnector", "publishEach"]
 
 
-def buildConnector(endpoint: EndpointConfig, reactor: Any) -> Any:
+def buildConnector(endpoint: EndpointConfig, reactor: Any) -> IConnector:
     """
-    The connector of one C{[endpoint:NAME]} section.
+    The connector of one C{[endpoint:NAME]} section, made by the class
+    registered for its C{type} in L{CONNECTORS}.
     """
-    if endpoint.type == "memory":
-        return MemoryConnector(endpoint.name, endpoint.options["retention"], reactor)
-    if endpoint.type == "kafka":
-        return KafkaConnector(endpoint.name, endpoint.options, reactor)
-    if endpoint.type == "mqtt5":
-        return MqttConnector(endpoint.name, endpoint.options, reactor)
-    raise ValueError(f"unknown endpoint type {endpoint.type!r}")
+    return CONNECTORS.factory(endpoint.type)(endpoint, reactor)
+
+
+# The endpoint types, by the name of the type key.
+CONNECTORS: Registry[IConnector] = Registry(IConnector, "endpoint type")
+CONNECTORS.register("memory", MemoryConnector,
+                    lambda endpoint, reactor: MemoryConnector(endpoint.name, endpoint.options["retention"], reactor))
+CONNECTORS.register("kafka", KafkaConnector,
+                    lambda endpoint, reactor: KafkaConnector(endpoint.name, endpoint.options, reactor))
+CONNECTORS.register("mqtt5", MqttConnector,
+                    lambda endpoint, reactor: MqttConnector(endpoint.name, endpoint.options, reactor))

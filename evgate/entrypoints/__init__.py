@@ -1,33 +1,37 @@
 """
 Entrypoints: one module per client protocol, each an
-L{evgate.interfaces.IEntrypoint}.
+L{evgate.interfaces.IEntrypoint}, registered by name in L{ENTRYPOINTS}.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any, List
+from typing import TYPE_CHECKING, List
 
-# name -> (module, class).  Listed in the order requests are offered to them:
-# the most specific first (an upgrade, then an Accept header, then the
-# method alone).
-ENTRYPOINTS = {
-    "websocket": ("evgate.entrypoints.websocket", "WebSocketEntrypoint"),
-    "sse": ("evgate.entrypoints.sse", "SseEntrypoint"),
-    "http-get": ("evgate.entrypoints.http_get", "HttpGetEntrypoint"),
-    "http-post": ("evgate.entrypoints.http_post", "HttpPostEntrypoint"),
-    "webhook": ("evgate.entrypoints.webhook", "WebhookEntrypoint"),
-}
+from evgate.entrypoints.http_get import HttpGetEntrypoint
+from evgate.entrypoints.http_post import HttpPostEntrypoint
+from evgate.entrypoints.sse import SseEntrypoint
+from evgate.entrypoints.webhook import WebhookEntrypoint
+from evgate.entrypoints.websocket import WebSocketEntrypoint
+from evgate.interfaces import IEntrypoint
+from evgate.registry import Registry
+
+if TYPE_CHECKING:
+    from evgate.gateway import ApiRuntime
 
 
-def buildEntrypoints(api: Any) -> List[Any]:
+# Registered in the order requests are offered to them: the most specific
+# first (an upgrade, then an Accept header, then the method alone).
+ENTRYPOINTS: Registry[IEntrypoint] = Registry(IEntrypoint, "entrypoint")
+ENTRYPOINTS.register("websocket", WebSocketEntrypoint)
+ENTRYPOINTS.register("sse", SseEntrypoint)
+ENTRYPOINTS.register("http-get", HttpGetEntrypoint)
+ENTRYPOINTS.register("http-post", HttpPostEntrypoint)
+ENTRYPOINTS.register("webhook", WebhookEntrypoint)
+
+
+def buildEntrypoints(api: "ApiRuntime") -> List[IEntrypoint]:
     """
     The entrypoints of one API runtime, in the order they are offered
     requests.
     """
-    built = []
-    for name, (module, cls) in ENTRYPOINTS.items():
-        if name in api.config.entrypoints:
-            factory = getattr(importlib.import_module(module), cls)
-            built.append(factory(api))
-    return built
+    return [ENTRYPOINTS.factory(name)(api) for name in ENTRYPOINTS if name in api.config.entrypoints]

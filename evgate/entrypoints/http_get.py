@@ -29,7 +29,7 @@ from evgate.errors import BadCursor, BadRequest, EndpointUnavailable, NotAccepta
 from evgate.filters import filterFor as subscriptionFilter
 from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, queryArgs, writeProblem
 from evgate.hub import Event, HubSubscription
-from evgate.interfaces import IEntrypoint, ISubscriber
+from evgate.interfaces import IConsumerGroups, IEntrypoint, ISubscriber
 from evgate.message import Cursor, CursorError, contentForJSON, cursorsAfter
 from evgate.metrics import countPage, tallyFor, tallyOf
 
@@ -253,7 +253,7 @@ class PollSubscriber:
         Subscribe and arm the timeout.
         """
         api = self.call.api
-        reactor = api.gateway.reactor
+        reactor = api.node.reactor
         self.tally.waiting += 1
         self.request.notifyFinish().addErrback(self._clientGone)
         # Until the endpoint says where the read starts, the poll waits at
@@ -268,7 +268,7 @@ class PollSubscriber:
             return
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
-        self.timer = self.call.api.gateway.reactor.callLater(self.timeout, self._timedOut)
+        self.timer = self.call.api.node.reactor.callLater(self.timeout, self._timedOut)
 
     def deliver(self, events: List[Event]) -> None:
         if self.done:
@@ -456,22 +456,22 @@ class HttpGetEntrypoint:
         return request.method == b"GET"
 
     def render(self, request: Request, call: ApiCall) -> Any:
-        gateway = call.api.gateway
+        settings = call.api.node.settings
         try:
             media = negotiate(request.getHeader(b"accept"))
             if media is None:
                 raise NotAcceptable("this API answers GET with " + ", ".join(FORMATS))
             cursor = requestCursor(request, call.api.tag)
-            limit = intParameter(request, "limit", min(DEFAULT_LIMIT, gateway.maxPollLimit), gateway.maxPollLimit)
-            timeout = intParameter(request, "timeout", min(DEFAULT_TIMEOUT, gateway.maxPollTimeout),
-                                   gateway.maxPollTimeout)
+            limit = intParameter(request, "limit", min(DEFAULT_LIMIT, settings.maxPollLimit), settings.maxPollLimit)
+            timeout = intParameter(request, "timeout", min(DEFAULT_TIMEOUT, settings.maxPollTimeout),
+                                   settings.maxPollTimeout)
             filter = self.filterFor(request, call)
             clientId = requestClientId(request)
             if clientId is not None:
                 if cursor is not None:
                     raise BadRequest("send a cursor or a client id, not both: with a client id the gateway "
                                      "keeps the position")
-                if getattr(call.api.connector, "groupPoll", None) is None:
+                if not IConsumerGroups.providedBy(call.api.connector):
                     raise BadRequest(f"API {call.api.name} reads from an endpoint without consumer groups: "
                                      "poll with cursors, without a client id")
         except Problem as problem:
@@ -491,3 +491,8 @@ class HttpGetEntrypoint:
         @raise BadFilter: if the query parameter is not a valid filter.
         """
         return subscriptionFilter(request, call)
+
+    def stop(self) -> None:
+        """
+        Nothing to end: a request/response entrypoint holds no stream.
+        """

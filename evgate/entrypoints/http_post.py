@@ -179,14 +179,19 @@ class HttpPostEntrypoint:
 
     def __init__(self, api: Any) -> None:
         self.api = api
-        gateway = api.gateway
-        self.prefix = gateway.headerPrefix.encode("ascii")
-        self.keyHeader = gateway.keyHeader.encode("ascii")
-        self.timeout = gateway.publishTimeout
+        settings = api.node.settings
+        self.prefix = settings.headerPrefix.encode("ascii")
+        self.keyHeader = settings.keyHeader.encode("ascii")
+        self.timeout = settings.publishTimeout
         self.tally = tallyFor(api, self.name)
 
     def accepts(self, request: Request) -> bool:
         return request.method == b"POST"
+
+    def stop(self) -> None:
+        """
+        Nothing to end: a request/response entrypoint holds no stream.
+        """
 
     def draft(self, request: Request) -> Draft:
         """
@@ -234,7 +239,7 @@ class HttpPostEntrypoint:
         except Problem as problem:
             return writeProblem(request, problem)
         api = call.api
-        reactor = api.gateway.reactor
+        reactor = api.node.reactor
         started = reactor.seconds()
         d = api.connector.publish(api.config.topic, draft, self.timeout)
         if not d.called:
@@ -245,7 +250,7 @@ class HttpPostEntrypoint:
 
     def _acknowledged(self, position: Position, request: Request, size: int, started: float) -> None:
         # Published whether or not the client is still there to hear it.
-        self.tally.published(size, self.api.gateway.reactor.seconds() - started)
+        self.tally.published(size, self.api.node.reactor.seconds() - started)
         if request.finished or getattr(request, "_disconnected", False):
             return
         request.write(jsonBody(request, 202, position.asJSON()))
@@ -266,7 +271,7 @@ class HttpPostEntrypoint:
 
     def publishBatch(self, request: Request, call: ApiCall, drafts: List[Draft]) -> Deferred:
         api = call.api
-        reactor = api.gateway.reactor
+        reactor = api.node.reactor
         started = reactor.seconds()
         d = api.connector.publishMany(api.config.topic, drafts, self.timeout)
         if not d.called:
@@ -279,7 +284,7 @@ class HttpPostEntrypoint:
                            started: float) -> None:
         if all(isinstance(result, Position) for result in results):
             self.tally.publishedMany(len(results), sum(len(d.content) for d in drafts),
-                                     self.api.gateway.reactor.seconds() - started)
+                                     self.api.node.reactor.seconds() - started)
             if request.finished or getattr(request, "_disconnected", False):
                 return
             body = b'{"published":%d,"positions":[%s]}' % (len(results), positionsJSON(results))
@@ -305,7 +310,7 @@ class HttpPostEntrypoint:
                                "detail": getattr(result, "detail", str(result))})
         published = len(results) - len(failed)
         if published:
-            self.tally.publishedMany(published, size, self.api.gateway.reactor.seconds() - started)
+            self.tally.publishedMany(published, size, self.api.node.reactor.seconds() - started)
         if request.finished or getattr(request, "_disconnected", False) or first is None:
             return
         # At least one record failed: the status is the first failure's, and

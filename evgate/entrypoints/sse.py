@@ -60,7 +60,7 @@ from evgate.errors import (
 from evgate.filters import filterFor
 from evgate.gateway import ApiCall, finishWithFailure, writeProblem
 from evgate.hub import Event
-from evgate.interfaces import IEntrypoint
+from evgate.interfaces import IStreamingEntrypoint
 from evgate.message import Cursor, CursorError, envelopeJSON
 from evgate.metrics import tallyFor
 
@@ -300,7 +300,7 @@ def lastEventCursor(request: Request, tag: bytes) -> Optional[Cursor]:
         raise BadCursor(f"Last-Event-ID {raw[:80].decode('latin-1')!r} cannot be used here: {e}") from None
 
 
-@implementer(IEntrypoint)
+@implementer(IStreamingEntrypoint)
 class SseEntrypoint:
     """
     C{sse}: a Server-Sent Events stream of the API's topic.

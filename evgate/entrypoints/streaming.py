@@ -99,9 +99,9 @@ class StreamSubscriber:
         self.call = call
         self.api = api
         self.entrypoint = entrypoint
-        self.reactor = api.gateway.reactor
+        self.reactor = api.node.reactor
         self.tag: bytes = api.tag
-        self.queueLimit: int = api.gateway.subscriberQueue
+        self.queueLimit: int = api.node.settings.subscriberQueue
         self.heartbeat = heartbeat
         self.queue: Deque[QueueEntry] = deque()
         self.queuedMessages = 0

@@ -155,12 +155,14 @@ class WebhookEntrypoint:
         self.deadLetters: Optional[DeadLetters] = None
         if self.settings.dlq is not None:
             endpoint, topic = self.settings.dlq
-            connector = api.gateway.connectors.get(endpoint)
+            connector = api.node.connectors.get(endpoint)
             if connector is None:
-                known = ", ".join(sorted(api.gateway.connectors))
-                raise ConfigError(api.gateway.config.path, f"api:{api.name}", "dlq",
+                known = ", ".join(sorted(api.node.connectors))
+                raise ConfigError(api.node.config.path, f"api:{api.name}", "dlq",
                                   f"unknown endpoint {endpoint!r} (known: {known})")
-            self.deadLetters = DeadLetters(endpoint, topic, connector, api.gateway.settings.publishTimeout)
+            self.deadLetters = DeadLetters(endpoint, topic, connector, api.node.settings.publishTimeout)
+        # Requests never reach this entrypoint; 405s count on the API's.
+        self.tally = api.tally
 
     def accepts(self, request: Request) -> bool:
         """
@@ -173,3 +175,8 @@ class WebhookEntrypoint:
         Not reached (see L{accepts}); a 405 if it ever is.
         """
         return writeProblem(request, MethodNotAllowed("webhook subscriptions are made through the admin API"))
+
+    def stop(self) -> None:
+        """
+        Nothing to end here: the node's webhook service stops deliveries.
+        """

@@ -55,7 +55,7 @@ from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, Forb
 from evgate.filters import filterFor
 from evgate.gateway import ApiCall, writeProblem
 from evgate.hub import Event
-from evgate.interfaces import IEntrypoint
+from evgate.interfaces import IStreamingEntrypoint
 from evgate.message import Cursor, Draft, Position, envelopeJSON
 from evgate.metrics import tallyFor
 
@@ -315,7 +315,7 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         if subscriber is not None:
             subscriber.end()
             # One access line per WebSocket, when it ends (evgate.logs).
-            requestLog = getattr(subscriber.api.gateway, "requestLog", None)
+            requestLog = subscriber.api.node.requestLog
             if requestLog is not None:
                 peer = getattr(self.transport, "getPeer", lambda: None)()
                 requestLog.streamEnded(subscriber.tally, subscriber, 101,
@@ -374,7 +374,7 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         slot: List[Any] = [None, ref]
         self.pending.append(slot)
         connector: Any = api.connector
-        reactor = api.gateway.reactor
+        reactor = api.node.reactor
         started = reactor.seconds()
         d: Deferred = connector.publish(api.config.topic, draft, timeout)
         if not d.called:
@@ -498,7 +498,7 @@ class GatewayWebSocketFactory(WebSocketServerFactory):
         return protocol  # type: ignore[no-any-return]
 
 
-@implementer(IEntrypoint)
+@implementer(IStreamingEntrypoint)
 class WebSocketEntrypoint:
     """
     C{websocket}: subscribe and publish over one WebSocket.
@@ -510,13 +510,13 @@ class WebSocketEntrypoint:
 
     def __init__(self, api: Any) -> None:
         self.api = api
-        gateway = api.gateway
-        self.maxBytes: int = gateway.maxMessageBytes
-        self.timeout: float = gateway.publishTimeout
+        settings = api.node.settings
+        self.maxBytes: int = settings.maxMessageBytes
+        self.timeout: float = settings.publishTimeout
         self.live: Set[WebSocketSubscriber] = set()
         self.tally = tallyFor(api, self.name)
         heartbeat = api.config.options.get("heartbeat", 15.0)
-        self.factory = GatewayWebSocketFactory(self, gateway.reactor)
+        self.factory = GatewayWebSocketFactory(self, api.node.reactor)
         self.factory.setProtocolOptions(
             maxMessagePayloadSize=self.maxBytes,
             maxFramePayloadSize=self.maxBytes,

@@ -5,20 +5,30 @@ L{evgate.interfaces.IPlan}.
 
 from __future__ import annotations
 
-import importlib
 import re
-from typing import Any, List
+from typing import TYPE_CHECKING, Any, List
 
 from twisted.web.http import combinedLogFormatter
 from twisted.web.iweb import IAccessLogFormatter
 from zope.interface import provider
 
-PLANS = {
-    "keyless": ("evgate.security.keyless", "KeylessPlan"),
-    "api-key": ("evgate.security.apikey", "ApiKeyPlan"),
-    "jwt": ("evgate.security.jwt", "JwtPlan"),
-    "oauth2": ("evgate.security.oauth2", "OAuth2Plan"),
-}
+from evgate.interfaces import IPlan
+from evgate.registry import Registry
+from evgate.security.apikey import ApiKeyPlan
+from evgate.security.jwt import JwtPlan
+from evgate.security.keyless import KeylessPlan
+from evgate.security.oauth2 import OAuth2Plan
+
+if TYPE_CHECKING:
+    from evgate.gateway import ApiRuntime
+
+
+# The plans by their name in an API's plans key.
+PLANS: Registry[IPlan] = Registry(IPlan, "plan")
+PLANS.register("keyless", KeylessPlan)
+PLANS.register("api-key", ApiKeyPlan)
+PLANS.register("jwt", JwtPlan)
+PLANS.register("oauth2", OAuth2Plan)
 
 
 # Query parameters that carry credentials (access_token, api-key, ...):
@@ -55,12 +65,8 @@ def redactedLogFormatter(timestamp: str, request: Any) -> str:
     return combinedLogFormatter(timestamp, _RedactedRequest(request))  # type: ignore[no-any-return]
 
 
-def buildPlans(api: Any) -> List[Any]:
+def buildPlans(api: "ApiRuntime") -> List[IPlan]:
     """
     The plans of one API runtime, in configuration order.
     """
-    built = []
-    for name in api.config.plans:
-        module, cls = PLANS[name]
-        built.append(getattr(importlib.import_module(module), cls)(api))
-    return built
+    return [PLANS.factory(name)(api) for name in api.config.plans]

@@ -39,7 +39,7 @@ import hmac
 import re
 import secrets
 import string
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -53,9 +53,12 @@ from zope.interface import implementer
 import evgate.store  # noqa: F401
 from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import Unauthorized
-from evgate.gateway import Consumer
-from evgate.interfaces import IPlan, IWatchableStore
+from evgate.interfaces import IPlan, IStreamingEntrypoint, IWatchableStore
+from evgate.security.consumer import Consumer
 from evgate.security.jwt import ownedKeys, queryValue
+
+if TYPE_CHECKING:
+    from evgate.node import NodeContext
 
 KIND = "api-key"
 PREFIX = "evg_"
@@ -109,9 +112,9 @@ class KeyRegistry(Service):
 
     log = Logger()
 
-    def __init__(self, gateway: Any, refresh: float = DEFAULT_REFRESH) -> None:
-        self.gateway = gateway
-        self.reactor = gateway.reactor
+    def __init__(self, node: "NodeContext", refresh: float = DEFAULT_REFRESH) -> None:
+        self.node = node
+        self.reactor = node.reactor
         self.refresh = refresh
         self.records: Dict[str, Dict[str, Any]] = {}
         self.loaded = False
@@ -130,14 +133,14 @@ class KeyRegistry(Service):
 
         @raise RuntimeError: if the node has none.
         """
-        store = getattr(self.gateway, "store", None)
+        store = self.node.store
         if store is None:
             raise RuntimeError("API keys need a store: set store in [gateway]")
         return store
 
     def startService(self) -> None:
         super().startService()
-        store = getattr(self.gateway, "store", None)
+        store = self.node.store
         if store is not None and IWatchableStore.providedBy(store):
             self._unwatch = store.watch(KIND, self._changed)
         self._loop = LoopingCall(self.reload)
@@ -288,19 +291,6 @@ class KeyRegistry(Service):
                 self.log.failure("closing the streams of revoked API key {id}", id=keyId)
 
 
-def registryOf(gateway: Any) -> KeyRegistry:
-    """
-    The node's L{KeyRegistry}, made (and added to the node's services) on
-    first use.
-    """
-    registry = gateway.__dict__.get("apiKeys")
-    if registry is None:
-        registry = gateway.apiKeys = KeyRegistry(gateway)
-        if hasattr(gateway, "addService"):
-            registry.setServiceParent(gateway)
-    return registry  # type: ignore[no-any-return]
-
-
 def closeStreamsOf(api: Any, consumerId: str, plan: str) -> int:
     """
     Close every live stream of C{api} whose consumer is C{consumerId} of
@@ -309,7 +299,9 @@ def closeStreamsOf(api: Any, consumerId: str, plan: str) -> int:
     """
     closed = 0
     for entrypoint in api.entrypoints:
-        for subscriber in list(getattr(entrypoint, "live", ())):
+        if not IStreamingEntrypoint.providedBy(entrypoint):
+            continue
+        for subscriber in list(entrypoint.live):
             consumer = subscriber.call.consumer
             if consumer.id == consumerId and consumer.plan == plan and not subscriber.closed:
                 subscriber.credentialsExpired()
@@ -332,9 +324,21 @@ class ApiKeyPlan:
         self.header: bytes = options["header"].encode("ascii")
         self.query: Optional[bytes] = options["query"].encode("ascii") if options["query"] else None
         self.challenge = f'ApiKey realm="{api.name}", header="{options["header"]}"'
-        self.reactor = api.gateway.reactor
-        self.registry = registryOf(api.gateway)
+        self.reactor = api.node.reactor
+        registry = api.node.apiKeys
+        if registry is None:
+            # The configuration refuses the api-key plan without a store.
+            raise RuntimeError("API keys need a store: set store in [gateway]")
+        self.registry: KeyRegistry = registry
         self.registry.revokedListeners.append(self._revoked)
+
+    def stop(self) -> None:
+        """
+        Stop listening for revocations: a retired runtime has no streams
+        left to close.
+        """
+        if self._revoked in self.registry.revokedListeners:
+            self.registry.revokedListeners.remove(self._revoked)
 
     def _revoked(self, keyId: str, record: Mapping[str, Any]) -> None:
         if record.get("api", self.api.name) == self.api.name:
@@ -350,6 +354,13 @@ class ApiKeyPlan:
         return self._key(request) is not None
 
     def authenticate(self, request: Request) -> Deferred:
+        header = request.getHeader(self.header)
+        query = queryValue(request, self.query) if self.query is not None else None
+        if header is not None and query is not None and header.strip() != query.strip():
+            # Two keys: which one the client meant is a guess the gateway
+            # does not make.
+            return _refused(self._unauthorized("the request carries two different API keys (header and query "
+                                               "parameter); send one"))
         raw = (self._key(request) or b"").strip()
         try:
             key = raw.decode("ascii")

@@ -65,8 +65,8 @@ from zope.interface import implementer
 from evgate import jsonlimits
 from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import AuthenticationUnavailable, Forbidden, Unauthorized
-from evgate.gateway import Consumer
 from evgate.interfaces import IPlan
+from evgate.security.consumer import Consumer
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
 RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
@@ -104,6 +104,20 @@ def bearerToken(request: Request) -> Optional[bytes]:
         return value.strip()
     query = queryValue(request, b"access_token")
     return query.strip() if query is not None else None
+
+
+def twoBearerTokens(request: Request) -> bool:
+    """
+    Whether C{request} carries a bearer token in its C{Authorization}
+    header and a different one in C{access_token}: an ambiguous request,
+    refused rather than guessed at.
+    """
+    header = request.getHeader(b"authorization")
+    query = queryValue(request, b"access_token")
+    if header is None or query is None:
+        return False
+    scheme, _, value = header.strip().partition(b" ")
+    return scheme.lower() != b"bearer" or value.strip() != query.strip()
 
 
 def queryValue(request: Request, name: bytes) -> Optional[bytes]:
@@ -423,7 +437,7 @@ class JwtPlan:
         self.api = api
         options = api.config.options["jwt"]
         self.options = options
-        self.reactor = api.gateway.reactor
+        self.reactor = api.node.reactor
         self.challenge = bearerChallenge(api)
         if options["jwksUrl"] is not None:
             self.keys: Any = JwksKeys(options["jwksUrl"], self.reactor, options["jwksMinRefresh"],
@@ -441,6 +455,9 @@ class JwtPlan:
     def authenticate(self, request: Request) -> Deferred:
         token = bearerToken(request) or b""
         api = self.api
+        if twoBearerTokens(request):
+            return _failed(invalidToken(api, "the request carries two different bearer tokens (header and "
+                                             "access_token); send one"))
         if len(token) > MAX_TOKEN_BYTES or not looksLikeJwt(token):
             return _failed(invalidToken(api, "the bearer token is not a JWT"))
         try:
@@ -454,6 +471,11 @@ class JwtPlan:
         d.addCallback(self._verify, token, alg)
         d.addErrback(self._unknownKey)
         return d  # type: ignore[no-any-return]
+
+    def stop(self) -> None:
+        """
+        Nothing to release: key sets are fetched when a token needs them.
+        """
 
     def _unknownKey(self, failure: Any) -> Any:
         failure.trap(UnknownKey)

@@ -435,8 +435,7 @@ def limitsOf(api: Any) -> Optional[Limits]:
     """
     The L{Limits} of the node serving C{api}, if it has any.
     """
-    limits = getattr(api.gateway, "limits", None)
-    return limits if isinstance(limits, Limits) else None
+    return api.node.limits  # type: ignore[no-any-return]
 
 
 def admit(api: Any, entrypoint: Any, request: Any, consumer: Any) -> Any:

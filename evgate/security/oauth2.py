@@ -37,7 +37,7 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import quote
 
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.server import Request
@@ -46,8 +46,8 @@ from zope.interface import implementer
 from evgate import jsonlimits
 from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import AuthenticationUnavailable
-from evgate.gateway import Consumer
 from evgate.interfaces import IPlan
+from evgate.security.consumer import Consumer
 from evgate.security.jwt import (
     MAX_TOKEN_BYTES,
     bearerChallenge,
@@ -58,6 +58,7 @@ from evgate.security.jwt import (
     looksLikeJwt,
     ownedKeys,
     readSecretFile,
+    twoBearerTokens,
 )
 
 DEFAULT_TIMEOUT = 5.0
@@ -119,7 +120,7 @@ class OAuth2Plan:
         self.api = api
         options = api.config.options["oauth2"]
         self.options = options
-        self.reactor = api.gateway.reactor
+        self.reactor = api.node.reactor
         self.http = http
         self.challenge = bearerChallenge(api)
         self.cache = IntrospectionCache(options["cacheSize"])
@@ -142,6 +143,9 @@ class OAuth2Plan:
 
     def authenticate(self, request: Request) -> Deferred:
         token = bearerToken(request) or b""
+        if twoBearerTokens(request):
+            return fail(invalidToken(self.api, "the request carries two different bearer tokens (header and "
+                                               "access_token); send one"))
         if not token or len(token) > MAX_TOKEN_BYTES:
             d: Deferred = Deferred()
             d.errback(invalidToken(self.api, "the bearer token is empty or too long"))
@@ -151,6 +155,11 @@ class OAuth2Plan:
         if answer is not None:
             return succeed(answer).addCallback(self._judge)
         return self._introspect(token, digest).addCallback(self._judge)
+
+    def stop(self) -> None:
+        """
+        Nothing to release: introspections under way finish on their own.
+        """
 
     def _introspect(self, token: bytes, digest: bytes) -> Deferred:
         waiter: Deferred = Deferred()

@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from evgate.config import SectionReader, gatewayKeys
 from evgate.interfaces import IStore
+from evgate.registry import Registry
 
 Record = Dict[str, Any]
 
@@ -159,21 +160,33 @@ def parseStoreKey(section: SectionReader) -> Mapping[str, Any]:
 
 
 def buildStore(spec: StoreSpec, reactor: Any, connectors: Optional[Mapping[str, Any]] = None,
-               configPath: str = "<config>") -> Any:
+               configPath: str = "<config>") -> IStore:
     """
-    The store service of C{spec}, not started.  A Kafka store uses the
-    connector of its endpoint among C{connectors} (the node's).
+    The store service of C{spec}, not started, made by the class registered
+    for its kind in L{STORES}.  A Kafka store uses the connector of its
+    endpoint among C{connectors} (the node's).
 
     @raise ConfigError: if a Kafka store's endpoint is not a Kafka endpoint.
     """
-    if spec.kind == "memory":
-        return MemoryStore()
-    if spec.kind == "kafka":
-        from evgate.store.kafka import buildKafkaStore
+    return STORES.factory(spec.kind)(spec, reactor, connectors or {}, configPath)
 
-        assert spec.endpoint is not None and spec.topic is not None
-        return buildKafkaStore(spec.endpoint, spec.topic, connectors or {}, reactor, configPath)
-    from evgate.store.sqlite import SqliteStore
 
+def _kafkaStore(spec: StoreSpec, reactor: Any, connectors: Mapping[str, Any], configPath: str) -> IStore:
+    assert spec.endpoint is not None and spec.topic is not None
+    return buildKafkaStore(spec.endpoint, spec.topic, connectors, reactor, configPath)  # type: ignore[no-any-return]
+
+
+def _sqliteStore(spec: StoreSpec, reactor: Any, connectors: Mapping[str, Any], configPath: str) -> IStore:
     assert spec.path is not None
-    return SqliteStore(spec.path, reactor)
+    return SqliteStore(spec.path, reactor)  # type: ignore[no-any-return]
+
+
+# The store kinds, by the name the store key starts with.  At the end of
+# the module: the store modules take Record and applyUpdate from it.
+from evgate.store.kafka import KafkaStore, buildKafkaStore  # noqa: E402
+from evgate.store.sqlite import SqliteStore  # noqa: E402
+
+STORES: Registry[IStore] = Registry(IStore, "store")
+STORES.register("memory", MemoryStore, lambda spec, reactor, connectors, configPath: MemoryStore())
+STORES.register("sqlite", SqliteStore, _sqliteStore)
+STORES.register("kafka", KafkaStore, _kafkaStore)

@@ -19,7 +19,7 @@ each node delivers its own messages.
 from __future__ import annotations
 
 import random as _random
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Set
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -28,12 +28,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from evgate.entrypoints.webhook import WebhookGatewaySettings
 from evgate.errors import BadCursor, BadFilter, BadRequest, Conflict, EndpointUnavailable, NotFound
-from evgate.interfaces import IUpstreamSink
+from evgate.filters import FilterSyntaxError, SubscriptionFilter, compileFilter
+from evgate.interfaces import IConsumerGroups, IRetainedLog, ISharedSubscriptions, IUpstreamSink
 from evgate.message import Cursor, CursorError
 from evgate.webhook import records
 from evgate.webhook.delivery import Deliverer, DeliveryContext, checkStaticHeaders
 from evgate.webhook.feeds import HubFeed, ShareGroupFeed
+from evgate.webhook.kafka import KafkaGroupFeed
+
+if TYPE_CHECKING:
+    from evgate.node import NodeContext
 from evgate.webhook.retry import RetryPolicy, parsePolicy
 from evgate.webhook.signing import newSecret, secretKey
 from evgate.webhook.ssrf import (
@@ -119,14 +125,12 @@ class WebhookService(Service):
 
     log = Logger()
 
-    def __init__(self, gateway: Any, store: Any, reactor: Any, http: Any = None,
+    def __init__(self, node: "NodeContext", store: Any, reactor: Any, http: Any = None,
                  resolve: Optional[Resolver] = None, random: Any = None) -> None:
-        self.gateway = gateway
+        self.node = node
         self.store = store
         self.reactor = reactor
-        options = gateway.settings.options
-        from evgate.entrypoints.webhook import WebhookGatewaySettings
-
+        options = node.settings.options
         self.settings: WebhookGatewaySettings = options.get("webhook") or WebhookGatewaySettings()
         self.policy = AddressPolicy(self.settings.allowPrivate)
         self.resolve = resolve if resolve is not None else reactorResolver(reactor)
@@ -181,7 +185,7 @@ class WebhookService(Service):
         """
         The API runtimes with the webhook entrypoint, by name.
         """
-        return {api.name: api for api in self.gateway.apis if "webhook" in api.config.entrypoints}
+        return {api.name: api for api in self.node.apis if "webhook" in api.config.entrypoints}
 
     def entrypoint(self, api: Any) -> Any:
         """
@@ -255,19 +259,19 @@ class WebhookService(Service):
 
     def feedFactory(self, api: Any, id: str, filter: Any) -> Callable[[Deliverer], Any]:
         """
-        What makes the feed of subscription C{id} of C{api}, by the kind of
-        the API's endpoint.
+        What makes the feed of subscription C{id} of C{api}, by what the
+        API's endpoint can do: read as a consumer group (the broker spreads
+        the work over nodes), else join a share group, else follow the
+        node's hub.
         """
         connector = api.connector
         config = api.config
-        high = max(self.gateway.settings.subscriberQueue, 2 * self.entrypoint(api).settings.maxInFlight)
-        if connector.kind == "kafka":
-            from evgate.webhook.kafka import KafkaGroupFeed
-
+        high = max(self.node.settings.subscriberQueue, 2 * self.entrypoint(api).settings.maxInFlight)
+        if IConsumerGroups.providedBy(connector):
             return lambda deliverer: KafkaGroupFeed(deliverer, connector, config.topic, api.name, filter)
-        if connector.kind == "mqtt5":
+        if ISharedSubscriptions.providedBy(connector):
             return lambda deliverer: ShareGroupFeed(deliverer, connector, config.topic, f"evgate-{id}", filter, high)
-        return lambda deliverer: HubFeed(deliverer, self.gateway.hub, config.endpoint, config.topic, filter,
+        return lambda deliverer: HubFeed(deliverer, self.node.hub, config.endpoint, config.topic, filter,
                                          config.start, high)
 
     def filterFor(self, api: Any, text: Optional[str]) -> Any:
@@ -277,8 +281,6 @@ class WebhookService(Service):
 
         @raise FilterSyntaxError: if C{text} does not compile.
         """
-        from evgate.filters import SubscriptionFilter, compileFilter
-
         operator = api.config.options.get("filter")
         program = compileFilter(text) if text else None
         if operator is None and program is None:
@@ -313,7 +315,7 @@ class WebhookService(Service):
         @raise NotFound: if there is no such API.
         @raise Conflict: if it does not list the webhook entrypoint.
         """
-        api = self.gateway.api(name)
+        api = self.node.api(name)
         if api is None:
             raise NotFound(f"there is no API named {name}")
         if "webhook" not in api.config.entrypoints:
@@ -363,8 +365,6 @@ class WebhookService(Service):
         if filterText is not None and not filterText.strip():
             filterText = None
         if filterText is not None:
-            from evgate.filters import FilterSyntaxError
-
             try:
                 self.filterFor(api, filterText)
             except FilterSyntaxError as e:
@@ -396,8 +396,8 @@ class WebhookService(Service):
             return checkCallback(url, self.policy, self.resolve)
 
         def checked(addresses: List[str]) -> Any:
-            if api.connector.kind == "mqtt5":
-                # MQTT keeps no log: every subscription starts live.
+            if not IRetainedLog.providedBy(api.connector):
+                # No log to start in (MQTT): every subscription starts live.
                 return None
             return resolveStart(api.connector, api.config.topic, start, self.reactor)
 
