@@ -422,7 +422,7 @@ class GatewayCollector(Collector):
                                             "because the shared limits store (Redis) was unreachable.")
             fallbacks.add_metric([], shared.fallbacks)
             yield fallbacks
-        yield from _connections(getattr(gateway, "site", None))
+        yield from _connections(node.site)
         reloads = CounterMetricFamily("evgate_config_reloads", "Configuration reloads, by result.",
                                       labels=["result"])
         for result, count in sorted(metrics.reloads.items()):

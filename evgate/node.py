@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from evgate.metrics import GatewayMetrics
     from evgate.security.apikey import KeyRegistry
     from evgate.security.limits import Limits
+    from evgate.site import GatewaySite
     from evgate.webhook.service import WebhookService
     from evgate.workers import WorkerPool
 
@@ -62,6 +63,8 @@ class NodeContext:
         process) without them.
     @ivar workerPool: the worker processes of a primary with workers, or
         L{None}.
+    @ivar site: the data plane's L{evgate.site.GatewaySite} (its connection
+        counts are metrics), or L{None} before it is built.
     """
 
     hub: "Hub"
@@ -78,6 +81,7 @@ class NodeContext:
         self.apiKeys: Optional["KeyRegistry"] = None
         self.webhooks: Optional["WebhookService"] = None
         self.workerPool: Optional["WorkerPool"] = None
+        self.site: Optional["GatewaySite"] = None
 
     @property
     def settings(self) -> GatewayConfig:

@@ -276,7 +276,9 @@ class GatewayService(MultiService):
         node.apis = buildApis(config, node.connectors, node)
         self.resource = GatewayResource(node.apis)
         self.site = GatewaySite(self.resource, settings.maxMessageBytes, requestLog=node.requestLog,
-                                metrics=node.metrics, reactor=reactor)
+                                metrics=node.metrics, reactor=reactor,
+                                limits=connectionLimits(settings.options))
+        node.site = self.site
         self.listeners: List[Any] = []
         if worker is not None:
             for fd in worker.listenFds:

@@ -23,7 +23,12 @@ def buildConnector(endpoint: EndpointConfig, reactor: Any) -> IConnector:
     """
     The connector of one C{[endpoint:NAME]} section, made by the class
     registered for its C{type} in L{CONNECTORS}.
+
+    @raise ValueError: for a type nothing is registered as (the
+        configuration refuses it first, naming the key).
     """
+    if endpoint.type not in CONNECTORS:
+        raise ValueError(f"unknown endpoint type {endpoint.type!r}")
     return CONNECTORS.factory(endpoint.type)(endpoint, reactor)
 
 

@@ -158,7 +158,7 @@ class WebhookService(Service):
 
         from evgate.webhook.client import DeliveryAgent, WebhookTrust
 
-        trust = self.gateway.settings.options.get("webhook-trust") or WebhookTrust()
+        trust = self.node.settings.options.get("webhook-trust") or WebhookTrust()
         factory = GuardedEndpointFactory(self.reactor, self.policy, self.resolve, tlsPolicy=trust.tlsPolicy())
         self.agent = DeliveryAgent(self.reactor, factory)
         return HTTPClient(self.agent)

@@ -5,7 +5,6 @@ through the endpoint's producer.
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
