@@ -142,12 +142,26 @@ class PostTests(GatewayTestCase):
 
     def test_timeout(self) -> None:
         """
-        An endpoint that never acknowledges gives a 504 after the publish
-        timeout.
+        An endpoint that does not acknowledge gives a 504 after the publish
+        timeout: the entrypoint hands C{publish-timeout} to the connector,
+        which owns the timer (as IConnector.publish says), and maps its
+        EndpointTimeout to the answer without a timer of its own.
         """
         from twisted.internet.defer import Deferred
 
-        self.gateway.connectors["local"].publish = lambda *a: Deferred()
+        from evgate.errors import EndpointTimeout
+
+        asked: list = []
+
+        def publish(topic: str, draft: Any, timeout: float) -> Deferred:
+            # A connector that never hears from its broker, keeping its
+            # contract: it fails with EndpointTimeout after `timeout`.
+            asked.append(timeout)
+            d: Deferred = Deferred()
+            self.clock.callLater(timeout, d.errback, EndpointTimeout("no acknowledgement"))
+            return d
+
+        self.gateway.connectors["local"].publish = publish
         d = self.treq.post(URL, data=b"x")
         self.treq.flush()
         self.assertNoResult(d)
@@ -156,6 +170,7 @@ class PostTests(GatewayTestCase):
         response = self.successResultOf(d)
         response.body = self.successResultOf(response.content())
         self.problem(response, 504)
+        self.assertEqual(asked, [self.gateway.settings.publishTimeout])
 
     def test_notFound(self) -> None:
         """

@@ -452,6 +452,11 @@ class HttpGetEntrypoint:
         self.api = api
         self.tally = tallyFor(api, self.name)
 
+    def stop(self) -> None:
+        """
+        Nothing to end: a request in progress finishes on its own.
+        """
+
     def accepts(self, request: Request) -> bool:
         return request.method == b"GET"
 

@@ -27,7 +27,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from evgate.config import ApiContext, SectionReader, apiOptionParser
-from evgate.errors import BadRequest, EndpointTimeout, Problem
+from evgate.errors import BadRequest, Problem
 from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, jsonBody, queryArgs, writeProblem
 from evgate.interfaces import IEntrypoint
 from evgate.message import Draft, Position
@@ -184,6 +184,11 @@ class HttpPostEntrypoint:
         self.timeout = gateway.publishTimeout
         self.tally = tallyFor(api, self.name)
 
+    def stop(self) -> None:
+        """
+        Nothing to end: a request in progress finishes on its own.
+        """
+
     def accepts(self, request: Request) -> bool:
         return request.method == b"POST"
 
@@ -235,9 +240,9 @@ class HttpPostEntrypoint:
         api = call.api
         reactor = api.gateway.reactor
         started = reactor.seconds()
+        # The connector owns the publish timeout (IConnector.publish): it
+        # fails with EndpointTimeout, which finishWithFailure answers as 504.
         d = api.connector.publish(api.config.topic, draft, self.timeout)
-        if not d.called:
-            d.addTimeout(self.timeout, reactor, onTimeoutCancel=_timedOut(self.timeout))
         d.addCallback(self._acknowledged, request, len(draft.content), started)
         d.addErrback(lambda f: finishWithFailure(request, f, "publishing"))
         return NOT_DONE_YET
@@ -268,10 +273,6 @@ class HttpPostEntrypoint:
         reactor = api.gateway.reactor
         started = reactor.seconds()
         d = api.connector.publishMany(api.config.topic, drafts, self.timeout)
-        if not d.called:
-            # The connector answers within the timeout itself; this guards
-            # against one that does not.
-            d.addTimeout(self.timeout + 1, reactor, onTimeoutCancel=_timedOut(self.timeout))
         return d.addCallback(self._batchAcknowledged, request, drafts, started)
 
     def _batchAcknowledged(self, results: Sequence[Any], request: Request, drafts: Sequence[Draft],
@@ -331,9 +332,3 @@ def positionsJSON(positions: Sequence[Position]) -> bytes:
         parts.append(b'{"topic":%s,"partition":%d,"offset":%d}' % (name, partition, offset))
     return b",".join(parts)
 
-
-def _timedOut(seconds: float) -> Any:
-    def onTimeout(result: Any, timeout: float) -> Any:
-        raise EndpointTimeout(f"the endpoint did not acknowledge within {seconds:g} s; "
-                              "the message may or may not have been stored")
-    return onTimeout

@@ -57,6 +57,7 @@ from evgate.hub import Event
 from evgate.interfaces import IEntrypoint
 from evgate.message import Cursor, Draft, Position, envelopeJSON
 from evgate.metrics import tallyFor
+from evgate.twistedprivate import autobahnWritesPlainFrames, bindAutobahnTimers, countAutobahnOctets
 
 SUBPROTOCOL = "evgate.json"
 
@@ -213,13 +214,13 @@ class WebSocketSubscriber(StreamSubscriber):
             data = frames[0].payloadHybi if len(frames) == 1 else b"".join(f.payloadHybi for f in frames)
             self.bytesOut += len(data)
             self.tally.bytesOut += len(data)
-            if protocol.send_queue or getattr(protocol, "logOctets", False):
+            if not autobahnWritesPlainFrames(protocol):
                 protocol.sendData(data)
             else:
                 # What sendData does, with the bytes sent at once when the
                 # socket can take them (evgate.directwrite).
                 writeNow(protocol.transport, data)
-                protocol.trafficStats.outgoingOctetsWireLevel += len(data)
+                countAutobahnOctets(protocol, len(data))
         else:  # pragma: no cover - compression is never accepted
             for frame in frames:
                 self.protocol.sendPreparedMessage(frame)
@@ -373,9 +374,9 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         connector: Any = api.connector
         reactor = api.gateway.reactor
         started = reactor.seconds()
+        # The connector owns the timeout (IConnector.publish): an
+        # EndpointTimeout comes back as this frame's answer, in its turn.
         d: Deferred = connector.publish(api.config.topic, draft, timeout)
-        if not d.called:
-            d.addTimeout(timeout, reactor, onTimeoutCancel=_timedOut(timeout))
 
         def settled(result: Any) -> None:
             slot[0] = result
@@ -436,43 +437,6 @@ def _refOf(payload: bytes) -> Any:
     return document.get("ref") if isinstance(document, dict) else None
 
 
-def _timedOut(seconds: float) -> Any:
-    def onTimeout(result: Any, timeout: float) -> Any:
-        raise EndpointTimeout(f"the endpoint did not acknowledge within {seconds:g} s; "
-                              "the message may or may not have been stored")
-    return onTimeout
-
-
-class _Timer:
-    """
-    A timer of autobahn's on the gateway's reactor, which autobahn may
-    cancel after it fired.
-    """
-
-    def __init__(self, call: Any) -> None:
-        self.call = call
-
-    def cancel(self) -> None:
-        if self.call.active():
-            self.call.cancel()
-
-
-class _ReactorTimers:
-    """
-    autobahn's timer interface (C{call_later}) on a given reactor.
-
-    autobahn schedules its handshake, ping and close timeouts through the
-    factory's C{_batched_timer}, which txaio binds to the global reactor;
-    this binds them to the reactor the gateway was given, as everything
-    else is (and as tests on a Clock need).
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-
-    def call_later(self, delay: float, f: Any, *args: Any, **kwargs: Any) -> _Timer:
-        return _Timer(self.reactor.callLater(delay, f, *args, **kwargs))
-
 
 class GatewayWebSocketFactory(WebSocketServerFactory):
     """
@@ -484,7 +448,7 @@ class GatewayWebSocketFactory(WebSocketServerFactory):
 
     def __init__(self, entrypoint: "WebSocketEntrypoint", reactor: Any) -> None:
         super().__init__(server="evgate", reactor=reactor)
-        self._batched_timer = _ReactorTimers(reactor)
+        bindAutobahnTimers(self, reactor)
         self.entrypoint = entrypoint
         self.handoff: Optional[Handoff] = None
 
