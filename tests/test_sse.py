@@ -19,7 +19,8 @@ from zope.interface.verify import verifyObject
 
 from evgate.config import parseConfig
 from evgate.entrypoints import sse as sseModule
-from evgate.entrypoints.sse import SseEntrypoint, SseSubscriber, acceptsEventStream
+from evgate.entrypoints.sse import SseEntrypoint, acceptsEventStream
+from evgate.entrypoints.streaming import StreamSubscriber
 from evgate.errors import EndpointUnavailable
 from evgate.gateway import Consumer
 from evgate.interfaces import IEntrypoint, IPlan, ISubscriber
@@ -537,9 +538,9 @@ class SseBackpressureTests(StreamTestCase):
 
     queue = 3
 
-    def subscriber(self, connection: WireConnection) -> SseSubscriber:
+    def subscriber(self, connection: WireConnection) -> StreamSubscriber:
         for subscriber in self.entrypoint().live:
-            if subscriber.request.channel is connection.httpChannel:
+            if subscriber.framer.request.channel is connection.httpChannel:
                 return subscriber
         raise AssertionError("no live subscriber on this connection")
 

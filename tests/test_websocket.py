@@ -15,7 +15,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from evgate.entrypoints.websocket import MAX_IN_FLIGHT, WebSocketEntrypoint, WebSocketSubscriber
+from evgate.entrypoints.streaming import StreamSubscriber
+from evgate.entrypoints.websocket import MAX_IN_FLIGHT, WebSocketEntrypoint
 from evgate.errors import EndpointUnavailable
 from evgate.interfaces import IEntrypoint, ISubscriber
 from evgate.message import Cursor, Draft, Position, cursorTag
@@ -446,9 +447,9 @@ class StreamControlTests(WebSocketTestCase):
     retention = 3
     extra = ""
 
-    def subscriber(self, connection: WireConnection) -> WebSocketSubscriber:
+    def subscriber(self, connection: WireConnection) -> StreamSubscriber:
         for subscriber in self.entrypoint().live:
-            if subscriber.protocol.transport is connection.transport:
+            if subscriber.framer.protocol.transport is connection.transport:
                 return subscriber
         raise AssertionError("no live subscriber on this connection")
 

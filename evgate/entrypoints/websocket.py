@@ -49,12 +49,12 @@ from zope.interface import implementer
 
 from evgate.directwrite import boundSendBuffer, writeNow
 from evgate.entrypoints.http_get import requestCursor
-from evgate.entrypoints.streaming import StreamSubscriber, stopAll
+from evgate.entrypoints.streaming import Goodbye, StreamSubscriber, stopAll
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, Forbidden, Problem
 from evgate.filters import filterFor
 from evgate.gateway import ApiCall, writeProblem
 from evgate.hub import Event
-from evgate.interfaces import IEntrypoint
+from evgate.interfaces import IEntrypoint, IStreamFramer
 from evgate.message import Cursor, Draft, Position, envelopeJSON
 from evgate.metrics import tallyFor
 from evgate.twistedprivate import autobahnWritesPlainFrames, bindAutobahnTimers, countAutobahnOctets
@@ -144,52 +144,46 @@ def parseJsonFrame(payload: bytes, maxBytes: int) -> Tuple[Draft, Any]:
     return Draft(content=raw, key=key, headers=tuple(headers.items())), ref
 
 
-class WebSocketSubscriber(StreamSubscriber):
+@implementer(IStreamFramer)
+class WebSocketFramer:
     """
-    The hub side of one WebSocket: an L{ISubscriber} for the hub and an
-    L{IPushProducer} for the connection's transport.
+    How a stream goes on a WebSocket: one frame per message (text for
+    UTF-8 content, binary otherwise; a JSON document each under
+    C{evgate.json}), gap documents under C{evgate.json}, close codes for
+    goodbyes.  Frames are complete, unmasked WebSocket frames (the gateway
+    never negotiates per-message compression), so a batch is one write.
     """
 
-    log = Logger()
-
-    def __init__(self, protocol: "GatewayWebSocketProtocol", call: ApiCall,
-                 entrypoint: "WebSocketEntrypoint", json: bool) -> None:
-        # autobahn pings (autoPingInterval) keep this stream alive; no
-        # heartbeat of our own.
-        super().__init__(call, entrypoint, heartbeat=0.0)
+    def __init__(self, protocol: "GatewayWebSocketProtocol", tag: bytes, json: bool) -> None:
         self.protocol = protocol
+        self.tag = tag
         self.json = json
-        # For the access log's line when the connection closes.
-        self.bytesOut = 0
-        self.received = 0
 
     def _open(self) -> bool:
-        return not self.closed and self.protocol.state == WebSocketProtocol.STATE_OPEN
+        return bool(self.protocol.state == WebSocketProtocol.STATE_OPEN)
 
-    def close(self, code: int, reason: str) -> None:
-        """
-        End the stream and start the closing handshake.
-        """
-        self.end()
-        self.protocol.closeWith(code, reason)
+    def _frame(self, payload: bytes, binary: bool = False) -> bytes:
+        prepared: Any = self.protocol.factory.prepareMessage(payload, binary, True)
+        return prepared.payloadHybi  # type: ignore[no-any-return]
 
-    # StreamSubscriber
+    # IStreamFramer
 
-    def streamOpened(self, cursor: Cursor) -> None:
+    def open(self, producer: Any, cursor: Cursor) -> bool:
+        # The protocol registered the producer when the socket opened.
         if self.json and self._open():
             self.protocol.sendMessage(_jsonFrame({"subscribed": {"cursor": cursor.encode(self.tag)}}))
+        return True
 
-    def encode(self, event: Event) -> Any:
-        factory = self.protocol.factory
+    def event(self, event: Event) -> bytes:
+        frames = event.frames
         if self.json:
             key: Tuple[Any, ...] = ("ws", "json", self.tag)
-            frame = event.frames.get(key)
+            frame = frames.get(key)
             if frame is None:
-                payload = envelopeJSON(event.message, event.token(self.tag))
-                frame = event.frames[key] = factory.prepareMessage(payload, False, True)
-            return frame
+                frame = frames[key] = self._frame(envelopeJSON(event.message, event.token(self.tag)))
+            return frame  # type: ignore[no-any-return]
         key = ("ws", "raw")
-        frame = event.frames.get(key)
+        frame = frames.get(key)
         if frame is None:
             content = event.message.content
             try:
@@ -197,60 +191,58 @@ class WebSocketSubscriber(StreamSubscriber):
                 binary = False
             except UnicodeDecodeError:
                 binary = True
-            frame = event.frames[key] = factory.prepareMessage(content, binary, True)
-        return frame
+            frame = frames[key] = self._frame(content, binary)
+        return frame  # type: ignore[no-any-return]
 
-    def frameSize(self, frame: Any) -> int:
-        return len(frame.payloadHybi)
+    def advance(self, cursor: Cursor) -> None:
+        return None
 
-    def writeFrames(self, frames: List[Any]) -> None:
-        if not self._open():
-            return
-        # Prepared frames are complete WebSocket frames: a batch goes out in
-        # one write, as long as no per-message compression was negotiated
-        # (the gateway does not offer it).
-        protocol = self.protocol
-        if protocol._perMessageCompress is None:
-            data = frames[0].payloadHybi if len(frames) == 1 else b"".join(f.payloadHybi for f in frames)
-            self.bytesOut += len(data)
-            self.tally.bytesOut += len(data)
-            if not autobahnWritesPlainFrames(protocol):
-                protocol.sendData(data)
-            else:
-                # What sendData does, with the bytes sent at once when the
-                # socket can take them (evgate.directwrite).
-                writeNow(protocol.transport, data)
-                countAutobahnOctets(protocol, len(data))
-        else:  # pragma: no cover - compression is never accepted
-            for frame in frames:
-                self.protocol.sendPreparedMessage(frame)
-
-    def gapFrame(self, cursor: Cursor, reason: str) -> Any:
+    def gap(self, cursor: Cursor, reason: str) -> Optional[bytes]:
         if not self.json:
             # Without evgate.json there is no frame a client could tell
             # from a message; such clients cannot resume either.
             return None
-        payload = _jsonFrame({"gap": {"detail": reason, "cursor": cursor.encode(self.tag)}})
-        return self.protocol.factory.prepareMessage(payload, False, True)
+        return self._frame(_jsonFrame({"gap": {"detail": reason, "cursor": cursor.encode(self.tag)}}))
 
-    def closeTooSlow(self) -> None:
-        self.close(CLOSE_TRY_AGAIN, f"too slow: more than {self.queueLimit} messages behind; "
-                   "reconnect with the last id")
+    def heartbeat(self) -> None:
+        # autobahn's pings (autoPingInterval) keep the connection alive.
+        return None
 
-    def streamFailed(self, reason: Failure) -> None:
-        if reason.check(EndpointUnavailable, EndpointTimeout):
-            self.close(CLOSE_TRY_AGAIN, "the endpoint is unavailable; reconnect later")
+    def write(self, data: bytes) -> None:
+        if not self._open():
+            return
+        protocol = self.protocol
+        if autobahnWritesPlainFrames(protocol):
+            # What sendData does, with the bytes sent at once when the
+            # socket can take them (evgate.directwrite).
+            writeNow(protocol.transport, data)
+            countAutobahnOctets(protocol, len(data))
         else:
-            self.close(CLOSE_SERVER_ERROR, "the upstream subscription failed")
+            protocol.sendData(data)
 
-    def credentialsExpired(self) -> None:
-        self.close(CLOSE_POLICY, "the credentials expired")
-
-    def limitReached(self, retryAfter: float) -> None:
-        self.close(CLOSE_TRY_AGAIN, f"message quota used up; reconnect in {math.ceil(retryAfter)} s")
-
-    def shutdown(self) -> None:
-        self.close(CLOSE_TRY_AGAIN, "the gateway is stopping; reconnect")
+    def goodbye(self, reason: Goodbye, cursor: Optional[Cursor]) -> None:
+        kind = reason.kind
+        if reason.midFrame:
+            # Half a frame is on the wire: a close frame cannot follow it.
+            transport: Any = self.protocol.transport
+            if transport is not None:
+                transport.abortConnection()
+            return
+        if kind in (Goodbye.TOO_SLOW, Goodbye.SHED):
+            self.protocol.closeWith(CLOSE_TRY_AGAIN, f"too slow: {reason.detail}; reconnect with the last id")
+        elif kind == Goodbye.FAILED:
+            failure = reason.failure
+            if failure is not None and failure.check(EndpointUnavailable, EndpointTimeout):
+                self.protocol.closeWith(CLOSE_TRY_AGAIN, "the endpoint is unavailable; reconnect later")
+            else:
+                self.protocol.closeWith(CLOSE_SERVER_ERROR, "the upstream subscription failed")
+        elif kind == Goodbye.EXPIRED:
+            self.protocol.closeWith(CLOSE_POLICY, "the credentials expired")
+        elif kind == Goodbye.QUOTA:
+            self.protocol.closeWith(CLOSE_TRY_AGAIN,
+                                    f"message quota used up; reconnect in {math.ceil(reason.retryAfter)} s")
+        else:
+            self.protocol.closeWith(CLOSE_TRY_AGAIN, "the gateway is stopping; reconnect")
 
 
 @dataclass
@@ -275,7 +267,7 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
     gatewayLog = Logger()
 
     handoff: Optional[Handoff] = None
-    subscriber: Optional[WebSocketSubscriber] = None
+    subscriber: Optional[StreamSubscriber] = None
     json = False
 
     def onConnect(self, request: Any) -> Optional[str]:
@@ -298,8 +290,8 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         self.handoff = None
         self.call = handoff.call
         boundSendBuffer(self.transport)
-        subscriber = self.subscriber = WebSocketSubscriber(self, handoff.call, self.factory.entrypoint,
-                                                           self.json)
+        framer = WebSocketFramer(self, handoff.call.api.tag, self.json)
+        subscriber = self.subscriber = StreamSubscriber(handoff.call, self.factory.entrypoint, framer)
         # The HTTP channel registered itself as the transport's producer
         # before autobahn took the transport over; the stream is the
         # producer now, so that a full socket pauses its subscription.
@@ -474,7 +466,7 @@ class WebSocketEntrypoint:
         gateway = api.gateway
         self.maxBytes: int = gateway.maxMessageBytes
         self.timeout: float = gateway.publishTimeout
-        self.live: Set[WebSocketSubscriber] = set()
+        self.live: Set[StreamSubscriber] = set()
         self.tally = tallyFor(api, self.name)
         heartbeat = api.config.options.get("heartbeat", 15.0)
         self.factory = GatewayWebSocketFactory(self, gateway.reactor)
