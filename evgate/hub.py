@@ -485,6 +485,9 @@ class Hub:
         self.parkTime = parkTime
         self.maxParked = maxParked
         self.parked: "OrderedDict[Tuple[int, str, Cursor], PrivateStream]" = OrderedDict()
+        # The node's ledger of queued stream frames
+        # (evgate.entrypoints.streaming.QueueLedger), made by the first stream.
+        self.streamQueues: Any = None
 
     def subscribe(self, endpoint: str, topic: str, start: Start, subscriber: ISubscriber,
                   filter: Optional[Filter] = None) -> HubSubscription:
