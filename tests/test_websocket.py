@@ -320,6 +320,26 @@ class PublishTests(WebSocketTestCase):
         pending[0].callback(Position("demo", 0, 10))
         self.assertEqual([d["ref"] for d in self.documents(connection) if "ack" in d], [1, 2, 3])
 
+    def test_errorsWaitTheirTurn(self) -> None:
+        """
+        The error answering a bad frame waits behind the acknowledgements
+        of the frames sent before it: answers go out in frame order,
+        refusals included ([1, "two", 3], never ["two", 1, 3]).
+        """
+        pending: List[Deferred] = []
+        self.patch(self.connector, "publish", lambda topic, draft, timeout: pending.append(Deferred())
+                   or pending[-1])
+        connection = self.openSocket(json=True)
+        self.sendJson(connection, {"content": "x", "ref": 1})
+        self.sendJson(connection, {"content": 5, "ref": "two"})
+        self.sendJson(connection, {"content": "x", "ref": 3})
+        self.assertEqual([d for d in self.documents(connection) if "ack" in d or "error" in d], [])
+        pending[1].callback(Position("demo", 0, 11))
+        pending[0].callback(Position("demo", 0, 10))
+        answers = [d for d in self.documents(connection) if "ack" in d or "error" in d]
+        self.assertEqual([d["ref"] for d in answers], [1, "two", 3])
+        self.assertIn("error", answers[1])
+
     def test_inFlightBound(self) -> None:
         """
         With MAX_IN_FLIGHT publishes unanswered the gateway stops reading

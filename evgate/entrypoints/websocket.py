@@ -332,15 +332,14 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         if not api.config.options.get("websocketPublish", True):
             problem = Forbidden(f"the WebSocket of API {api.name} is subscribe-only")
             if self.json:
-                self.sendMessage(_jsonFrame(errorDocument(problem)))
+                self.refuse(problem, None)
             else:
                 self.closeWith(CLOSE_POLICY, problem.detail)
             return
         ref = None
         if self.json:
             if isBinary:
-                self.sendMessage(_jsonFrame(errorDocument(BadRequest(
-                    "evgate.json frames are text frames holding one JSON object"))))
+                self.refuse(BadRequest("evgate.json frames are text frames holding one JSON object"), None)
                 return
             try:
                 draft, ref = parseJsonFrame(payload, entrypoint.maxBytes)
@@ -348,11 +347,20 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
                 self.closeWith(CLOSE_TOO_BIG, str(e))
                 return
             except Problem as problem:
-                self.sendMessage(_jsonFrame(errorDocument(problem, _refOf(payload))))
+                self.refuse(problem, _refOf(payload))
                 return
         else:
             draft = Draft(content=payload)
         self.publish(draft, ref)
+
+    def refuse(self, problem: Problem, ref: Any) -> None:
+        """
+        Answer a frame that cannot be published with C{problem}, in its
+        turn: after the answers of every earlier frame still waiting for
+        the broker (evgate.json answers are in frame order, always).
+        """
+        self.pending.append([Failure(problem), ref])
+        self._answer()
 
     def publish(self, draft: Draft, ref: Any) -> None:
         """
