@@ -30,7 +30,7 @@ from evgate.filters import filterFor as subscriptionFilter
 from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, queryArgs, writeProblem
 from evgate.hub import Event, HubSubscription
 from evgate.interfaces import IEntrypoint, ISubscriber
-from evgate.message import Cursor, CursorError, contentForJSON, cursorsAfter
+from evgate.message import Cursor, CursorError, contentForJSON, cursorsAfter, headerObject
 from evgate.metrics import countPage, tallyFor, tallyOf
 
 DEFAULT_LIMIT = 100
@@ -40,6 +40,10 @@ DEFAULT_TIMEOUT = 5000
 POSITION_GRACE = 10.0
 
 FORMATS = ("application/json", "text/plain", "application/xml")
+
+# A CR in element text is a character reference: XML parsers turn a bare
+# CR (and CR LF) into LF (XML 1.0, 2.11).
+_XML_TEXT = {"\r": "&#13;"}
 
 # Characters XML 1.0 cannot carry, even escaped.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
@@ -134,21 +138,28 @@ def jsonItemText(event: Event, tag: bytes) -> str:
     building each as dictionaries for the generic encoder took twice as
     long.  The text is what C{json.dumps} gives for those members.
     """
+    cacheKey = ("json-item", tag)
+    cached: Optional[str] = event.frames.get(cacheKey)
+    if cached is not None:
+        # Encoded once per message and API, for every page that holds it.
+        return cached
     message = event.message
     text, encoding = contentForJSON(message.content)
     key = message.key
     headers = message.headers
     extra = message.extra
-    return '{"id":"%s","key":%s,"headers":%s,"content":%s,"metadata":{"topic":%s,"partition":%d,"offset":%d,' \
+    item = '{"id":"%s","key":%s,"headers":%s,"content":%s,"metadata":{"topic":%s,"partition":%d,"offset":%d,' \
         '"timestamp":%d%s}%s}' % (
             event.token(tag),
             "null" if key is None else _quote(key),
-            _json(dict(headers)) if headers else "{}",
+            _json(headerObject(headers)) if headers else "{}",
             _quote(text),
             _quote(message.topic), message.partition, message.offset, message.timestamp,
             "," + _json(dict(extra))[1:-1] if extra else "",
             ',"encoding":' + _quote(encoding) if encoding is not None else "",
         )
+    event.frames[cacheKey] = item
+    return item
 
 
 def renderPage(media: str, events: List[Event], tag: bytes, nextCursor: str, limit: int,
@@ -210,12 +221,12 @@ def _xmlPage(events: List[Event], tag: bytes, nextCursor: str, limit: int, gap: 
         out.append(">")
         for name, value in m.headers:
             if not _NOT_XML.search(value):
-                out.append(f"<header name={quoteattr(name)}>{escape(value)}</header>")
+                out.append(f"<header name={quoteattr(name)}>{escape(value, _XML_TEXT)}</header>")
         try:
             text = m.content.decode("utf-8")
             if _NOT_XML.search(text):
                 raise UnicodeDecodeError("utf-8", b"", 0, 1, "not XML")
-            out.append(f"<content>{escape(text)}</content>")
+            out.append(f"<content>{escape(text, _XML_TEXT)}</content>")
         except UnicodeDecodeError:
             out.append(f"<content encoding=\"base64\">{base64.b64encode(m.content).decode()}</content>")
         out.append(f"<metadata topic={quoteattr(m.topic)} partition=\"{m.partition}\" "
