@@ -620,6 +620,37 @@ class RepeatedHeaderTests(GatewayTestCase):
         self.assertEqual([h for h in message.headers if h[0] == "dup"], [("dup", "1"), ("dup", "2")])
 
 
+class NonBlockingReadTests(GatewayTestCase):
+    """
+    C{timeout=0} means "do not wait for new messages", not "do not read
+    what is there".
+    """
+
+    start = "earliest"
+    retention = 2000
+
+    def test_readsTheBacklog(self) -> None:
+        """
+        A non-blocking read from the earliest message returns the matching
+        records that exist, even when the endpoint hands the backlog over
+        in several batches and the first ones hold no match.
+        """
+        connector = self.gateway.connectors["local"]
+        for i in range(600):
+            connector.publish("demo", Draft(content=str(i).encode(), key="late" if i >= 550 else "early"))
+        response = self.call("GET", URL + "?timeout=0&filter=key%20%3D%3D%20%22late%22")
+        page = json.loads(response.body)
+        self.assertEqual([item["content"] for item in page["items"]], [str(i) for i in range(550, 600)])
+
+    def test_atTheHeadAnswersAtOnce(self) -> None:
+        """
+        A non-blocking read that is already at the head answers at once,
+        with no items.
+        """
+        response = self.call("GET", URL + "?timeout=0")
+        self.assertEqual(json.loads(response.body)["items"], [])
+
+
 class PagingTests(SynchronousTestCase):
     """
     Paging with cursors older than the replay window: the read of one page

@@ -31,13 +31,17 @@ from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, queryA
 from evgate.hub import Event, HubSubscription
 from evgate.interfaces import IEntrypoint, ISubscriber
 from evgate.message import Cursor, CursorError, contentForJSON, cursorsAfter, headerObject
-from evgate.metrics import countPage, tallyFor, tallyOf
+from evgate.metrics import countPage, headOffsets, tallyFor, tallyOf
 
 DEFAULT_LIMIT = 100
 DEFAULT_TIMEOUT = 5000
 # Seconds a poll waits, beyond its timeout, for the endpoint to say where
 # the read starts (a Kafka read resolves its offsets first).
 POSITION_GRACE = 10.0
+# Seconds a poll that starts behind the head may take to read what is
+# already there before its own timeout counts (timeout=0 included): the
+# endpoint hands a backlog over in batches, and a Kafka read fetches first.
+CATCH_UP = 2.0
 
 FORMATS = ("application/json", "text/plain", "application/xml")
 
@@ -258,6 +262,11 @@ class PollSubscriber:
         self.timer: Optional[IDelayedCall] = None
         self.done = False
         self.tally = tallyOf(request, call.api, "http-get")
+        # While the read takes what was already there (see started).
+        self.fromHistory = False
+        self.catchUpTo: Optional[Cursor] = None
+        self.firstBatch = False
+        self.startedAt = 0.0
 
     def start(self, start: Any, filter: Any = None) -> None:
         """
@@ -265,6 +274,7 @@ class PollSubscriber:
         """
         api = self.call.api
         reactor = api.gateway.reactor
+        self.fromHistory = start != "latest"
         self.tally.waiting += 1
         self.request.notifyFinish().addErrback(self._clientGone)
         # Until the endpoint says where the read starts, the poll waits at
@@ -279,7 +289,37 @@ class PollSubscriber:
             return
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
-        self.timer = self.call.api.gateway.reactor.callLater(self.timeout, self._timedOut)
+        api = self.call.api
+        reactor = api.gateway.reactor
+        self.startedAt = reactor.seconds()
+        # The timeout counts the wait for *new* messages: a read that starts
+        # behind the head first takes what is there (bounded by CATCH_UP).
+        # Where the endpoint knows its head, "there" is up to that head; where
+        # it does not (Kafka), a read from history waits for its first batch.
+        head = headOffsets(api.connector, api.config.topic)
+        if head is not None:
+            target = Cursor.fromMapping(head, cursor.epoch)
+            self.catchUpTo = None if cursor.dominates(target) else target
+        elif self.fromHistory:
+            self.catchUpTo = cursor
+            self.firstBatch = True
+        if self.catchUpTo is not None:
+            self.timer = reactor.callLater(max(self.timeout, CATCH_UP), self._timedOut)
+        else:
+            self.timer = reactor.callLater(self.timeout, self._timedOut)
+
+    def _caughtUp(self) -> None:
+        # The read reached what was there when it started: from now on only
+        # the timeout proper (what remains of it) is waited for.
+        self.catchUpTo = None
+        self.firstBatch = False
+        if self.done:
+            return
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        reactor = self.call.api.gateway.reactor
+        self.timer = reactor.callLater(max(0.0, self.timeout - (reactor.seconds() - self.startedAt)),
+                                       self._timedOut)
 
     def deliver(self, events: List[Event]) -> None:
         if self.done:
@@ -296,6 +336,8 @@ class PollSubscriber:
     def advanced(self, cursor: Cursor) -> None:
         if not self.done and len(self.events) < self.limit:
             self.cursor = cursor
+            if self.catchUpTo is not None and (self.firstBatch or cursor.dominates(self.catchUpTo)):
+                self._caughtUp()
 
     def gap(self, cursor: Cursor, reason: str) -> None:
         if not self.done:
