@@ -21,11 +21,11 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-from twisted.internet import tcp
 from twisted.web.http import toChunk
 
+from evgate.twistedprivate import TcpServer, chunkedBodyStarted, countBodyBytes, tcpIdle, tcpSocket
+
 _CRLF = b"\r\n"
-_Server = tcp.Server
 # Off where sockets lack sendmsg (the transport then does all the work).
 ENABLED = hasattr(socket.socket, "sendmsg")
 
@@ -45,17 +45,16 @@ def boundSendBuffer(transport: Any) -> None:
     L{STREAM_SEND_BUFFER}, for a stream written with L{writeChunk} or
     L{writeNow} (nothing for other transports).
     """
-    if ENABLED and type(transport) is _Server:
+    if ENABLED and type(transport) is TcpServer:
         try:
-            transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+            tcpSocket(transport).setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
         except OSError:
             pass
 
 
 def _idle(transport: Any) -> bool:
     # A plain TCP connection, open, with nothing waiting to be written.
-    return bool(ENABLED and type(transport) is _Server and not transport._tempDataBuffer and not transport.dataBuffer
-                and transport.connected and not transport.disconnecting and not transport._writeDisconnected)
+    return ENABLED and tcpIdle(transport)
 
 
 def writeNow(transport: Any, data: bytes) -> None:
@@ -67,7 +66,7 @@ def writeNow(transport: Any, data: bytes) -> None:
         transport.write(data)
         return
     try:
-        sent = transport.socket.send(data)
+        sent = tcpSocket(transport).send(data)
     except (BlockingIOError, InterruptedError):
         sent = 0
     except OSError:
@@ -85,16 +84,13 @@ def writeChunk(request: Any, data: bytes) -> None:
     """
     channel = request.channel
     transport: Any = getattr(channel, "transport", None) if channel is not None else None
-    # request.__dict__ holds a "write" when twisted.web silenced the body
-    # (HEAD, a status without one).
-    if (not request.chunked or not request.startedWriting or "write" in request.__dict__
-            or request.method == b"HEAD" or not data or not _idle(transport)):
+    if not data or not chunkedBodyStarted(request) or not _idle(transport):
         request.write(data)
         return
-    request.sentLength += len(data)
+    countBodyBytes(request, len(data))
     head = b"%x\r\n" % (len(data),)
     try:
-        sent = transport.socket.sendmsg((head, data, _CRLF))
+        sent = tcpSocket(transport).sendmsg((head, data, _CRLF))
     except (BlockingIOError, InterruptedError):
         sent = 0
     except OSError:

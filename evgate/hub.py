@@ -11,7 +11,8 @@ after it.  The event is made once and handed to every subscriber, so any
 per-message work an entrypoint caches on it (an encoded cursor, an SSE frame)
 is done once per message, not once per subscriber.
 
-The stream keeps its last C{window} events in a L{ReplayWindow}.  A
+The stream keeps its last C{window} events in a L{ReplayWindow}
+(L{evgate.replay}, with L{Event}).  A
 subscriber that arrives with a cursor inside the window is replayed from
 memory and then joins the live stream; one with an older cursor (or
 C{start = earliest}) gets a L{PrivateStream}, its own upstream subscription
@@ -39,8 +40,8 @@ polls.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
-from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple, Union
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -48,82 +49,9 @@ from zope.interface import implementer
 
 from evgate.interfaces import IConnector, IHoldableSubscription, ISubscriber, IUpstreamSink
 from evgate.message import Cursor, Message
+from evgate.replay import Event, Filter, ReplayWindow, Start
 
-# A filter judges an Event, not a bare Message, so that what it derives from
-# a message (parsed content, its verdict) is cached on the event once for
-# every subscriber (see evgate.filters).
-Filter = Callable[["Event"], bool]
-Start = Union[str, Cursor]
-
-
-class Event:
-    """
-    One message as the hub hands it to subscribers: the message, the cursor
-    that resumes right after it, and a cache of encodings that entrypoints
-    compute once per message.
-    """
-
-    __slots__ = ("message", "cursor", "_tokens", "frames")
-
-    def __init__(self, message: Message, cursor: Cursor) -> None:
-        self.message = message
-        self.cursor = cursor
-        self._tokens: Optional[Dict[bytes, str]] = None
-        self.frames: Dict[Any, Any] = {}
-
-    def token(self, tag: bytes) -> str:
-        """
-        The encoded cursor of this event for the API whose tag is C{tag},
-        computed once.
-        """
-        tokens = self._tokens
-        if tokens is None:
-            tokens = self._tokens = {}
-        token = tokens.get(tag)
-        if token is None:
-            token = tokens[tag] = self.cursor.encode(tag)
-        return token
-
-
-class ReplayWindow:
-    """
-    The last C{size} events of a shared stream, and the cursor at which the
-    oldest of them begins.
-    """
-
-    def __init__(self, size: int, start: Cursor) -> None:
-        self.size = size
-        self.events: Deque[Event] = deque()
-        self.start = start
-
-    def append(self, events: Sequence[Event]) -> None:
-        """
-        Keep C{events}, forgetting the oldest beyond C{size}.
-        """
-        if self.size == 0:
-            if events:
-                self.start = events[-1].cursor
-            return
-        self.events.extend(events)
-        while len(self.events) > self.size:
-            self.start = self.events.popleft().cursor
-
-    def covers(self, cursor: Cursor, head: Cursor) -> bool:
-        """
-        Whether every message after C{cursor} up to C{head} is in the
-        window.
-        """
-        if cursor.epoch != self.start.epoch:
-            return False
-        offsets = cursor.asDict()
-        headOffsets = head.asDict()
-        if set(offsets) - set(headOffsets):
-            return False
-        for partition, first in self.start.offsets:
-            wanted = offsets.get(partition)
-            if wanted is None or wanted < first or wanted > headOffsets.get(partition, first):
-                return False
-        return True
+__all__ = ["Event", "Filter", "ReplayWindow", "Start", "HubSubscription", "SharedStream", "PrivateStream", "Hub"]
 
 
 class HubSubscription:
@@ -555,6 +483,9 @@ class Hub:
         self.parkTime = parkTime
         self.maxParked = maxParked
         self.parked: "OrderedDict[Tuple[int, str, Cursor], PrivateStream]" = OrderedDict()
+        # The node's ledger of queued stream frames
+        # (evgate.entrypoints.streaming.QueueLedger), made by the first stream.
+        self.streamQueues: Any = None
 
     def subscribe(self, endpoint: str, topic: str, start: Start, subscriber: ISubscriber,
                   filter: Optional[Filter] = None) -> HubSubscription:

@@ -396,3 +396,68 @@ class IWatchableStore(IStore):
 
         @return: a callable that stops the calls.
         """
+
+
+class IStreamFramer(Interface):
+    """
+    How one stream protocol (SSE, WebSocket) puts a stream on its
+    connection: what the events, gaps and heartbeats of a subscriber become
+    as bytes, and how the stream starts and says goodbye.  The subscriber
+    that holds a framer (L{evgate.entrypoints.streaming.StreamSubscriber})
+    owns everything else: queueing, backpressure, filters, limits and
+    cursors.  Every method is called on the reactor thread.
+
+    Frames are C{bytes}, complete units of the protocol that the subscriber
+    may write in slices (a large frame is written a slice at a time while
+    the transport takes it).  A message's frame is encoded once per wire
+    format and cached on the L{evgate.hub.Event}, so every subscriber of
+    that format holds the same bytes object; frames of notices (gap,
+    advance, heartbeat) are made per subscriber.
+    """
+
+    def open(producer, cursor):
+        """
+        Start the stream at C{cursor} (response headers, a preamble, a
+        greeting frame) and register C{producer} with the connection's
+        transport if the protocol needs it.
+
+        @return: whether the connection is there to stream to.
+        """
+
+    def event(event):
+        """
+        The frame of the L{evgate.hub.Event} C{event}: shared bytes.
+        """
+
+    def advance(cursor):
+        """
+        A frame moving the client's position to C{cursor} without a
+        message, or L{None} when the protocol has none.
+        """
+
+    def gap(cursor, reason):
+        """
+        A frame telling the client that part of the stream is gone and
+        reading resumes at C{cursor}, or L{None}.
+        """
+
+    def heartbeat():
+        """
+        A frame that carries nothing but proves the stream alive, or
+        L{None} when the protocol keeps itself alive.
+        """
+
+    def write(data):
+        """
+        Write C{data} (frames, or a slice of one) to the connection;
+        nothing once it is gone.
+        """
+
+    def goodbye(reason, cursor):
+        """
+        End the connection for C{reason} (an
+        L{evgate.entrypoints.streaming.Goodbye}), telling the client to
+        resume from C{cursor} (an L{evgate.message.Cursor} or L{None})
+        where the protocol can; without a goodbye frame when
+        C{reason.midFrame} (a frame is half written: nothing may follow it).
+        """

@@ -126,6 +126,26 @@ def contentForJSON(content: bytes) -> Tuple[str, Optional[str]]:
         return base64.b64encode(content).decode("ascii"), "base64"
 
 
+def headerObject(headers: Tuple[Tuple[str, str], ...]) -> Dict[str, Any]:
+    """
+    The C{headers} member of a JSON document for a message's C{headers}
+    (ordered name/value pairs): each name once, with its value as a string
+    when the name appears once (so a message without repeated names looks
+    as it always did) and as an array of its values, in order, when it
+    repeats.
+    """
+    out: Dict[str, Any] = {}
+    for name, value in headers:
+        have = out.get(name)
+        if have is None:
+            out[name] = value
+        elif isinstance(have, list):
+            have.append(value)
+        else:
+            out[name] = [have, value]
+    return out
+
+
 def envelope(message: Message, eventId: Optional[str] = None) -> Dict[str, Any]:
     """
     The JSON envelope of a message shared by every entrypoint.
@@ -135,7 +155,7 @@ def envelope(message: Message, eventId: Optional[str] = None) -> Dict[str, Any]:
     if eventId is not None:
         env["id"] = eventId
     env["key"] = message.key
-    env["headers"] = dict(message.headers)
+    env["headers"] = headerObject(message.headers)
     env["content"] = text
     if encoding is not None:
         env["encoding"] = encoding

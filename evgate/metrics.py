@@ -72,7 +72,7 @@ class Tally:
     """
 
     __slots__ = ("api", "entrypoint", "codes", "messagesIn", "bytesIn", "messagesOut", "bytesOut", "dropped",
-                 "latency", "latencySum", "latencyCount", "waiting")
+                 "latency", "latencySum", "latencyCount", "waiting", "shed")
 
     def __init__(self, api: str, entrypoint: str) -> None:
         self.api = api
@@ -88,6 +88,8 @@ class Tally:
         self.latencyCount = 0
         # Long polls waiting for messages now (a gauge, not a counter).
         self.waiting = 0
+        # Streams cut because the node held more than max-queued-bytes.
+        self.shed = 0
 
     def answered(self, code: int) -> None:
         """
@@ -232,8 +234,8 @@ class GatewayMetrics:
             for code, count in fields["codes"].items():
                 tally.codes[int(code)] = tally.codes.get(int(code), 0) + count
             for name in ("messagesIn", "bytesIn", "messagesOut", "bytesOut", "dropped", "latencySum",
-                         "latencyCount", "waiting"):
-                setattr(tally, name, getattr(tally, name) + fields[name])
+                         "latencyCount", "waiting", "shed"):
+                setattr(tally, name, getattr(tally, name) + fields.get(name, 0))
             tally.latency = [a + b for a, b in zip(tally.latency, fields["latency"], strict=True)]
 
         for (api, entrypoint), own in list(self.tallies.items()):
@@ -330,6 +332,9 @@ class GatewayCollector(Collector):
             "dropped": CounterMetricFamily("evgate_messages_dropped", "Messages dropped unwritten when a "
                                            "subscriber too far behind was cut (it resumes with its cursor).",
                                            labels=labels),
+            "shed": CounterMetricFamily("evgate_subscribers_shed", "Streams cut, slowest first, because the node "
+                                        "held more than max-queued-bytes (they resume with their cursor).",
+                                        labels=labels),
         }
         latency = HistogramMetricFamily("evgate_publish_latency_seconds", "Seconds from handing a message to "
                                         "the endpoint to its acknowledgement.", labels=labels)

@@ -1,18 +1,155 @@
 """
-Every use evgate makes of a private Twisted name, in one place.
+Every use evgate makes of Twisted's and autobahn's private attributes, in
+one place.
 
-Twisted may rename or remove what is private without a deprecation
-period; keeping each use here, behind a function with a docstring that
-says what it relies on, and pinning each with a test, makes an upgrade
-that breaks one fail in the test suite instead of in production.  Each
-section belongs to the part of evgate that needs it.
+Some speed and some behaviour are only reachable through attributes that
+Twisted or autobahn do not document: a transport's write buffers, the
+timers autobahn schedules.  Each such access is a small function here, with
+what it reads and why no public API serves.  tests/test_twistedprivate.py
+pins the Twisted and autobahn versions these were checked against and
+checks that every attribute named here still exists on the real classes:
+when a dependency moves, that test names this module as the one to re-check.
+
+Sections are owned by the parts of the gateway that need them; add to the
+one of your part, or start a new delimited section.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Tuple
 
+from twisted.internet import tcp
 from twisted.web.http import HTTPChannel
+
+# The versions whose private attributes the accessors below were checked
+# against (tests/test_twistedprivate.py compares them to what is installed).
+KNOWN_TWISTED = "26.10.0"
+KNOWN_AUTOBAHN = "26.11.1"
+
+
+# ---------------------------------------------------------------------------
+# Streams: direct socket writes and autobahn's timers and framing
+# (evgate/directwrite.py, evgate/entrypoints/websocket.py).
+# ---------------------------------------------------------------------------
+
+# The attributes of twisted.internet.tcp.Server (FileDescriptor and
+# Connection) that L{tcpIdle} reads.  A transport buffers what it was given
+# in `_tempDataBuffer` (new writes) and `dataBuffer` (being sent); no public
+# API says whether anything is waiting to be written.
+TCP_PRIVATE: Tuple[str, ...] = ("_tempDataBuffer", "dataBuffer", "_writeDisconnected", "socket",
+                                "connected", "disconnecting")
+
+# The attributes of autobahn's WebSocketServerProtocol read by
+# L{autobahnWritesPlainFrames}.
+AUTOBAHN_PROTOCOL_PRIVATE: Tuple[str, ...] = ("_perMessageCompress", "send_queue", "trafficStats")
+
+# The attribute of autobahn's WebSocketServerFactory that
+# L{bindAutobahnTimers} replaces.
+AUTOBAHN_FACTORY_PRIVATE: Tuple[str, ...] = ("_batched_timer",)
+
+# The attributes of twisted.web.http.Request that L{chunkedBodyStarted}
+# and L{countBodyBytes} use: whether the response is chunked and its
+# headers are written, and the body length it counts for the access log.
+REQUEST_PRIVATE: Tuple[str, ...] = ("chunked", "startedWriting", "sentLength")
+
+TcpServer = tcp.Server
+
+
+def chunkedBodyStarted(request: Any) -> bool:
+    """
+    Whether C{request}'s response is chunked, its headers are written, and
+    its body is really sent (twisted.web silences the body of HEAD and of
+    bodiless statuses by putting a C{write} on the instance).
+    """
+    return bool(request.chunked and request.startedWriting and "write" not in request.__dict__
+                and request.method != b"HEAD")
+
+
+def countBodyBytes(request: Any, size: int) -> None:
+    """
+    Count C{size} body bytes written around C{request.write}, as it would.
+    """
+    request.sentLength += size
+
+
+def tcpIdle(transport: Any) -> bool:
+    """
+    Whether C{transport} is a plain TCP connection, open, with nothing
+    waiting in its write buffers: only then may bytes go straight to its
+    socket without overtaking buffered ones (evgate.directwrite).
+    """
+    return bool(type(transport) is TcpServer and not transport._tempDataBuffer and not transport.dataBuffer
+                and transport.connected and not transport.disconnecting and not transport._writeDisconnected)
+
+
+def tcpSocket(transport: Any) -> Any:
+    """
+    The socket object of a TCP transport (C{tcp.Connection.socket}: an
+    attribute, not part of ITransport).
+    """
+    return transport.socket
+
+
+def autobahnWritesPlainFrames(protocol: Any) -> bool:
+    """
+    Whether prepared frames may be written to C{protocol}'s transport
+    directly, as autobahn's C{sendData} would: no per-message compression
+    negotiated (C{_perMessageCompress}), nothing in autobahn's own send
+    queue (used in its synchronous mode) and no octet logging.
+    """
+    return (protocol._perMessageCompress is None and not protocol.send_queue
+            and not getattr(protocol, "logOctets", False))
+
+
+def countAutobahnOctets(protocol: Any, size: int) -> None:
+    """
+    Count C{size} bytes written around autobahn in its traffic statistics,
+    as C{sendData} does.
+    """
+    protocol.trafficStats.outgoingOctetsWireLevel += size
+
+
+class _Timer:
+    """
+    A timer of autobahn's on the gateway's reactor, which autobahn may
+    cancel after it fired.
+    """
+
+    def __init__(self, call: Any) -> None:
+        self.call = call
+
+    def cancel(self) -> None:
+        if self.call.active():
+            self.call.cancel()
+
+
+class _ReactorTimers:
+    """
+    autobahn's timer interface (C{call_later}) on a given reactor.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def call_later(self, delay: float, f: Any, *args: Any, **kwargs: Any) -> _Timer:
+        return _Timer(self.reactor.callLater(delay, f, *args, **kwargs))
+
+
+def bindAutobahnTimers(factory: Any, reactor: Any) -> None:
+    """
+    Make C{factory}'s protocols schedule their handshake, ping and close
+    timeouts on C{reactor}.  autobahn schedules them through the factory's
+    C{_batched_timer}, which txaio binds to the global reactor; the gateway
+    runs on the reactor it was given, as everything else does (and as tests
+    on a Clock need).  autobahn has no public option for it.
+    """
+    factory._batched_timer = _ReactorTimers(reactor)
+
+
+# ---------------------------------------------------------------------------
+# (end of the streams section)
+# ---------------------------------------------------------------------------
+
 
 # ---------------------------------------------------------------------------
 # HTTP channel (evgate.site): how a malformed request head is answered.

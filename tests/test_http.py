@@ -144,12 +144,26 @@ class PostTests(GatewayTestCase):
 
     def test_timeout(self) -> None:
         """
-        An endpoint that never acknowledges gives a 504 after the publish
-        timeout.
+        An endpoint that does not acknowledge gives a 504 after the publish
+        timeout: the entrypoint hands C{publish-timeout} to the connector,
+        which owns the timer (as IConnector.publish says), and maps its
+        EndpointTimeout to the answer without a timer of its own.
         """
         from twisted.internet.defer import Deferred
 
-        self.gateway.connectors["local"].publish = lambda *a: Deferred()
+        from evgate.errors import EndpointTimeout
+
+        asked: list = []
+
+        def publish(topic: str, draft: Any, timeout: float) -> Deferred:
+            # A connector that never hears from its broker, keeping its
+            # contract: it fails with EndpointTimeout after `timeout`.
+            asked.append(timeout)
+            d: Deferred = Deferred()
+            self.clock.callLater(timeout, d.errback, EndpointTimeout("no acknowledgement"))
+            return d
+
+        self.gateway.connectors["local"].publish = publish
         d = self.treq.post(URL, data=b"x")
         self.treq.flush()
         self.assertNoResult(d)
@@ -158,6 +172,7 @@ class PostTests(GatewayTestCase):
         response = self.successResultOf(d)
         response.body = self.successResultOf(response.content())
         self.problem(response, 504)
+        self.assertEqual(asked, [self.gateway.settings.publishTimeout])
 
     def test_notFound(self) -> None:
         """
@@ -548,6 +563,96 @@ class EarliestTests(GatewayTestCase):
         self.assertEqual([i["content"] for i in page["items"]], ["2", "3", "4"])
 
 
+class RepeatedHeaderTests(GatewayTestCase):
+    """
+    A message header name may repeat: every reader format keeps all its
+    values, in order, and POST publishes repeated request headers as
+    repeated message headers.
+    """
+
+    start = "earliest"
+
+    def publishDup(self) -> None:
+        connector = self.gateway.connectors["local"]
+        connector.publish("demo", Draft(content=b"line\r\nnext", headers=(("dup", "1"), ("one", "x"),
+                                                                         ("dup", "2"))))
+
+    def test_json(self) -> None:
+        """
+        In a JSON page, a repeated name becomes an array of its values in
+        order; a name that appears once stays a plain string.
+        """
+        self.publishDup()
+        page = json.loads(self.call("GET", URL + "?timeout=0").body)
+        self.assertEqual(page["items"][0]["headers"], {"dup": ["1", "2"], "one": "x"})
+
+    def test_envelope(self) -> None:
+        """
+        The JSON envelope (SSE ?format=json, WebSocket evgate.json) carries
+        the same representation.
+        """
+        from evgate.message import Message, envelope
+
+        message = Message(b"c", None, (("dup", "1"), ("dup", "2")), "demo", 0, 0, 0)
+        self.assertEqual(envelope(message)["headers"], {"dup": ["1", "2"]})
+
+    def test_xml(self) -> None:
+        """
+        The XML page lists every header element, and keeps a CR of the
+        content as a character reference (an XML parser would turn a bare
+        CR LF into LF).
+        """
+        self.publishDup()
+        body = self.call("GET", URL + "?timeout=0", headers={"Accept": ["application/xml"]}).body
+        self.assertIn(b'<header name="dup">1</header>', body)
+        self.assertIn(b'<header name="dup">2</header>', body)
+        from xml.etree import ElementTree
+
+        root = ElementTree.fromstring(body)
+        self.assertEqual(root.find("message/content").text, "line\r\nnext")
+
+    def test_postRepeated(self) -> None:
+        """
+        Repeated message-header request headers are published as repeated
+        message headers, in order.
+        """
+        response = self.post(b"x", headers={"X-Message-Header-Dup": ["1", "2"]})
+        self.assertEqual(response.code, 202, response.body)
+        (message,) = self.gateway.connectors["local"].topicLog("demo").messages
+        self.assertEqual([h for h in message.headers if h[0] == "dup"], [("dup", "1"), ("dup", "2")])
+
+
+class NonBlockingReadTests(GatewayTestCase):
+    """
+    C{timeout=0} means "do not wait for new messages", not "do not read
+    what is there".
+    """
+
+    start = "earliest"
+    retention = 2000
+
+    def test_readsTheBacklog(self) -> None:
+        """
+        A non-blocking read from the earliest message returns the matching
+        records that exist, even when the endpoint hands the backlog over
+        in several batches and the first ones hold no match.
+        """
+        connector = self.gateway.connectors["local"]
+        for i in range(600):
+            connector.publish("demo", Draft(content=str(i).encode(), key="late" if i >= 550 else "early"))
+        response = self.call("GET", URL + "?timeout=0&filter=key%20%3D%3D%20%22late%22")
+        page = json.loads(response.body)
+        self.assertEqual([item["content"] for item in page["items"]], [str(i) for i in range(550, 600)])
+
+    def test_atTheHeadAnswersAtOnce(self) -> None:
+        """
+        A non-blocking read that is already at the head answers at once,
+        with no items.
+        """
+        response = self.call("GET", URL + "?timeout=0")
+        self.assertEqual(json.loads(response.body)["items"], [])
+
+
 class PagingTests(SynchronousTestCase):
     """
     Paging with cursors older than the replay window: the read of one page
@@ -686,7 +791,7 @@ class ItemTextTests(SynchronousTestCase):
              {"key": None, "headers": {}, "content": '{"a":1}'}),
             (Message(text.encode(), 'k\u00e9y"', (("h", "v"), ("h", "w"), ("x", "\u2603")), "t/\u00e9", 3, 9, 0,
                      {"qos": 1, "retain": False}),
-             {"key": 'k\u00e9y"', "headers": {"h": "w", "x": "\u2603"}, "content": text}),
+             {"key": 'k\u00e9y"', "headers": {"h": ["v", "w"], "x": "\u2603"}, "content": text}),
             (Message(b"\xff\xfe", "k", (), "t", 0, 1, 2, {"keyEncoding": "base64", "headerEncoding": {"a": "base64"}}),
              {"key": "k", "headers": {}, "content": base64.b64encode(b"\xff\xfe").decode(), "encoding": "base64"}),
             (Message(b"", None, (), "t", 0, 1, 2, {"tombstone": True}),

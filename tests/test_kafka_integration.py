@@ -351,6 +351,26 @@ class PublishAndReadTests(KafkaGatewayTestCase):
         self.assertNothingAfter(second, cursor)
 
 
+class NonBlockingReadTests(KafkaGatewayTestCase):
+    """
+    C{timeout=0} on Kafka reads what the topic holds.
+    """
+
+    def test_earliestWithoutWaiting(self) -> None:
+        """
+        With start = earliest, no cursor and timeout=0, a GET returns the
+        records already in the topic (480 here, up to its limit), not an
+        empty page because the read had not fetched yet.
+        """
+        topic = freshTopic()
+        kcatProduce(topic, [f"k:{i}" for i in range(480)])
+        gateway = self.gateway(topic)
+        status, _, page = self.get(gateway, "timeout=0&limit=1000")
+        self.assertEqual(status, 200, page)
+        self.assertGreater(len(page["items"]), 0)
+        self.assertEqual(page["items"][0]["content"], "0")
+
+
 class GroupModeTests(KafkaGatewayTestCase):
     """
     HTTP GET with a client id: a consumer group whose position the gateway

@@ -19,7 +19,9 @@ from zope.interface.verify import verifyObject
 
 from evgate.config import parseConfig
 from evgate.entrypoints import sse as sseModule
-from evgate.entrypoints.sse import SseEntrypoint, SseSubscriber, acceptsEventStream
+from evgate.entrypoints import streaming as streamingModule
+from evgate.entrypoints.sse import SseEntrypoint, acceptsEventStream
+from evgate.entrypoints.streaming import StreamSubscriber
 from evgate.errors import EndpointUnavailable
 from evgate.gateway import Consumer
 from evgate.interfaces import IEntrypoint, IPlan, ISubscriber
@@ -34,6 +36,7 @@ INI = """
 [gateway]
 listen = tcp:0
 subscriber-queue = {queue}
+{gatewayExtra}
 
 [endpoint:local]
 type = memory
@@ -49,13 +52,15 @@ entrypoints = {entrypoints}
 
 
 def streamingGateway(clock: Clock, queue: int = 1000, retention: int = 100, heartbeat: Optional[float] = 0,
-                     entrypoints: str = "http-post http-get sse", extra: str = "") -> GatewayService:
+                     entrypoints: str = "http-post http-get sse", extra: str = "",
+                     gatewayExtra: str = "") -> GatewayService:
     """
     A memory gateway for streaming tests, on C{clock}.
     """
     if heartbeat is not None:
         extra = f"heartbeat = {heartbeat}\n{extra}"
-    text = INI.format(queue=queue, retention=retention, entrypoints=entrypoints, extra=extra)
+    text = INI.format(queue=queue, retention=retention, entrypoints=entrypoints, extra=extra,
+                      gatewayExtra=gatewayExtra)
     return GatewayService(parseConfig(text, "test.ini"), clock)
 
 
@@ -69,11 +74,12 @@ class StreamTestCase(SynchronousTestCase):
     heartbeat: float = 0
     entrypoints = "http-post http-get sse"
     extra = ""
+    gatewayExtra = ""
 
     def setUp(self) -> None:
         self.clock = Clock()
         self.gateway = streamingGateway(self.clock, self.queue, self.retention, self.heartbeat,
-                                        self.entrypoints, self.extra)
+                                        self.entrypoints, self.extra, self.gatewayExtra)
         self.api = self.gateway.apis[0]
         self.connector = self.gateway.connectors["local"]
 
@@ -537,9 +543,9 @@ class SseBackpressureTests(StreamTestCase):
 
     queue = 3
 
-    def subscriber(self, connection: WireConnection) -> SseSubscriber:
+    def subscriber(self, connection: WireConnection) -> StreamSubscriber:
         for subscriber in self.entrypoint().live:
-            if subscriber.request.channel is connection.httpChannel:
+            if subscriber.framer.request.channel is connection.httpChannel:
                 return subscriber
         raise AssertionError("no live subscriber on this connection")
 
@@ -628,6 +634,115 @@ class SseBackpressureTests(StreamTestCase):
         events = self.events(connection)[1:]
         self.assertEqual(len(events), 1)
         self.assertEqual(Cursor.decode(events[0]["id"], TAG).asDict(), {0: 6})
+
+
+class SseMemoryBoundTests(StreamTestCase):
+    """
+    Queued frames are shared bytes, bounded per stream and per node in
+    bytes (subscriber-queue-bytes, max-queued-bytes).
+    """
+
+    gatewayExtra = "subscriber-queue-bytes = 5000\nmax-queued-bytes = 4096"
+
+    def subscriber(self, connection: WireConnection) -> StreamSubscriber:
+        for subscriber in self.entrypoint().live:
+            if subscriber.framer.request.channel is connection.httpChannel:
+                return subscriber
+        raise AssertionError("no live subscriber on this connection")
+
+    def test_sharedBytes(self) -> None:
+        """
+        Two paused streams queue the very same bytes object for a message:
+        the frame cached on the event, not a copy each.
+        """
+        first, second = self.openStream(), self.openStream()
+        self.openStream()  # a reader that keeps up keeps the stream flowing
+        first.fill()
+        second.fill()
+        self.publish(b"x" * 100)
+        a, b = self.subscriber(first), self.subscriber(second)
+        (event,) = self.gateway.hub.streams[("local", "demo")].window.events
+        self.assertIs(a.queue[0].frame, b.queue[0].frame)
+        self.assertIs(a.queue[0].frame, event.frames[("sse", TAG, "text")])
+
+    def test_largeFrameInSlices(self) -> None:
+        """
+        A frame larger than a slice goes to the transport a slice at a
+        time, while it takes them: a transport that pushes back after the
+        first holds one slice, and the rest waits as the shared frame.
+        """
+        connection = self.openStream()
+        self.openStream()
+        subscriber = self.subscriber(connection)
+        writes: List[bytes] = []
+        original = connection.transport.write
+
+        def write(data: bytes) -> None:
+            writes.append(data)
+            original(data)
+            connection.fill()
+
+        self.patch(connection.transport, "write", write)
+        # A chunk goes out as (size line, data, CRLF).
+        self.patch(connection.transport, "writeSequence", lambda parts: write(b"".join(parts)))
+        self.patch(streamingModule, "FLUSH_BYTES", 1024)
+        self.publish(b"z" * 4000)
+        self.assertEqual(len(writes), 1)
+        self.assertLessEqual(len(writes[0]), 1024 + 16)
+        (event,) = self.gateway.hub.streams[("local", "demo")].window.events
+        self.assertIs(subscriber.queue[0].frame, event.frames[("sse", TAG, "text")])
+        self.assertEqual(subscriber.headSent, 1024)
+        while subscriber.queue:
+            connection.drain()
+        self.assertEqual(len(writes), 4)
+        self.assertEqual([e["data"] for e in self.messages(connection)], ["z" * 4000])
+
+    def test_byteBoundCuts(self) -> None:
+        """
+        A stream with more than subscriber-queue-bytes queued is cut like
+        one too many messages behind, with its resume cursor.
+        """
+        connection = self.openStream()
+        self.openStream()
+        self.gateway.hub.streamQueues.limit = 10**9
+        connection.fill()
+        self.publish(b"a" * 3000)
+        self.assertEqual(len(self.entrypoint().live), 2)
+        self.publish(b"b" * 3000)
+        self.assertEqual(len(self.entrypoint().live), 1)
+        error = self.messages(connection)[-1]
+        self.assertEqual(error["event"], "error")
+        document = json.loads(error["data"])
+        self.assertEqual(document["type"], "https://evgate.dev/problems/subscriber-too-slow")
+        self.assertIn("5000 bytes", document["detail"])
+        self.assertIn("cursor", document)
+
+    def test_nodeShedsTheSlowest(self) -> None:
+        """
+        When the node's distinct queued frames exceed max-queued-bytes, the
+        stream with the most bytes queued is cut first (and counted), and
+        the others, which share what is left, go on.
+        """
+        slowest, b, c = self.openStream(), self.openStream(), self.openStream()
+        cut = self.subscriber(slowest)
+        self.openStream()
+        slowest.fill()
+        self.publish(b"1" * 1500)
+        b.fill()
+        c.fill()
+        self.publish(b"2" * 1500)
+        self.assertEqual(len(self.entrypoint().live), 4)
+        self.publish(b"3" * 1500)
+        live = self.entrypoint().live
+        self.assertEqual(len(live), 3)
+        self.assertNotIn(cut, live)
+        error = self.messages(slowest)[-1]
+        self.assertEqual(error["event"], "error")
+        self.assertIn("max-queued-bytes", json.loads(error["data"])["detail"])
+        self.assertEqual(self.entrypoint().tally.shed, 1)
+        self.assertLessEqual(self.gateway.hub.streamQueues.total, 4096)
+        b.drain()
+        self.assertEqual([e["data"][0] for e in self.messages(b)], ["1", "2", "3"])
 
 
 class SseLifecycleTests(StreamTestCase):

@@ -15,7 +15,8 @@ from twisted.internet.interfaces import IPushProducer
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from evgate.entrypoints.websocket import MAX_IN_FLIGHT, WebSocketEntrypoint, WebSocketSubscriber
+from evgate.entrypoints.streaming import StreamSubscriber
+from evgate.entrypoints.websocket import MAX_IN_FLIGHT, WebSocketEntrypoint
 from evgate.errors import EndpointUnavailable
 from evgate.interfaces import IEntrypoint, ISubscriber
 from evgate.message import Cursor, Draft, Position, cursorTag
@@ -319,6 +320,26 @@ class PublishTests(WebSocketTestCase):
         pending[0].callback(Position("demo", 0, 10))
         self.assertEqual([d["ref"] for d in self.documents(connection) if "ack" in d], [1, 2, 3])
 
+    def test_errorsWaitTheirTurn(self) -> None:
+        """
+        The error answering a bad frame waits behind the acknowledgements
+        of the frames sent before it: answers go out in frame order,
+        refusals included ([1, "two", 3], never ["two", 1, 3]).
+        """
+        pending: List[Deferred] = []
+        self.patch(self.connector, "publish", lambda topic, draft, timeout: pending.append(Deferred())
+                   or pending[-1])
+        connection = self.openSocket(json=True)
+        self.sendJson(connection, {"content": "x", "ref": 1})
+        self.sendJson(connection, {"content": 5, "ref": "two"})
+        self.sendJson(connection, {"content": "x", "ref": 3})
+        self.assertEqual([d for d in self.documents(connection) if "ack" in d or "error" in d], [])
+        pending[1].callback(Position("demo", 0, 11))
+        pending[0].callback(Position("demo", 0, 10))
+        answers = [d for d in self.documents(connection) if "ack" in d or "error" in d]
+        self.assertEqual([d["ref"] for d in answers], [1, "two", 3])
+        self.assertIn("error", answers[1])
+
     def test_inFlightBound(self) -> None:
         """
         With MAX_IN_FLIGHT publishes unanswered the gateway stops reading
@@ -446,9 +467,9 @@ class StreamControlTests(WebSocketTestCase):
     retention = 3
     extra = ""
 
-    def subscriber(self, connection: WireConnection) -> WebSocketSubscriber:
+    def subscriber(self, connection: WireConnection) -> StreamSubscriber:
         for subscriber in self.entrypoint().live:
-            if subscriber.protocol.transport is connection.transport:
+            if subscriber.framer.protocol.transport is connection.transport:
                 return subscriber
         raise AssertionError("no live subscriber on this connection")
 

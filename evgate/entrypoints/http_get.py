@@ -30,16 +30,24 @@ from evgate.filters import filterFor as subscriptionFilter
 from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, queryArgs, writeProblem
 from evgate.hub import Event, HubSubscription
 from evgate.interfaces import IConsumerGroups, IEntrypoint, ISubscriber
-from evgate.message import Cursor, CursorError, contentForJSON, cursorsAfter
-from evgate.metrics import countPage, tallyFor, tallyOf
+from evgate.message import Cursor, CursorError, contentForJSON, cursorsAfter, headerObject
+from evgate.metrics import countPage, headOffsets, tallyFor, tallyOf
 
 DEFAULT_LIMIT = 100
 DEFAULT_TIMEOUT = 5000
 # Seconds a poll waits, beyond its timeout, for the endpoint to say where
 # the read starts (a Kafka read resolves its offsets first).
 POSITION_GRACE = 10.0
+# Seconds a poll that starts behind the head may take to read what is
+# already there before its own timeout counts (timeout=0 included): the
+# endpoint hands a backlog over in batches, and a Kafka read fetches first.
+CATCH_UP = 2.0
 
 FORMATS = ("application/json", "text/plain", "application/xml")
+
+# A CR in element text is a character reference: XML parsers turn a bare
+# CR (and CR LF) into LF (XML 1.0, 2.11).
+_XML_TEXT = {"\r": "&#13;"}
 
 # Characters XML 1.0 cannot carry, even escaped.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
@@ -134,21 +142,28 @@ def jsonItemText(event: Event, tag: bytes) -> str:
     building each as dictionaries for the generic encoder took twice as
     long.  The text is what C{json.dumps} gives for those members.
     """
+    cacheKey = ("json-item", tag)
+    cached: Optional[str] = event.frames.get(cacheKey)
+    if cached is not None:
+        # Encoded once per message and API, for every page that holds it.
+        return cached
     message = event.message
     text, encoding = contentForJSON(message.content)
     key = message.key
     headers = message.headers
     extra = message.extra
-    return '{"id":"%s","key":%s,"headers":%s,"content":%s,"metadata":{"topic":%s,"partition":%d,"offset":%d,' \
+    item = '{"id":"%s","key":%s,"headers":%s,"content":%s,"metadata":{"topic":%s,"partition":%d,"offset":%d,' \
         '"timestamp":%d%s}%s}' % (
             event.token(tag),
             "null" if key is None else _quote(key),
-            _json(dict(headers)) if headers else "{}",
+            _json(headerObject(headers)) if headers else "{}",
             _quote(text),
             _quote(message.topic), message.partition, message.offset, message.timestamp,
             "," + _json(dict(extra))[1:-1] if extra else "",
             ',"encoding":' + _quote(encoding) if encoding is not None else "",
         )
+    event.frames[cacheKey] = item
+    return item
 
 
 def renderPage(media: str, events: List[Event], tag: bytes, nextCursor: str, limit: int,
@@ -210,12 +225,12 @@ def _xmlPage(events: List[Event], tag: bytes, nextCursor: str, limit: int, gap: 
         out.append(">")
         for name, value in m.headers:
             if not _NOT_XML.search(value):
-                out.append(f"<header name={quoteattr(name)}>{escape(value)}</header>")
+                out.append(f"<header name={quoteattr(name)}>{escape(value, _XML_TEXT)}</header>")
         try:
             text = m.content.decode("utf-8")
             if _NOT_XML.search(text):
                 raise UnicodeDecodeError("utf-8", b"", 0, 1, "not XML")
-            out.append(f"<content>{escape(text)}</content>")
+            out.append(f"<content>{escape(text, _XML_TEXT)}</content>")
         except UnicodeDecodeError:
             out.append(f"<content encoding=\"base64\">{base64.b64encode(m.content).decode()}</content>")
         out.append(f"<metadata topic={quoteattr(m.topic)} partition=\"{m.partition}\" "
@@ -247,6 +262,11 @@ class PollSubscriber:
         self.timer: Optional[IDelayedCall] = None
         self.done = False
         self.tally = tallyOf(request, call.api, "http-get")
+        # While the read takes what was already there (see started).
+        self.fromHistory = False
+        self.catchUpTo: Optional[Cursor] = None
+        self.firstBatch = False
+        self.startedAt = 0.0
 
     def start(self, start: Any, filter: Any = None) -> None:
         """
@@ -254,6 +274,7 @@ class PollSubscriber:
         """
         api = self.call.api
         reactor = api.node.reactor
+        self.fromHistory = start != "latest"
         self.tally.waiting += 1
         self.request.notifyFinish().addErrback(self._clientGone)
         # Until the endpoint says where the read starts, the poll waits at
@@ -268,7 +289,37 @@ class PollSubscriber:
             return
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
-        self.timer = self.call.api.node.reactor.callLater(self.timeout, self._timedOut)
+        api = self.call.api
+        reactor = api.node.reactor
+        self.startedAt = reactor.seconds()
+        # The timeout counts the wait for *new* messages: a read that starts
+        # behind the head first takes what is there (bounded by CATCH_UP).
+        # Where the endpoint knows its head, "there" is up to that head; where
+        # it does not (Kafka), a read from history waits for its first batch.
+        head = headOffsets(api.connector, api.config.topic)
+        if head is not None:
+            target = Cursor.fromMapping(head, cursor.epoch)
+            self.catchUpTo = None if cursor.dominates(target) else target
+        elif self.fromHistory:
+            self.catchUpTo = cursor
+            self.firstBatch = True
+        if self.catchUpTo is not None:
+            self.timer = reactor.callLater(max(self.timeout, CATCH_UP), self._timedOut)
+        else:
+            self.timer = reactor.callLater(self.timeout, self._timedOut)
+
+    def _caughtUp(self) -> None:
+        # The read reached what was there when it started: from now on only
+        # the timeout proper (what remains of it) is waited for.
+        self.catchUpTo = None
+        self.firstBatch = False
+        if self.done:
+            return
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        reactor = self.call.api.node.reactor
+        self.timer = reactor.callLater(max(0.0, self.timeout - (reactor.seconds() - self.startedAt)),
+                                       self._timedOut)
 
     def deliver(self, events: List[Event]) -> None:
         if self.done:
@@ -285,6 +336,8 @@ class PollSubscriber:
     def advanced(self, cursor: Cursor) -> None:
         if not self.done and len(self.events) < self.limit:
             self.cursor = cursor
+            if self.catchUpTo is not None and (self.firstBatch or cursor.dominates(self.catchUpTo)):
+                self._caughtUp()
 
     def gap(self, cursor: Cursor, reason: str) -> None:
         if not self.done:
@@ -452,6 +505,11 @@ class HttpGetEntrypoint:
         self.api = api
         self.tally = tallyFor(api, self.name)
 
+    def stop(self) -> None:
+        """
+        Nothing to end: a request in progress finishes on its own.
+        """
+
     def accepts(self, request: Request) -> bool:
         return request.method == b"GET"
 
@@ -491,8 +549,3 @@ class HttpGetEntrypoint:
         @raise BadFilter: if the query parameter is not a valid filter.
         """
         return subscriptionFilter(request, call)
-
-    def stop(self) -> None:
-        """
-        Nothing to end: a request/response entrypoint holds no stream.
-        """

@@ -28,7 +28,7 @@ from zope.interface import implementer
 
 from evgate import jsonlimits
 from evgate.config import ApiContext, SectionReader, apiOptionParser
-from evgate.errors import BadRequest, EndpointTimeout, Problem
+from evgate.errors import BadRequest, Problem
 from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, jsonBody, queryArgs, writeProblem
 from evgate.interfaces import IEntrypoint
 from evgate.message import Draft, Position
@@ -185,13 +185,13 @@ class HttpPostEntrypoint:
         self.timeout = settings.publishTimeout
         self.tally = tallyFor(api, self.name)
 
-    def accepts(self, request: Request) -> bool:
-        return request.method == b"POST"
-
     def stop(self) -> None:
         """
-        Nothing to end: a request/response entrypoint holds no stream.
+        Nothing to end: a request in progress finishes on its own.
         """
+
+    def accepts(self, request: Request) -> bool:
+        return request.method == b"POST"
 
     def draft(self, request: Request) -> Draft:
         """
@@ -241,9 +241,9 @@ class HttpPostEntrypoint:
         api = call.api
         reactor = api.node.reactor
         started = reactor.seconds()
+        # The connector owns the publish timeout (IConnector.publish): it
+        # fails with EndpointTimeout, which finishWithFailure answers as 504.
         d = api.connector.publish(api.config.topic, draft, self.timeout)
-        if not d.called:
-            d.addTimeout(self.timeout, reactor, onTimeoutCancel=_timedOut(self.timeout))
         d.addCallback(self._acknowledged, request, len(draft.content), started)
         d.addErrback(lambda f: finishWithFailure(request, f, "publishing"))
         return NOT_DONE_YET
@@ -274,10 +274,6 @@ class HttpPostEntrypoint:
         reactor = api.node.reactor
         started = reactor.seconds()
         d = api.connector.publishMany(api.config.topic, drafts, self.timeout)
-        if not d.called:
-            # The connector answers within the timeout itself; this guards
-            # against one that does not.
-            d.addTimeout(self.timeout + 1, reactor, onTimeoutCancel=_timedOut(self.timeout))
         return d.addCallback(self._batchAcknowledged, request, drafts, started)
 
     def _batchAcknowledged(self, results: Sequence[Any], request: Request, drafts: Sequence[Draft],
@@ -337,9 +333,3 @@ def positionsJSON(positions: Sequence[Position]) -> bytes:
         parts.append(b'{"topic":%s,"partition":%d,"offset":%d}' % (name, partition, offset))
     return b",".join(parts)
 
-
-def _timedOut(seconds: float) -> Any:
-    def onTimeout(result: Any, timeout: float) -> Any:
-        raise EndpointTimeout(f"the endpoint did not acknowledge within {seconds:g} s; "
-                              "the message may or may not have been stored")
-    return onTimeout

@@ -38,7 +38,7 @@ import base64
 import json
 import math
 import re
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, Optional, Set
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -47,7 +47,7 @@ from zope.interface import implementer
 
 from evgate.directwrite import boundSendBuffer, writeChunk
 from evgate.entrypoints.http_get import requestCursor
-from evgate.entrypoints.streaming import StreamSubscriber, stopAll
+from evgate.entrypoints.streaming import Goodbye, StreamSubscriber, stopAll
 from evgate.errors import (
     PROBLEM_BASE,
     BadCursor,
@@ -60,7 +60,7 @@ from evgate.errors import (
 from evgate.filters import filterFor
 from evgate.gateway import ApiCall, finishWithFailure, writeProblem
 from evgate.hub import Event
-from evgate.interfaces import IStreamingEntrypoint
+from evgate.interfaces import IStreamFramer, IStreamingEntrypoint
 from evgate.message import Cursor, CursorError, envelopeJSON
 from evgate.metrics import tallyFor
 
@@ -150,39 +150,121 @@ def problemDocument(problem: Problem, cursor: Optional[str]) -> Dict[str, Any]:
     return document
 
 
-class SseSubscriber(StreamSubscriber):
+@implementer(IStreamFramer)
+class SseFramer:
     """
-    One event stream: an L{ISubscriber} for the hub and an
-    L{IPushProducer} for its request's transport.
+    How an event stream goes on its HTTP response: the SSE encoding of
+    events and notices (see the module docstring), written as chunks.
     """
 
     log = Logger()
 
-    def __init__(self, request: Request, call: ApiCall, entrypoint: "SseEntrypoint", format: str) -> None:
-        options = call.api.config.options
-        super().__init__(call, entrypoint, heartbeat=options.get("heartbeat", 15.0))
+    def __init__(self, request: Request, tag: bytes, format: str, retry: int, reactor: Any) -> None:
         self.request = request
+        self.tag = tag
         self.format = format
-        self.retry: int = options.get("sseRetry", 3000)
-        self.maxDuration: float = options.get("sseMaxDuration", 0.0)
+        self.retry = retry
+        self.reactor = reactor
+        self.opened = False
+        # Set when the client leaves (notifyFinish's errback): the public
+        # way to learn of a disconnect.
+        self.left = False
+        self.subscriber: Any = None
 
-    def subscribe(self, start: Any, filter: Any) -> None:
+    def watch(self, subscriber: Any) -> None:
+        """
+        End C{subscriber} when the client leaves, and name it to the
+        access log (which counts its messages).
+        """
+        self.subscriber = subscriber
         self.request.notifyFinish().addErrback(self._clientGone)
-        # The access log's line for this request counts its messages.
-        self.request.evgateStream = self  # type: ignore[attr-defined]
-        super().subscribe(start, filter)
+        self.request.evgateStream = subscriber  # type: ignore[attr-defined]
 
     def _clientGone(self, reason: Failure) -> None:
-        self.end()
+        self.left = True
+        if self.subscriber is not None:
+            self.subscriber.end()
 
     def _gone(self) -> bool:
-        request = self.request
-        return bool(request.finished or getattr(request, "_disconnected", False))
+        return bool(self.left or self.request.finished)
 
     def _token(self, cursor: Optional[Cursor]) -> Optional[str]:
         return cursor.encode(self.tag) if cursor is not None else None
 
-    def finishStream(self, last: bytes = b"", disconnect: bool = False) -> None:
+    # IStreamFramer
+
+    def open(self, producer: Any, cursor: Cursor) -> bool:
+        request = self.request
+        if self._gone():
+            return False
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"text/event-stream")
+        request.setHeader(b"Cache-Control", b"no-cache")
+        # nginx and similar proxies buffer responses unless told not to.
+        request.setHeader(b"X-Accel-Buffering", b"no")
+        request.registerProducer(producer, True)
+        if request.channel is not None:
+            boundSendBuffer(request.channel.transport)
+        self.opened = True
+        request.write(f"retry: {self.retry}\nid: {cursor.encode(self.tag)}\n\n".encode("ascii"))
+        return True
+
+    def event(self, event: Event) -> bytes:
+        return eventFrame(event, self.tag, self.format)
+
+    def advance(self, cursor: Cursor) -> bytes:
+        # An event with an id and no data: EventSource takes the id as its
+        # last event id and dispatches nothing (HTML, "dispatch the event").
+        return b"id: " + cursor.encode(self.tag).encode("ascii") + b"\n\n"
+
+    def gap(self, cursor: Cursor, reason: str) -> bytes:
+        token = cursor.encode(self.tag)
+        return noticeFrame("gap", {"detail": reason, "cursor": token}, token)
+
+    def heartbeat(self) -> bytes:
+        return HEARTBEAT_FRAME
+
+    def write(self, data: bytes) -> None:
+        if not self._gone():
+            writeChunk(self.request, data)
+
+    def goodbye(self, reason: Goodbye, cursor: Optional[Cursor]) -> None:
+        kind = reason.kind
+        if not self.opened:
+            if kind == Goodbye.FAILED and reason.failure is not None:
+                finishWithFailure(self.request, reason.failure, "starting an event stream")
+            elif kind == Goodbye.STOPPING:
+                stopping = EndpointUnavailable("the gateway is stopping; retry", retryAfter=1)
+                finishWithFailure(self.request, Failure(stopping), "stopping")
+            return
+        token = self._token(cursor)
+        if kind in (Goodbye.TOO_SLOW, Goodbye.SHED):
+            problem = Problem(f"this client is {reason.detail} the stream; "
+                              "reconnect to resume from the last id it received")
+            document = problemDocument(problem, token)
+            document.update(type=TOO_SLOW_TYPE, title="Subscriber too slow", status=503)
+            self.finish(b"" if reason.midFrame else noticeFrame("error", document), disconnect=True)
+        elif kind == Goodbye.FAILED:
+            failure = reason.failure
+            problem = (failure.value if failure is not None and failure.check(Problem)
+                       else Problem("the upstream subscription failed"))
+            self.finish(noticeFrame("error", problemDocument(problem, token)))
+        elif kind == Goodbye.EXPIRED:
+            problem = Unauthorized("the credentials of this stream expired; reconnect with new ones")
+            self.finish(noticeFrame("error", problemDocument(problem, token)))
+        elif kind == Goodbye.QUOTA:
+            seconds = max(1, math.ceil(reason.retryAfter))
+            consumer = self.subscriber.call.consumer.id if self.subscriber is not None else "this consumer"
+            api = self.subscriber.api.name if self.subscriber is not None else "-"
+            problem = TooManyRequests(f"{consumer} used up its messages on API {api}; "
+                                      f"reconnect in {seconds} s", extra={"retryAfter": seconds})
+            self.finish(noticeFrame("error", problemDocument(problem, token)))
+        elif kind == Goodbye.MAX_DURATION:
+            self.finish(b": sse.max-duration reached; reconnect to continue\n\n")
+        else:
+            self.finish(b": the gateway is stopping; reconnect to continue\n\n")
+
+    def finish(self, last: bytes = b"", disconnect: bool = False) -> None:
         """
         Write C{last} and end the response; the client reconnects with the
         last id it received.
@@ -192,7 +274,6 @@ class SseSubscriber(StreamSubscriber):
             L{ABORT_GRACE} seconds (a client that stopped reading would
             otherwise hold its buffer for as long as it likes).
         """
-        self.end()
         if self._gone():
             return
         channel = self.request.channel
@@ -205,83 +286,18 @@ class SseSubscriber(StreamSubscriber):
             channel.loseConnection()
             self.reactor.callLater(ABORT_GRACE, transport.abortConnection)  # type: ignore[attr-defined]
 
-    # StreamSubscriber
 
-    def streamOpened(self, cursor: Cursor) -> None:
-        request = self.request
-        if self._gone():
-            self.end()
-            return
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", b"text/event-stream")
-        request.setHeader(b"Cache-Control", b"no-cache")
-        # nginx and similar proxies buffer responses unless told not to.
-        request.setHeader(b"X-Accel-Buffering", b"no")
-        request.registerProducer(self, True)
-        if request.channel is not None:
-            boundSendBuffer(request.channel.transport)
-        if self.maxDuration > 0:
-            self.later("max-duration", self.maxDuration, self._maxDurationReached)
-        self.lastWrite = self.reactor.seconds()
-        request.write(f"retry: {self.retry}\nid: {cursor.encode(self.tag)}\n\n".encode("ascii"))
-
-    def encode(self, event: Event) -> bytes:
-        return eventFrame(event, self.tag, self.format)
-
-    def writeFrames(self, frames: List[bytes]) -> None:
-        if not self._gone():
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-            self.tally.bytesOut += len(data)
-            writeChunk(self.request, data)
-
-    def advanceFrame(self, cursor: Cursor) -> bytes:
-        # An event with an id and no data: EventSource takes the id as its
-        # last event id and dispatches nothing (HTML, "dispatch the event").
-        return b"id: " + cursor.encode(self.tag).encode("ascii") + b"\n\n"
-
-    def gapFrame(self, cursor: Cursor, reason: str) -> bytes:
-        token = cursor.encode(self.tag)
-        return noticeFrame("gap", {"detail": reason, "cursor": token}, token)
-
-    def heartbeatFrame(self) -> bytes:
-        return HEARTBEAT_FRAME
-
-    def closeTooSlow(self) -> None:
-        token = self._token(self.written)
-        problem = Problem(f"this client fell more than {self.queueLimit} messages behind the stream; "
-                          "reconnect to resume from the last id it received")
-        document = problemDocument(problem, token)
-        document.update(type=TOO_SLOW_TYPE, title="Subscriber too slow", status=503)
-        self.finishStream(noticeFrame("error", document), disconnect=True)
-
-    def streamFailed(self, reason: Failure) -> None:
-        if not self.opened:
-            self.end()
-            finishWithFailure(self.request, reason, "starting an event stream")
-            return
-        problem = reason.value if reason.check(Problem) else Problem("the upstream subscription failed")
-        self.finishStream(noticeFrame("error", problemDocument(problem, self._token(self.written))))
-
-    def credentialsExpired(self) -> None:
-        problem = Unauthorized("the credentials of this stream expired; reconnect with new ones")
-        self.finishStream(noticeFrame("error", problemDocument(problem, self._token(self.written))))
-
-    def limitReached(self, retryAfter: float) -> None:
-        seconds = max(1, math.ceil(retryAfter))
-        problem = TooManyRequests(f"{self.call.consumer.id} used up its messages on API {self.api.name}; "
-                                  f"reconnect in {seconds} s", extra={"retryAfter": seconds})
-        self.finishStream(noticeFrame("error", problemDocument(problem, self._token(self.written))))
-
-    def _maxDurationReached(self) -> None:
-        self.finishStream(b": sse.max-duration reached; reconnect to continue\n\n")
-
-    def shutdown(self) -> None:
-        if not self.opened:
-            self.end()
-            stopping = EndpointUnavailable("the gateway is stopping; retry", retryAfter=1)
-            finishWithFailure(self.request, Failure(stopping), "stopping")
-            return
-        self.finishStream(b": the gateway is stopping; reconnect to continue\n\n")
+def sseSubscriber(request: Request, call: ApiCall, entrypoint: "SseEntrypoint", format: str) -> StreamSubscriber:
+    """
+    One event stream: a L{StreamSubscriber} writing through an
+    L{SseFramer} on C{request}.
+    """
+    options = call.api.config.options
+    framer = SseFramer(request, call.api.tag, format, options.get("sseRetry", 3000), call.api.node.reactor)
+    subscriber = StreamSubscriber(call, entrypoint, framer, heartbeat=options.get("heartbeat", 15.0),
+                                  maxDuration=options.get("sseMaxDuration", 0.0))
+    framer.watch(subscriber)
+    return subscriber
 
 
 def lastEventCursor(request: Request, tag: bytes) -> Optional[Cursor]:
@@ -312,7 +328,7 @@ class SseEntrypoint:
 
     def __init__(self, api: Any) -> None:
         self.api = api
-        self.live: Set[SseSubscriber] = set()
+        self.live: Set[StreamSubscriber] = set()
         self.tally = tallyFor(api, self.name)
 
     def accepts(self, request: Request) -> bool:
@@ -326,7 +342,7 @@ class SseEntrypoint:
         except Problem as problem:
             return writeProblem(request, problem)
         start: Any = cursor if cursor is not None else call.api.config.start
-        SseSubscriber(request, call, self, format).subscribe(start, filter)
+        sseSubscriber(request, call, self, format).subscribe(start, filter)
         return NOT_DONE_YET
 
     def format(self, request: Request) -> str:

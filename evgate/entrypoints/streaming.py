@@ -3,6 +3,12 @@ What the streaming entrypoints (SSE and WebSocket) share: the subscriber
 side of the hub's fan-out, with a bounded outbound queue, and the API keys
 they read.
 
+One subscriber class, L{StreamSubscriber}, owns queueing, backpressure,
+filters, limits and cursors; what differs between protocols is a framer
+(L{evgate.interfaces.IStreamFramer}: L{evgate.entrypoints.sse.SseFramer},
+L{evgate.entrypoints.websocket.WebSocketFramer}) that says how events,
+gaps, heartbeats and goodbyes become bytes on the connection.
+
 Backpressure
 ============
 
@@ -11,23 +17,34 @@ thread, and never waits for anyone.  Each L{StreamSubscriber} is an
 C{IPushProducer} registered with its own transport, so pushing back is
 per connection:
 
- - while the transport accepts data, a batch is encoded (once per message,
-   cached on the hub's L{Event}) and written with one C{write};
+ - while the transport accepts data, a batch is encoded (once per message
+   and wire format, cached on the hub's L{Event}: every subscriber holds
+   the same bytes) and written with one C{write};
  - when the transport's buffer fills, it calls L{pauseProducing}: the
    subscriber tells the hub (L{HubSubscription.pause}) and from then on
-   I{queues} what it is given.  The hub pauses the upstream read only when
-   every subscriber of the stream is paused, so a slow client costs the
-   others nothing;
- - L{resumeProducing} writes the queue out in slices of about
+   I{queues} what it is given: references to the shared frames, never
+   copies.  The hub pauses the upstream read only when every subscriber of
+   the stream is paused, so a slow client costs the others nothing;
+ - L{resumeProducing} writes the queue out in slices of at most
    L{FLUSH_BYTES}, stopping as soon as the transport pushes back again,
-   and resumes the hub subscription once the queue is empty;
+   and resumes the hub subscription once the queue is empty.  A frame
+   larger than a slice is written a slice at a time: the transport (which
+   copies what it buffers) never holds more of it than one slice beyond
+   its own buffer size, so a large message replayed to many streams that
+   do not read stays one shared copy in memory;
  - a subscriber whose queue holds more than C{subscriber-queue} messages
-   is not slowing the stream down but falling behind it for good: it is
-   cut with a reason that names its last delivered position (SSE
-   C{event: error}, WebSocket close 1013), and the client resumes from
-   there on a new connection.  Nothing is lost, because what was queued
-   was never written: the position the client holds is the last one that
-   reached its transport.
+   or C{subscriber-queue-bytes} bytes is not slowing the stream down but
+   falling behind it for good: it is cut with a reason that names its last
+   delivered position (SSE C{event: error}, WebSocket close 1013), and the
+   client resumes from there on a new connection.  Nothing is lost, because
+   what was queued was never written: the position the client holds is
+   the last one that reached its transport;
+ - the node as a whole holds at most C{max-queued-bytes} of queued frames
+   (L{QueueLedger}, counting a frame shared by several queues once, as it
+   is in memory).  Past that, the subscribers with the most bytes queued
+   are cut first (counted as shed), the same way, until the node is back
+   under the bound: those are the clients that pin the most memory and are
+   the furthest from catching up.
 
 Fairness between subscribers is the hub's order of delivery; the queue only
 bounds how far one subscriber may lag before it is cut.
@@ -43,15 +60,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from evgate.config import ApiContext, SectionReader, apiOptionParser
+from evgate.config import ApiContext, SectionReader, apiOptionParser, gatewayKeys
 from evgate.hub import Event, HubSubscription
-from evgate.interfaces import ISubscriber
+from evgate.interfaces import IStreamFramer, ISubscriber
 from evgate.message import Cursor
 from evgate.security.limits import meterFor
 
-# How much of a queue one write carries when it drains: a slice a transport
-# takes in one go without holding a second copy of a long queue in memory.
-FLUSH_BYTES = 256 * 1024
+# The most one write carries: a slice a transport takes in one go.  Twisted
+# pauses its producer once it buffers more than 64 KiB, so a stream that
+# stops reading holds at most about this much beyond that in its transport.
+FLUSH_BYTES = 64 * 1024
 
 DEFAULT_HEARTBEAT = 15.0
 
@@ -60,8 +78,54 @@ DEFAULT_HEARTBEAT = 15.0
 THROTTLE_MAX = 60.0
 DEFAULT_SSE_RETRY = 3000
 
+DEFAULT_QUEUE_BYTES = 8 * 1024 * 1024
+DEFAULT_MAX_QUEUED_BYTES = 256 * 1024 * 1024
+
 # Queue entry kinds.
 MESSAGE, ADVANCE, NOTICE = "message", "advance", "notice"
+
+
+@gatewayKeys
+def parseStreamQueueKeys(section: SectionReader) -> Mapping[str, Any]:
+    """
+    C{subscriber-queue-bytes} (bytes one stream may queue) and
+    C{max-queued-bytes} (bytes every stream of the node may queue in all).
+    """
+    return {
+        "subscriberQueueBytes": section.getInt("subscriber-queue-bytes", DEFAULT_QUEUE_BYTES, minimum=1024,
+                                               maximum=2**40),
+        "maxQueuedBytes": section.getInt("max-queued-bytes", DEFAULT_MAX_QUEUED_BYTES, minimum=1024,
+                                         maximum=2**44),
+    }
+
+
+class Goodbye:
+    """
+    Why the gateway ends a stream, for its framer to tell the client.
+
+    @ivar kind: one of the constants of this class.
+    @ivar detail: for L{TOO_SLOW} and L{SHED}, how far behind the client
+        is (e.g. C{"more than 1000 messages behind"}).
+    @ivar failure: for L{FAILED}, the upstream's failure.
+    @ivar retryAfter: for L{QUOTA}, seconds until the budget allows more.
+    @ivar midFrame: a frame is half written; nothing may follow it.
+    """
+
+    TOO_SLOW = "too-slow"
+    SHED = "shed"
+    FAILED = "failed"
+    EXPIRED = "expired"
+    QUOTA = "quota"
+    STOPPING = "stopping"
+    MAX_DURATION = "max-duration"
+
+    def __init__(self, kind: str, detail: str = "", failure: Optional[Failure] = None,
+                 retryAfter: float = 0.0) -> None:
+        self.kind = kind
+        self.detail = detail
+        self.failure = failure
+        self.retryAfter = retryAfter
+        self.midFrame = False
 
 
 class QueueEntry:
@@ -74,37 +138,136 @@ class QueueEntry:
 
     __slots__ = ("frame", "cursor", "kind", "size")
 
-    def __init__(self, frame: Any, cursor: Optional[Cursor], kind: str, size: int) -> None:
+    def __init__(self, frame: bytes, cursor: Optional[Cursor], kind: str, size: int) -> None:
         self.frame = frame
         self.cursor = cursor
         self.kind = kind
         self.size = size
 
 
+class QueueLedger:
+    """
+    The bytes of frames queued by every stream of a node, each frame
+    counted once however many queues hold it (they hold the same object),
+    and the streams holding them, to shed the slowest when there are too
+    many.
+
+    @ivar limit: C{max-queued-bytes}.
+    @ivar total: bytes of distinct frames queued now.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self.holders: Dict[int, List[int]] = {}
+        self.members: Set["StreamSubscriber"] = set()
+        self.shedding = False
+
+    def hold(self, subscriber: "StreamSubscriber", entries: List[QueueEntry]) -> None:
+        """
+        C{subscriber} queued C{entries}.
+        """
+        holders = self.holders
+        for entry in entries:
+            key = id(entry.frame)
+            held = holders.get(key)
+            if held is None:
+                holders[key] = [entry.size, 1]
+                self.total += entry.size
+            else:
+                held[1] += 1
+        self.members.add(subscriber)
+
+    def release(self, entry: QueueEntry) -> None:
+        """
+        One queue let go of C{entry} (written or dropped).
+        """
+        key = id(entry.frame)
+        held = self.holders.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] <= 0:
+            del self.holders[key]
+            self.total -= held[0]
+
+    def leave(self, subscriber: "StreamSubscriber", entries: Any) -> None:
+        """
+        C{subscriber} dropped its queue, C{entries}.
+        """
+        for entry in entries:
+            self.release(entry)
+        self.members.discard(subscriber)
+
+    def shedIfOver(self) -> None:
+        """
+        While the node holds more than L{limit}, cut the stream with the
+        most bytes queued.
+        """
+        if self.shedding or self.total <= self.limit:
+            return
+        self.shedding = True
+        try:
+            while self.total > self.limit and self.members:
+                slowest = max(self.members, key=lambda s: s.queuedBytes)
+                if slowest.queuedBytes == 0:
+                    break
+                slowest.shed()
+                self.members.discard(slowest)
+        finally:
+            self.shedding = False
+
+
+def ledgerFor(api: Any) -> QueueLedger:
+    """
+    The node's L{QueueLedger} (kept on its hub), its limit as configured
+    now.
+    """
+    hub = api.hub
+    options = api.node.settings.options or {}
+    limit = options.get("maxQueuedBytes", DEFAULT_MAX_QUEUED_BYTES)
+    ledger: Optional[QueueLedger] = getattr(hub, "streamQueues", None)
+    if ledger is None:
+        ledger = hub.streamQueues = QueueLedger(limit)
+    ledger.limit = limit
+    return ledger
+
+
 @implementer(ISubscriber, IPushProducer)
 class StreamSubscriber:
     """
-    A long-lived subscriber on one connection.  Subclasses say how frames
-    are encoded and written (L{encode}, L{writeFrames}) and how the stream
-    ends (L{streamOpened}, L{closeTooSlow}, L{streamFailed}, L{shutdown}).
+    A long-lived subscriber on one connection, written through its
+    L{IStreamFramer}.
 
     @ivar written: the position of the last frame that reached the
         transport: where the client resumes if the stream ends now.
+    @ivar queuedBytes: bytes of frames waiting (what the head frame has
+        left to write, for one written in slices).
     """
 
     log = Logger()
 
-    def __init__(self, call: Any, entrypoint: Any, heartbeat: float = 0.0) -> None:
+    def __init__(self, call: Any, entrypoint: Any, framer: IStreamFramer, heartbeat: float = 0.0,
+                 maxDuration: float = 0.0) -> None:
         api = call.api
         self.call = call
         self.api = api
         self.entrypoint = entrypoint
+        self.framer = framer
         self.reactor = api.node.reactor
         self.tag: bytes = api.tag
         self.queueLimit: int = api.node.settings.subscriberQueue
+        options = api.node.settings.options or {}
+        self.queueBytesLimit: int = options.get("subscriberQueueBytes", DEFAULT_QUEUE_BYTES)
+        self.ledger = ledgerFor(api)
         self.heartbeat = heartbeat
+        self.maxDuration = maxDuration
         self.queue: Deque[QueueEntry] = deque()
         self.queuedMessages = 0
+        self.queuedBytes = 0
+        # Bytes of the head entry already written (a large frame goes out
+        # a slice at a time).
+        self.headSent = 0
         self.paused = False
         self.closed = False
         self.opened = False
@@ -114,8 +277,10 @@ class StreamSubscriber:
         self.openedAt = self.lastWrite
         self._timers: Dict[str, Any] = {}
         # Counted per batch (evgate.metrics): messages handed to this
-        # stream, and its entrypoint's tally.
+        # stream, and its entrypoint's tally; bytes for the access log.
         self.sent = 0
+        self.bytesOut = 0
+        self.received = 0
         self.tally = entrypoint.tally
         # The consumer's message budget (rate-limit / quota), if its plan
         # has one: a stream over it holds its messages back (throttled)
@@ -155,7 +320,7 @@ class StreamSubscriber:
     def end(self) -> None:
         """
         Forget the stream: detach from the hub, drop the queue and the
-        timers.  Idempotent; the subclass closes its transport itself.
+        timers.  Idempotent; the framer closes the connection itself.
         """
         if self.closed:
             return
@@ -164,46 +329,108 @@ class StreamSubscriber:
             if timer.active():
                 timer.cancel()
         self._timers.clear()
-        self.queue.clear()
-        self.queuedMessages = 0
+        self._dropQueue()
         if self.subscription is not None:
             self.subscription.close()
         self.entrypoint.live.discard(self)
+
+    def goodbye(self, reason: Goodbye) -> None:
+        """
+        End the stream and tell the client why, through the framer.
+        """
+        if self.closed:
+            return
+        if self.headSent and self.queue:
+            if reason.kind in (Goodbye.TOO_SLOW, Goodbye.SHED):
+                # The client is not reading: finishing the frame would only
+                # buffer the rest of it.  It resumes from its last whole frame.
+                reason.midFrame = True
+            else:
+                entry = self.queue[0]
+                rest = entry.frame[self.headSent:]
+                if entry.cursor is not None:
+                    self.written = entry.cursor
+                self.headSent = 0
+                self._emit(rest)
+        cursor = self.written
+        self.end()
+        self.framer.goodbye(reason, cursor)
+
+    def shutdown(self) -> None:
+        """
+        Close the connection because the gateway is stopping.
+        """
+        self.goodbye(Goodbye(Goodbye.STOPPING))
+
+    def credentialsExpired(self) -> None:
+        """
+        Close the connection because the caller's credentials expired or
+        were revoked.
+        """
+        self.goodbye(Goodbye(Goodbye.EXPIRED))
+
+    def shed(self) -> None:
+        """
+        Cut this stream because the node holds more than max-queued-bytes
+        and this one has the most queued.
+        """
+        self.log.info("{api}: shedding subscriber {consumer} with {size} bytes queued (max-queued-bytes)",
+                      api=self.api.name, consumer=self.call.consumer.id, size=self.queuedBytes)
+        self.tally.shed += 1
+        self._cut(Goodbye.SHED, f"among the furthest behind when the gateway held more than "
+                  f"max-queued-bytes ({self.ledger.limit} bytes)")
 
     # ISubscriber
 
     def started(self, cursor: Cursor) -> None:
         if self.closed:
             return
-        self.opened = True
         self.written = cursor
         self.lastWrite = self.reactor.seconds()
+        if not self.framer.open(self, cursor):
+            self.end()
+            return
+        self.opened = True
         if self.heartbeat > 0:
             self.later("heartbeat", self.heartbeat, self._beat)
-        self.streamOpened(cursor)
+        if self.maxDuration > 0:
+            self.later("max-duration", self.maxDuration, lambda: self.goodbye(Goodbye(Goodbye.MAX_DURATION)))
 
     def deliver(self, events: List[Event]) -> None:
         if self.closed:
             return
-        self.sent += len(events)
-        self.tally.messagesOut += len(events)
-        entries = []
-        for event in events:
-            frame = self.encode(event)
-            entries.append(QueueEntry(frame, event.cursor, MESSAGE, self.frameSize(frame)))
-        self.push(entries)
+        count = len(events)
+        self.sent += count
+        self.tally.messagesOut += count
+        encode = self.framer.event
+        frames = [encode(event) for event in events]
+        if not (self.paused or self.throttled or self.queue or self.meter is not None):
+            # The common case, without a queue entry per message.
+            data = frames[0] if count == 1 else None
+            size = len(data) if data is not None else sum(map(len, frames))
+            if size <= FLUSH_BYTES:
+                self.written = events[-1].cursor
+                self._emit(data if data is not None else b"".join(frames))
+                return
+        self.push([QueueEntry(frame, event.cursor, MESSAGE, len(frame))
+                   for frame, event in zip(frames, events, strict=True)])
 
     def advanced(self, cursor: Cursor) -> None:
         if self.closed:
             return
-        frame = self.advanceFrame(cursor)
+        frame = self.framer.advance(cursor)
         if frame is None:
             return
         entry = QueueEntry(frame, cursor, ADVANCE, len(frame))
-        if self.queue and self.queue[-1].kind == ADVANCE:
+        queue = self.queue
+        if queue and queue[-1].kind == ADVANCE and (len(queue) > 1 or not self.headSent):
             # Only the latest position matters to a client that has not
             # seen the earlier ones yet.
-            self.queue[-1] = entry
+            old = queue[-1]
+            queue[-1] = entry
+            self.queuedBytes += entry.size - old.size
+            self.ledger.release(old)
+            self.ledger.hold(self, [entry])
             return
         self.push([entry])
 
@@ -212,99 +439,173 @@ class StreamSubscriber:
             return
         self.log.info("{api}: gap in {topic}, resuming at {cursor}: {reason}", api=self.api.name,
                       topic=self.api.config.topic, cursor=cursor.encode(self.tag), reason=reason)
-        frame = self.gapFrame(cursor, reason)
+        frame = self.framer.gap(cursor, reason)
         if frame is not None:
-            self.push([QueueEntry(frame, cursor, NOTICE, self.frameSize(frame))])
+            self.push([QueueEntry(frame, cursor, NOTICE, len(frame))])
 
     def failed(self, reason: Failure) -> None:
         if self.closed:
             return
         self.log.info("{api}: upstream of {topic} failed: {reason}", api=self.api.name,
                       topic=self.api.config.topic, reason=reason.getErrorMessage())
-        self.streamFailed(reason)
-        self.end()
+        self.goodbye(Goodbye(Goodbye.FAILED, failure=reason))
 
     # the outbound queue
 
     def push(self, entries: List[QueueEntry]) -> None:
         """
-        Write C{entries} now, or queue them behind what waits already.
+        Queue C{entries} behind what waits already, and write what the
+        transport takes now.
         """
-        if self.paused or self.throttled or self.queue:
-            self.queue.extend(entries)
-            self.queuedMessages += sum(1 for e in entries if e.kind == MESSAGE)
-            if self.queuedMessages > self.queueLimit:
-                self._tooSlow()
+        self.queue.extend(entries)
+        size = 0
+        for entry in entries:
+            size += entry.size
+            if entry.kind == MESSAGE:
+                self.queuedMessages += 1
+        self.queuedBytes += size
+        self.ledger.hold(self, entries)
+        if not (self.paused or self.throttled):
+            self._drain()
+        if self.closed:
             return
-        entries = self._metered(entries)
-        if entries:
-            self._write(entries)
         if self.queuedMessages > self.queueLimit:
-            self._tooSlow()
+            self._cut(Goodbye.TOO_SLOW, f"more than {self.queueLimit} messages behind")
+        elif self.queuedBytes > self.queueBytesLimit:
+            self._cut(Goodbye.TOO_SLOW, f"more than {self.queueBytesLimit} bytes behind")
+        else:
+            self.ledger.shedIfOver()
 
-    def _metered(self, entries: List[QueueEntry]) -> List[QueueEntry]:
+    def _drain(self) -> None:
+        # Write the queue while the transport takes it: whole frames up to
+        # FLUSH_BYTES in one write, a larger frame a slice at a time.
+        queue = self.queue
+        while queue and not (self.paused or self.throttled or self.closed):
+            if self.headSent:
+                entry = queue[0]
+                start = self.headSent
+                end = min(entry.size, start + FLUSH_BYTES)
+                self.queuedBytes -= end - start
+                if end == entry.size:
+                    self._popHead()
+                    if entry.cursor is not None:
+                        self.written = entry.cursor
+                else:
+                    self.headSent = end
+                self._emit(entry.frame[start:end])
+                continue
+            batch: List[QueueEntry] = []
+            size = 0
+            for entry in queue:
+                if batch and size + entry.size > FLUSH_BYTES:
+                    break
+                batch.append(entry)
+                size += entry.size
+                if size >= FLUSH_BYTES:
+                    break
+            granted = self._metered(batch)
+            if self.closed or granted == 0:
+                return
+            if granted < len(batch):
+                batch = batch[:granted]
+                size = sum(e.size for e in batch)
+            if size > FLUSH_BYTES:
+                # One frame larger than a slice: its first slice.
+                entry = batch[0]
+                self.headSent = FLUSH_BYTES
+                self.queuedBytes -= FLUSH_BYTES
+                self._emit(entry.frame[:FLUSH_BYTES])
+                continue
+            for _ in batch:
+                self._popHead()
+            self.queuedBytes -= size
+            for entry in reversed(batch):
+                if entry.cursor is not None:
+                    self.written = entry.cursor
+                    break
+            self._emit(batch[0].frame if len(batch) == 1 else b"".join([e.frame for e in batch]))
+        if not queue:
+            self.ledger.members.discard(self)
+        if not (self.paused or self.throttled or self.closed) and self.subscription is not None:
+            self.subscription.resume()
+
+    def _popHead(self) -> None:
+        entry = self.queue.popleft()
+        self.headSent = 0
+        if entry.kind == MESSAGE:
+            self.queuedMessages -= 1
+        self.ledger.release(entry)
+
+    def _dropQueue(self) -> None:
+        self.ledger.leave(self, self.queue)
+        self.queue.clear()
+        self.queuedMessages = 0
+        self.queuedBytes = 0
+        self.headSent = 0
+
+    def _emit(self, data: bytes) -> None:
+        size = len(data)
+        self.bytesOut += size
+        self.tally.bytesOut += size
+        self.lastWrite = self.reactor.seconds()
+        self.framer.write(data)
+
+    def _metered(self, batch: List[QueueEntry]) -> int:
         """
-        The head of C{entries} the consumer's message budget lets out now;
-        the rest goes (back) to the front of the queue and the stream is
-        throttled until the budget allows more, or ends when that is more
-        than L{THROTTLE_MAX} seconds away (a quota).
+        How many entries at the head of C{batch} the consumer's message
+        budget lets out now; when not all, the stream is throttled until
+        the budget allows more, or ends when that is more than
+        L{THROTTLE_MAX} seconds away (a quota).
         """
         if self.meter is None:
-            return entries
-        count = sum(1 for e in entries if e.kind == MESSAGE)
+            return len(batch)
+        count = sum(1 for e in batch if e.kind == MESSAGE)
         if count == 0:
-            return entries
+            return len(batch)
         granted, wait = self.meter.take(count)
         if granted == count:
-            return entries
-        cut, seen = len(entries), 0
-        for index, entry in enumerate(entries):
+            return len(batch)
+        cut, seen = len(batch), 0
+        for index, entry in enumerate(batch):
             if entry.kind == MESSAGE:
                 if seen == granted:
                     cut = index
                     break
                 seen += 1
-        head, rest = entries[:cut], entries[cut:]
+        if cut:
+            # What the budget grants goes out now; the rest waits its turn.
+            self._writeGranted(batch[:cut])
         if wait > THROTTLE_MAX:
-            if head:
-                self._write(head)
             self.log.info("{api}: {consumer} used up its messages; ending its stream for {wait:.0f} s",
                           api=self.api.name, consumer=self.call.consumer.id, wait=wait)
-            self.queue.clear()
-            self.queuedMessages = 0
-            self.limitReached(wait)
-            self.end()
-            return []
-        # Behind whatever already waits when this came from the queue.
-        self.queue.extendleft(reversed(rest))
-        self.queuedMessages += sum(1 for e in rest if e.kind == MESSAGE)
+            self.goodbye(Goodbye(Goodbye.QUOTA, retryAfter=wait))
+            return 0
         self.throttled = True
         if self.subscription is not None:
             self.subscription.pause()
         self.later("throttle", wait, self._unthrottle)
-        return head
+        return 0
+
+    def _writeGranted(self, head: List[QueueEntry]) -> None:
+        for _ in head:
+            self._popHead()
+        self.queuedBytes -= sum(e.size for e in head)
+        for entry in reversed(head):
+            if entry.cursor is not None:
+                self.written = entry.cursor
+                break
+        self._emit(head[0].frame if len(head) == 1 else b"".join([e.frame for e in head]))
 
     def _unthrottle(self) -> None:
         self.throttled = False
         if not self.paused:
             self.resumeProducing()
 
-    def _write(self, entries: List[QueueEntry]) -> None:
-        for entry in reversed(entries):
-            if entry.cursor is not None:
-                self.written = entry.cursor
-                break
-        self.lastWrite = self.reactor.seconds()
-        self.writeFrames([e.frame for e in entries])
-
-    def _tooSlow(self) -> None:
-        self.log.info("{api}: subscriber {consumer} fell {count} messages behind; closing it",
-                      api=self.api.name, consumer=self.call.consumer.id, count=self.queuedMessages)
+    def _cut(self, kind: str, detail: str) -> None:
+        self.log.info("{api}: subscriber {consumer} fell {detail}; closing it",
+                      api=self.api.name, consumer=self.call.consumer.id, detail=detail)
         self.tally.dropped += self.queuedMessages
-        self.queue.clear()
-        self.queuedMessages = 0
-        self.closeTooSlow()
-        self.end()
+        self.goodbye(Goodbye(kind, detail))
 
     def _beat(self) -> None:
         idle = self.reactor.seconds() - self.lastWrite
@@ -312,8 +613,10 @@ class StreamSubscriber:
             # A paused transport is full already; a heartbeat would only
             # queue behind the data that proves the stream is alive.
             if not self.paused and not self.queue:
-                self.lastWrite = self.reactor.seconds()
-                self.writeFrames([self.heartbeatFrame()])
+                frame = self.framer.heartbeat()
+                if frame is not None:
+                    self.lastWrite = self.reactor.seconds()
+                    self.framer.write(frame)
             delay = self.heartbeat
         else:
             delay = self.heartbeat - idle
@@ -332,98 +635,10 @@ class StreamSubscriber:
         if self.closed:
             return
         self.paused = False
-        while self.queue and not self.paused and not self.throttled and not self.closed:
-            batch: List[QueueEntry] = []
-            size = 0
-            while self.queue and size < FLUSH_BYTES:
-                entry = self.queue.popleft()
-                if entry.kind == MESSAGE:
-                    self.queuedMessages -= 1
-                batch.append(entry)
-                size += entry.size
-            batch = self._metered(batch)
-            if batch:
-                self._write(batch)
-        if not self.paused and not self.throttled and not self.closed and self.subscription is not None:
-            self.subscription.resume()
+        self._drain()
 
     def stopProducing(self) -> None:
         self.end()
-
-    # what subclasses provide
-
-    def encode(self, event: Event) -> Any:
-        """
-        The frame of C{event}, computed once per message and format.
-        """
-        raise NotImplementedError
-
-    def frameSize(self, frame: Any) -> int:
-        """
-        The size in bytes of C{frame}.
-        """
-        return len(frame)
-
-    def writeFrames(self, frames: List[Any]) -> None:
-        """
-        Write C{frames} to the transport, in one write where possible.
-        """
-        raise NotImplementedError
-
-    def advanceFrame(self, cursor: Cursor) -> Any:
-        """
-        A frame that moves the client's position to C{cursor} without a
-        message, or L{None} when the protocol has none.
-        """
-        return None
-
-    def gapFrame(self, cursor: Cursor, reason: str) -> Any:
-        """
-        A frame telling the client about a gap, or L{None}.
-        """
-        return None
-
-    def heartbeatFrame(self) -> Any:
-        """
-        A frame that carries nothing but proves the stream alive.
-        """
-        raise NotImplementedError
-
-    def streamOpened(self, cursor: Cursor) -> None:
-        """
-        The subscription starts at C{cursor}: answer the client.
-        """
-
-    def closeTooSlow(self) -> None:
-        """
-        Close the connection because the client fell too far behind.
-        """
-        raise NotImplementedError
-
-    def streamFailed(self, reason: Failure) -> None:
-        """
-        Close the connection because the upstream failed.
-        """
-        raise NotImplementedError
-
-    def credentialsExpired(self) -> None:
-        """
-        Close the connection because the caller's credentials expired.
-        """
-        raise NotImplementedError
-
-    def shutdown(self) -> None:
-        """
-        Close the connection because the gateway is stopping.
-        """
-        raise NotImplementedError
-
-    def limitReached(self, retryAfter: float) -> None:
-        """
-        Close the connection because the consumer used up its messages for
-        the next C{retryAfter} seconds (a quota).
-        """
-        raise NotImplementedError
 
 
 def stopAll(live: Set[StreamSubscriber]) -> None:

@@ -47,17 +47,17 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from evgate import jsonlimits
 from evgate.directwrite import boundSendBuffer, writeNow
 from evgate.entrypoints.http_get import requestCursor
-from evgate.entrypoints.streaming import StreamSubscriber, stopAll
+from evgate.entrypoints.streaming import Goodbye, StreamSubscriber, stopAll
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, Forbidden, Problem
 from evgate.filters import filterFor
 from evgate.gateway import ApiCall, writeProblem
 from evgate.hub import Event
-from evgate.interfaces import IStreamingEntrypoint
+from evgate.interfaces import IStreamFramer, IStreamingEntrypoint
 from evgate.message import Cursor, Draft, Position, envelopeJSON
 from evgate.metrics import tallyFor
+from evgate.twistedprivate import autobahnWritesPlainFrames, bindAutobahnTimers, countAutobahnOctets
 
 SUBPROTOCOL = "evgate.json"
 
@@ -106,9 +106,7 @@ def parseJsonFrame(payload: bytes, maxBytes: int) -> Tuple[Draft, Any]:
     @raise FrameTooBig: for content larger than C{maxBytes}.
     """
     try:
-        document = jsonlimits.loads(payload)
-    except jsonlimits.JsonLimitError as e:
-        raise BadRequest(f"an evgate.json frame is refused: {e}") from None
+        document = json.loads(payload)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("an evgate.json frame is one JSON object: "
                          '{"key": ..., "headers": {...}, "content": "..."}') from None
@@ -146,52 +144,46 @@ def parseJsonFrame(payload: bytes, maxBytes: int) -> Tuple[Draft, Any]:
     return Draft(content=raw, key=key, headers=tuple(headers.items())), ref
 
 
-class WebSocketSubscriber(StreamSubscriber):
+@implementer(IStreamFramer)
+class WebSocketFramer:
     """
-    The hub side of one WebSocket: an L{ISubscriber} for the hub and an
-    L{IPushProducer} for the connection's transport.
+    How a stream goes on a WebSocket: one frame per message (text for
+    UTF-8 content, binary otherwise; a JSON document each under
+    C{evgate.json}), gap documents under C{evgate.json}, close codes for
+    goodbyes.  Frames are complete, unmasked WebSocket frames (the gateway
+    never negotiates per-message compression), so a batch is one write.
     """
 
-    log = Logger()
-
-    def __init__(self, protocol: "GatewayWebSocketProtocol", call: ApiCall,
-                 entrypoint: "WebSocketEntrypoint", json: bool) -> None:
-        # autobahn pings (autoPingInterval) keep this stream alive; no
-        # heartbeat of our own.
-        super().__init__(call, entrypoint, heartbeat=0.0)
+    def __init__(self, protocol: "GatewayWebSocketProtocol", tag: bytes, json: bool) -> None:
         self.protocol = protocol
+        self.tag = tag
         self.json = json
-        # For the access log's line when the connection closes.
-        self.bytesOut = 0
-        self.received = 0
 
     def _open(self) -> bool:
-        return not self.closed and self.protocol.state == WebSocketProtocol.STATE_OPEN
+        return bool(self.protocol.state == WebSocketProtocol.STATE_OPEN)
 
-    def close(self, code: int, reason: str) -> None:
-        """
-        End the stream and start the closing handshake.
-        """
-        self.end()
-        self.protocol.closeWith(code, reason)
+    def _frame(self, payload: bytes, binary: bool = False) -> bytes:
+        prepared: Any = self.protocol.factory.prepareMessage(payload, binary, True)
+        return prepared.payloadHybi  # type: ignore[no-any-return]
 
-    # StreamSubscriber
+    # IStreamFramer
 
-    def streamOpened(self, cursor: Cursor) -> None:
+    def open(self, producer: Any, cursor: Cursor) -> bool:
+        # The protocol registered the producer when the socket opened.
         if self.json and self._open():
             self.protocol.sendMessage(_jsonFrame({"subscribed": {"cursor": cursor.encode(self.tag)}}))
+        return True
 
-    def encode(self, event: Event) -> Any:
-        factory = self.protocol.factory
+    def event(self, event: Event) -> bytes:
+        frames = event.frames
         if self.json:
             key: Tuple[Any, ...] = ("ws", "json", self.tag)
-            frame = event.frames.get(key)
+            frame = frames.get(key)
             if frame is None:
-                payload = envelopeJSON(event.message, event.token(self.tag))
-                frame = event.frames[key] = factory.prepareMessage(payload, False, True)
-            return frame
+                frame = frames[key] = self._frame(envelopeJSON(event.message, event.token(self.tag)))
+            return frame  # type: ignore[no-any-return]
         key = ("ws", "raw")
-        frame = event.frames.get(key)
+        frame = frames.get(key)
         if frame is None:
             content = event.message.content
             try:
@@ -199,60 +191,58 @@ class WebSocketSubscriber(StreamSubscriber):
                 binary = False
             except UnicodeDecodeError:
                 binary = True
-            frame = event.frames[key] = factory.prepareMessage(content, binary, True)
-        return frame
+            frame = frames[key] = self._frame(content, binary)
+        return frame  # type: ignore[no-any-return]
 
-    def frameSize(self, frame: Any) -> int:
-        return len(frame.payloadHybi)
+    def advance(self, cursor: Cursor) -> None:
+        return None
 
-    def writeFrames(self, frames: List[Any]) -> None:
-        if not self._open():
-            return
-        # Prepared frames are complete WebSocket frames: a batch goes out in
-        # one write, as long as no per-message compression was negotiated
-        # (the gateway does not offer it).
-        protocol = self.protocol
-        if protocol._perMessageCompress is None:
-            data = frames[0].payloadHybi if len(frames) == 1 else b"".join(f.payloadHybi for f in frames)
-            self.bytesOut += len(data)
-            self.tally.bytesOut += len(data)
-            if protocol.send_queue or getattr(protocol, "logOctets", False):
-                protocol.sendData(data)
-            else:
-                # What sendData does, with the bytes sent at once when the
-                # socket can take them (evgate.directwrite).
-                writeNow(protocol.transport, data)
-                protocol.trafficStats.outgoingOctetsWireLevel += len(data)
-        else:  # pragma: no cover - compression is never accepted
-            for frame in frames:
-                self.protocol.sendPreparedMessage(frame)
-
-    def gapFrame(self, cursor: Cursor, reason: str) -> Any:
+    def gap(self, cursor: Cursor, reason: str) -> Optional[bytes]:
         if not self.json:
             # Without evgate.json there is no frame a client could tell
             # from a message; such clients cannot resume either.
             return None
-        payload = _jsonFrame({"gap": {"detail": reason, "cursor": cursor.encode(self.tag)}})
-        return self.protocol.factory.prepareMessage(payload, False, True)
+        return self._frame(_jsonFrame({"gap": {"detail": reason, "cursor": cursor.encode(self.tag)}}))
 
-    def closeTooSlow(self) -> None:
-        self.close(CLOSE_TRY_AGAIN, f"too slow: more than {self.queueLimit} messages behind; "
-                   "reconnect with the last id")
+    def heartbeat(self) -> None:
+        # autobahn's pings (autoPingInterval) keep the connection alive.
+        return None
 
-    def streamFailed(self, reason: Failure) -> None:
-        if reason.check(EndpointUnavailable, EndpointTimeout):
-            self.close(CLOSE_TRY_AGAIN, "the endpoint is unavailable; reconnect later")
+    def write(self, data: bytes) -> None:
+        if not self._open():
+            return
+        protocol = self.protocol
+        if autobahnWritesPlainFrames(protocol):
+            # What sendData does, with the bytes sent at once when the
+            # socket can take them (evgate.directwrite).
+            writeNow(protocol.transport, data)
+            countAutobahnOctets(protocol, len(data))
         else:
-            self.close(CLOSE_SERVER_ERROR, "the upstream subscription failed")
+            protocol.sendData(data)
 
-    def credentialsExpired(self) -> None:
-        self.close(CLOSE_POLICY, "the credentials expired")
-
-    def limitReached(self, retryAfter: float) -> None:
-        self.close(CLOSE_TRY_AGAIN, f"message quota used up; reconnect in {math.ceil(retryAfter)} s")
-
-    def shutdown(self) -> None:
-        self.close(CLOSE_TRY_AGAIN, "the gateway is stopping; reconnect")
+    def goodbye(self, reason: Goodbye, cursor: Optional[Cursor]) -> None:
+        kind = reason.kind
+        if reason.midFrame:
+            # Half a frame is on the wire: a close frame cannot follow it.
+            transport: Any = self.protocol.transport
+            if transport is not None:
+                transport.abortConnection()
+            return
+        if kind in (Goodbye.TOO_SLOW, Goodbye.SHED):
+            self.protocol.closeWith(CLOSE_TRY_AGAIN, f"too slow: {reason.detail}; reconnect with the last id")
+        elif kind == Goodbye.FAILED:
+            failure = reason.failure
+            if failure is not None and failure.check(EndpointUnavailable, EndpointTimeout):
+                self.protocol.closeWith(CLOSE_TRY_AGAIN, "the endpoint is unavailable; reconnect later")
+            else:
+                self.protocol.closeWith(CLOSE_SERVER_ERROR, "the upstream subscription failed")
+        elif kind == Goodbye.EXPIRED:
+            self.protocol.closeWith(CLOSE_POLICY, "the credentials expired")
+        elif kind == Goodbye.QUOTA:
+            self.protocol.closeWith(CLOSE_TRY_AGAIN,
+                                    f"message quota used up; reconnect in {math.ceil(reason.retryAfter)} s")
+        else:
+            self.protocol.closeWith(CLOSE_TRY_AGAIN, "the gateway is stopping; reconnect")
 
 
 @dataclass
@@ -277,7 +267,7 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
     gatewayLog = Logger()
 
     handoff: Optional[Handoff] = None
-    subscriber: Optional[WebSocketSubscriber] = None
+    subscriber: Optional[StreamSubscriber] = None
     json = False
 
     def onConnect(self, request: Any) -> Optional[str]:
@@ -300,8 +290,8 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         self.handoff = None
         self.call = handoff.call
         boundSendBuffer(self.transport)
-        subscriber = self.subscriber = WebSocketSubscriber(self, handoff.call, self.factory.entrypoint,
-                                                           self.json)
+        framer = WebSocketFramer(self, handoff.call.api.tag, self.json)
+        subscriber = self.subscriber = StreamSubscriber(handoff.call, self.factory.entrypoint, framer)
         # The HTTP channel registered itself as the transport's producer
         # before autobahn took the transport over; the stream is the
         # producer now, so that a full socket pauses its subscription.
@@ -342,15 +332,14 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         if not api.config.options.get("websocketPublish", True):
             problem = Forbidden(f"the WebSocket of API {api.name} is subscribe-only")
             if self.json:
-                self.sendMessage(_jsonFrame(errorDocument(problem)))
+                self.refuse(problem, None)
             else:
                 self.closeWith(CLOSE_POLICY, problem.detail)
             return
         ref = None
         if self.json:
             if isBinary:
-                self.sendMessage(_jsonFrame(errorDocument(BadRequest(
-                    "evgate.json frames are text frames holding one JSON object"))))
+                self.refuse(BadRequest("evgate.json frames are text frames holding one JSON object"), None)
                 return
             try:
                 draft, ref = parseJsonFrame(payload, entrypoint.maxBytes)
@@ -358,11 +347,20 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
                 self.closeWith(CLOSE_TOO_BIG, str(e))
                 return
             except Problem as problem:
-                self.sendMessage(_jsonFrame(errorDocument(problem, _refOf(payload))))
+                self.refuse(problem, _refOf(payload))
                 return
         else:
             draft = Draft(content=payload)
         self.publish(draft, ref)
+
+    def refuse(self, problem: Problem, ref: Any) -> None:
+        """
+        Answer a frame that cannot be published with C{problem}, in its
+        turn: after the answers of every earlier frame still waiting for
+        the broker (evgate.json answers are in frame order, always).
+        """
+        self.pending.append([Failure(problem), ref])
+        self._answer()
 
     def publish(self, draft: Draft, ref: Any) -> None:
         """
@@ -376,9 +374,9 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         connector: Any = api.connector
         reactor = api.node.reactor
         started = reactor.seconds()
+        # The connector owns the timeout (IConnector.publish): an
+        # EndpointTimeout comes back as this frame's answer, in its turn.
         d: Deferred = connector.publish(api.config.topic, draft, timeout)
-        if not d.called:
-            d.addTimeout(timeout, reactor, onTimeoutCancel=_timedOut(timeout))
 
         def settled(result: Any) -> None:
             slot[0] = result
@@ -433,48 +431,11 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
 def _refOf(payload: bytes) -> Any:
     # The ref of a frame that was refused, when it is readable at all.
     try:
-        document = jsonlimits.loads(payload)
+        document = json.loads(payload)
     except (ValueError, UnicodeDecodeError):
         return None
     return document.get("ref") if isinstance(document, dict) else None
 
-
-def _timedOut(seconds: float) -> Any:
-    def onTimeout(result: Any, timeout: float) -> Any:
-        raise EndpointTimeout(f"the endpoint did not acknowledge within {seconds:g} s; "
-                              "the message may or may not have been stored")
-    return onTimeout
-
-
-class _Timer:
-    """
-    A timer of autobahn's on the gateway's reactor, which autobahn may
-    cancel after it fired.
-    """
-
-    def __init__(self, call: Any) -> None:
-        self.call = call
-
-    def cancel(self) -> None:
-        if self.call.active():
-            self.call.cancel()
-
-
-class _ReactorTimers:
-    """
-    autobahn's timer interface (C{call_later}) on a given reactor.
-
-    autobahn schedules its handshake, ping and close timeouts through the
-    factory's C{_batched_timer}, which txaio binds to the global reactor;
-    this binds them to the reactor the gateway was given, as everything
-    else is (and as tests on a Clock need).
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
-
-    def call_later(self, delay: float, f: Any, *args: Any, **kwargs: Any) -> _Timer:
-        return _Timer(self.reactor.callLater(delay, f, *args, **kwargs))
 
 
 class GatewayWebSocketFactory(WebSocketServerFactory):
@@ -487,7 +448,7 @@ class GatewayWebSocketFactory(WebSocketServerFactory):
 
     def __init__(self, entrypoint: "WebSocketEntrypoint", reactor: Any) -> None:
         super().__init__(server="evgate", reactor=reactor)
-        self._batched_timer = _ReactorTimers(reactor)
+        bindAutobahnTimers(self, reactor)
         self.entrypoint = entrypoint
         self.handoff: Optional[Handoff] = None
 
@@ -513,7 +474,7 @@ class WebSocketEntrypoint:
         settings = api.node.settings
         self.maxBytes: int = settings.maxMessageBytes
         self.timeout: float = settings.publishTimeout
-        self.live: Set[WebSocketSubscriber] = set()
+        self.live: Set[StreamSubscriber] = set()
         self.tally = tallyFor(api, self.name)
         heartbeat = api.config.options.get("heartbeat", 15.0)
         self.factory = GatewayWebSocketFactory(self, api.node.reactor)

@@ -1,0 +1,128 @@
+"""
+Tests for L{evgate.twistedprivate}: the private attributes of Twisted and
+autobahn that evgate reads still exist, on the versions it knows.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections import deque
+
+import autobahn
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import TrafficStats
+from twisted.internet import tcp
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.http import Request
+from twisted.web.test.requesthelper import DummyChannel
+
+import twisted
+from evgate import twistedprivate
+
+
+class VersionTests(SynchronousTestCase):
+    """
+    The installed dependencies are the ones the accessors were checked
+    against.
+    """
+
+    def test_twistedVersion(self) -> None:
+        """
+        Twisted is the version evgate.twistedprivate knows; another one
+        fails here, naming the module whose accessors to re-check.
+        """
+        self.assertEqual(twisted.__version__, twistedprivate.KNOWN_TWISTED,
+                         f"Twisted {twisted.__version__} is installed; evgate/twistedprivate.py was checked against "
+                         f"{twistedprivate.KNOWN_TWISTED}: re-check its accessors, then update KNOWN_TWISTED")
+
+    def test_autobahnVersion(self) -> None:
+        """
+        autobahn is the version evgate.twistedprivate knows; another one
+        fails here, naming the module whose accessors to re-check.
+        """
+        self.assertEqual(autobahn.__version__, twistedprivate.KNOWN_AUTOBAHN,
+                         f"autobahn {autobahn.__version__} is installed; evgate/twistedprivate.py was checked "
+                         f"against {twistedprivate.KNOWN_AUTOBAHN}: re-check its accessors, then update "
+                         "KNOWN_AUTOBAHN")
+
+
+class AttributeTests(SynchronousTestCase):
+    """
+    Every private attribute the accessors read exists on real instances.
+    """
+
+    def test_tcpServer(self) -> None:
+        """
+        A real tcp.Server has every attribute of TCP_PRIVATE, and tcpIdle
+        and tcpSocket read them.
+        """
+        left, right = socket.socketpair()
+        self.addCleanup(left.close)
+        self.addCleanup(right.close)
+        server = tcp.Server(left, None, ("127.0.0.1", 1), None, 1, MemoryReactorClock())  # type: ignore[arg-type]
+        for name in twistedprivate.TCP_PRIVATE:
+            self.assertTrue(hasattr(server, name), f"tcp.Server lost {name}: re-check evgate/twistedprivate.py")
+        self.assertIs(twistedprivate.tcpSocket(server), left)
+        self.assertTrue(twistedprivate.tcpIdle(server))
+        server._tempDataBuffer.append(b"x")
+        self.assertFalse(twistedprivate.tcpIdle(server))
+
+    def test_request(self) -> None:
+        """
+        A twisted.web Request has every attribute of REQUEST_PRIVATE.
+        """
+        request = Request(DummyChannel())
+        for name in twistedprivate.REQUEST_PRIVATE:
+            self.assertTrue(hasattr(request, name), f"Request lost {name}: re-check evgate/twistedprivate.py")
+        self.assertFalse(twistedprivate.chunkedBodyStarted(request))
+        twistedprivate.countBodyBytes(request, 5)
+        self.assertEqual(request.sentLength, 5)
+
+    def test_autobahnProtocol(self) -> None:
+        """
+        The accessors of autobahn's protocol read and count what its
+        opening handshake and connection set up (that autobahn still sets
+        them is L{test_autobahnProtocolSource}).
+        """
+        protocol = WebSocketServerProtocol()
+        protocol._perMessageCompress = None
+        protocol.send_queue = deque()
+        protocol.trafficStats = TrafficStats()
+        self.assertTrue(twistedprivate.autobahnWritesPlainFrames(protocol))
+        protocol.send_queue.append(b"x")
+        self.assertFalse(twistedprivate.autobahnWritesPlainFrames(protocol))
+        twistedprivate.countAutobahnOctets(protocol, 7)
+        self.assertEqual(protocol.trafficStats.outgoingOctetsWireLevel, 7)
+
+    def test_autobahnProtocolSource(self) -> None:
+        """
+        autobahn itself still sets the protocol attributes evgate reads
+        (they are assigned in its source, not only by the test above).
+        """
+        import inspect
+
+        from autobahn.websocket import protocol as wsprotocol
+
+        source = inspect.getsource(wsprotocol)
+        for name in twistedprivate.AUTOBAHN_PROTOCOL_PRIVATE:
+            self.assertIn(f"self.{name} =", source,
+                          f"autobahn no longer sets {name}: re-check evgate/twistedprivate.py")
+
+    def test_autobahnFactory(self) -> None:
+        """
+        autobahn's factory has C{_batched_timer}, and bindAutobahnTimers puts
+        its timers on the given reactor.
+        """
+        factory = WebSocketServerFactory()
+        for name in twistedprivate.AUTOBAHN_FACTORY_PRIVATE:
+            self.assertTrue(hasattr(factory, name),
+                            f"autobahn's factory lost {name}: re-check evgate/twistedprivate.py")
+        clock = Clock()
+        twistedprivate.bindAutobahnTimers(factory, clock)
+        fired = []
+        timer = factory._batched_timer.call_later(2, fired.append, 1)
+        clock.advance(2)
+        self.assertEqual(fired, [1])
+        timer.cancel()  # after it fired: no error
