@@ -24,7 +24,7 @@ from twisted.internet.testing import MemoryReactor
 
 REQUIRED = object()
 
-ENTRYPOINT_NAMES = ("http-post", "http-get", "sse", "websocket", "webhook")
+ENTRYPOINT_NAMES = ("http-post", "http-get", "sse", "websocket", "webhook", "http-proxy")
 PLAN_NAMES = ("keyless", "api-key", "jwt", "oauth2")
 START_CHOICES = ("latest", "earliest")
 
@@ -264,6 +264,9 @@ def endpointParsers() -> Dict[str, EndpointParser]:
         pass
     else:
         parsers["mqtt5"] = mqtt.parseOptions
+    from evgate.proxy import endpoint as http
+
+    parsers["http"] = http.parseOptions
     return parsers
 
 
@@ -300,6 +303,7 @@ EXTENSION_MODULES: Tuple[str, ...] = (
     "evgate.entrypoints.webhook",
     "evgate.admin.app",
     "evgate.logs",
+    "evgate.proxy.entrypoint",
 )
 
 
@@ -404,7 +408,8 @@ def _apiConfig(path: str, name: str, values: Mapping[str, str], gateway: Gateway
     if endpointName not in endpoints:
         known = ", ".join(sorted(endpoints)) or "none"
         raise section.error("endpoint", f"unknown endpoint {endpointName!r} (known: {known})")
-    topic = section.get("topic")
+    # A proxy API forwards requests: it has no topic.
+    topic = section.get("topic", "" if "http-proxy" in section.getList("entrypoints", ()) else REQUIRED)
     entrypoints = section.getList("entrypoints")
     if not entrypoints:
         raise section.error("entrypoints", "needs at least one entrypoint")

@@ -9,6 +9,14 @@ API, which has real routes, is a Klein app.)  The path is matched as the
 client sent it, not normalised, so C{/orders/../admin}, C{//orders} or
 C{/orders%2F} are simply unknown paths and no trick reaches an API
 without its plans.
+
+An API whose entrypoint serves its path's subtree (the HTTP proxy,
+L{evgate.proxy}) is also found by prefix, only when the exact lookup
+misses and only on whole segments as sent: C{/billing} owns
+C{/billing/x}, not C{/billingx}, C{//billing/x} or C{/billing%2Fx}.  What
+lies under the prefix is the proxy's to check (a dot segment, raw or
+encoded, is refused there, so that no upstream normalisation climbs out
+of the prefix).
 """
 
 from __future__ import annotations
@@ -156,18 +164,47 @@ class GatewayRequest(Request):
     evgateConsumer: Optional[str] = None
     evgateStream: Any = None
     evgateMessages: Optional[int] = None
+    # The body of a request processed while it arrives (L{_streamBody}).
+    _streamedBody: Any = None
+    _streamStarted = False
 
     def _limit(self) -> int:
         return getattr(getattr(self.channel, "site", None), "maxBodyBytes", 1 << 62) if self.channel else 1 << 62
 
     def gotLength(self, length: Optional[int]) -> None:
+        if length != 0 and self._streamBody(length):
+            return
         if length is not None and length > self._limit():
             self.content = _Discard()  # type: ignore[assignment]
             self._refuse()
             return
         super().gotLength(length)
 
+    def _streamBody(self, length: Optional[int]) -> bool:
+        # An API that takes request bodies as they arrive (the HTTP proxy,
+        # whose module evgate.proxy._forward explains the design) gets the
+        # request now, with a pipe for its body instead of a file; the end
+        # of the body comes to requestReceived.  Its size is the
+        # upstream's business, not max-message-bytes.
+        channel = self.channel
+        resource = getattr(getattr(channel, "site", None), "resource", None)
+        streams = getattr(resource, "streamsBody", None)
+        if channel is None or streams is None or not streams(channel._path.split(b"?", 1)[0]):
+            return False
+        from evgate.proxy._forward import RequestBodyPipe
+
+        self.content = self._streamedBody = RequestBodyPipe(self, length)  # type: ignore[assignment]
+        self.requestReceived(channel._command, channel._path, channel._version)
+        if self.finished:
+            # Refused before the body (credentials, limits): no
+            # "100 Continue" invites it.
+            self.requestHeaders.removeHeader(b"expect")
+        return True
+
     def handleContentChunk(self, data: bytes) -> None:
+        if self._streamedBody is not None:
+            self._streamedBody.write(data)
+            return
         if self._refused:
             return
         self._received += len(data)
@@ -179,6 +216,13 @@ class GatewayRequest(Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             return
+        if self._streamedBody is not None:
+            if self._streamStarted:
+                # The channel's end of the body, for a request processed
+                # since its headers.
+                self._streamedBody.bodyEnded()
+                return
+            self._streamStarted = True
         # For the access log's duration; one clock read per request.
         site = getattr(self.channel, "site", None)
         if site is not None:
@@ -193,6 +237,18 @@ class GatewayRequest(Request):
         super().connectionLost(reason)
         if not self.finished and site is not None and getattr(site, "requestLog", None) is not None:
             site.requestLog.requestEnded(self, lost=True)
+
+    def finish(self) -> None:
+        body = self._streamedBody
+        if body is not None and not body.ended and self.channel is not None:
+            # Answered before the whole body came: the rest of it is not
+            # read, so this response ends the connection, and what is left
+            # of the body in this read is not parsed as a next request.
+            if not self.startedWriting:
+                self.setHeader(b"Connection", b"close")
+            self.channel.persistent = False
+            self.channel.rawDataReceived = lambda data: None  # type: ignore[method-assign]
+        super().finish()
 
     def _refuse(self) -> None:
         self._refused = True
@@ -279,6 +335,7 @@ class GatewayResource(Resource):
     def __init__(self, apis: Sequence[ApiRuntime] = ()) -> None:
         super().__init__()
         self.byPath: Dict[bytes, ApiRuntime] = {}
+        self.bySubtree: Dict[bytes, ApiRuntime] = {}
         self.setApis(apis)
 
     def setApis(self, apis: Sequence[ApiRuntime]) -> None:
@@ -286,9 +343,37 @@ class GatewayResource(Resource):
         Serve C{apis} from now on (used at start and on reload).
         """
         self.byPath = {api.config.path.encode("ascii"): api for api in apis}
+        self.bySubtree = {api.config.path.encode("ascii"): api for api in apis
+                          if any(getattr(e, "servesSubtree", False) for e in api.entrypoints)}
+
+    def route(self, path: bytes) -> Optional[ApiRuntime]:
+        """
+        The API serving C{path}: by its exact path, else, for APIs that
+        serve their subtree, by the longest whole-segment prefix (see the
+        module docstring).
+        """
+        api = self.byPath.get(path)
+        if api is not None or not self.bySubtree:
+            return api
+        end = len(path)
+        while True:
+            end = path.rfind(b"/", 0, end)
+            if end <= 0:
+                return None
+            api = self.bySubtree.get(path[:end])
+            if api is not None:
+                return api
+
+    def streamsBody(self, path: bytes) -> bool:
+        """
+        Whether the API serving C{path} takes request bodies as they
+        arrive (see L{GatewayRequest.gotLength}).
+        """
+        api = self.route(path) if self.bySubtree else None
+        return api is not None and any(getattr(e, "streamsRequestBody", False) for e in api.entrypoints)
 
     def render(self, request: Request) -> Any:
-        api = self.byPath.get(request.path)
+        api = self.route(request.path)
         if api is None:
             return writeProblem(request, NotFound(f"no API is served at {request.path.decode('latin-1')}"))
         # What the access log and the request counts need (evgate.logs).

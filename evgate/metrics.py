@@ -416,6 +416,11 @@ class GatewayCollector(Collector):
         for name, connector in sorted(getattr(gateway, "connectors", {}).items()):
             up.add_metric([name, connector.kind], 1 if connector.connected else 0)
         yield up
+        # Endpoints that count more (http: per target) expose their own.
+        for _, connector in sorted(getattr(gateway, "connectors", {}).items()):
+            families = getattr(connector, "metricFamilies", None)
+            if families is not None:
+                yield from families()
 
     def _node(self, gateway: Any) -> Iterator[Any]:
         metrics = self.metrics

@@ -30,6 +30,10 @@ def buildConnector(endpoint: EndpointConfig, reactor: Any) -> Any:
         from evgate.connectors.mqtt import MqttConnector
 
         return MqttConnector(endpoint.name, endpoint.options, reactor)
+    if endpoint.type == "http":
+        from evgate.proxy.endpoint import HttpEndpoint
+
+        return HttpEndpoint(endpoint.name, endpoint.options, reactor)
     raise ValueError(f"unknown endpoint type {endpoint.type!r}")
 
 

@@ -17,6 +17,7 @@ ENTRYPOINTS = {
     "http-get": ("evgate.entrypoints.http_get", "HttpGetEntrypoint"),
     "http-post": ("evgate.entrypoints.http_post", "HttpPostEntrypoint"),
     "webhook": ("evgate.entrypoints.webhook", "WebhookEntrypoint"),
+    "http-proxy": ("evgate.proxy.entrypoint", "HttpProxyEntrypoint"),
 }
 
 
