@@ -238,15 +238,19 @@ class GatewayRequest(Request):
         if not self.finished and site is not None and getattr(site, "requestLog", None) is not None:
             site.requestLog.requestEnded(self, lost=True)
 
+    def write(self, data: bytes) -> None:
+        body = self._streamedBody
+        if body is not None and not self.startedWriting and not body.ended and self.channel is not None:
+            # Answered before the whole body came: the connection ends with
+            # this response, as the rest of the body may never be read.
+            self.setHeader(b"Connection", b"close")
+            self.channel.persistent = False
+        super().write(data)
+
     def finish(self) -> None:
         body = self._streamedBody
         if body is not None and not body.ended and self.channel is not None:
-            # Answered before the whole body came: the rest of it is not
-            # read, so this response ends the connection, and what is left
-            # of the body in this read is not parsed as a next request.
-            if not self.startedWriting:
-                self.setHeader(b"Connection", b"close")
-            self.channel.persistent = False
+            # What is left of the body in this read is not a next request.
             self.channel.rawDataReceived = lambda data: None  # type: ignore[method-assign]
         super().finish()
 

@@ -513,11 +513,6 @@ class ProxyCall:
             self._release()
             response.deliverBody(_Drop())
             return
-        if self.body is not None and not self.body.ended:
-            # Answered before the body was complete: the rest of the body
-            # will not be read, so the client connection cannot be reused.
-            request.channel.persistent = False
-            request.setHeader(b"Connection", b"close")
         request.setResponseCode(response.code, response.phrase or None)
         for name, values in endToEnd(response.headers, (b"content-length", b"date", b"server")):
             request.responseHeaders.setRawHeaders(name, values)
@@ -527,12 +522,13 @@ class ProxyCall:
                 request.responseHeaders.setRawHeaders(name, values)
             elif name == b"server":
                 request.responseHeaders.removeHeader(name)
-        if response.length is not UNKNOWN_LENGTH:
-            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % (response.length,)])
-        elif request.method == b"HEAD":
+        if request.method == b"HEAD" or response.code == 304:
+            # No body, but the length of the one a GET would have.
             length = response.headers.getRawHeaders(b"content-length")
             if length:
                 request.responseHeaders.setRawHeaders(b"Content-Length", length)
+        elif response.length is not UNKNOWN_LENGTH:
+            request.responseHeaders.setRawHeaders(b"Content-Length", [b"%d" % (response.length,)])
         self.relay = ResponseRelay(self)
         response.deliverBody(self.relay)
 
@@ -552,9 +548,11 @@ class ProxyCall:
             target.statsFor(self.apiName).failed(stage)
         self.log.warn("{api}: response from {target} failed at {stage}: {why}", api=self.apiName,
                       target=target.url if target else "-", stage=stage, why=reason.getErrorMessage())
+        # A close (not a reset) after what was relayed: the client sees the
+        # body end short of its length or without its last chunk.
         transport = getattr(self.request.channel, "transport", None)
         if transport is not None:
-            transport.abortConnection()
+            transport.loseConnection()
 
     def _problem(self, problem: Any) -> None:
         finishWithProblem(self.request, problem)
