@@ -36,6 +36,7 @@ from evgate.ini import (
     _apiOptionParsers,
     apiOptionParser,
 )
+from evgate.proxy.endpoint import parseOptions as httpOptions
 
 __all__ = [
     # The INI primitives live in evgate.ini; they are importable from here
@@ -47,7 +48,7 @@ __all__ = [
 ]
 
 
-ENTRYPOINT_NAMES = ("http-post", "http-get", "sse", "websocket", "webhook")
+ENTRYPOINT_NAMES = ("http-post", "http-get", "sse", "websocket", "webhook", "http-proxy")
 PLAN_NAMES = ("keyless", "api-key", "jwt", "oauth2")
 START_CHOICES = ("latest", "earliest")
 
@@ -97,7 +98,7 @@ def endpointParsers() -> Dict[str, EndpointParser]:
     """
     The option parser of every endpoint type, by type name.
     """
-    return {"memory": _memoryOptions, "kafka": kafkaOptions, "mqtt5": mqttOptions}
+    return {"memory": _memoryOptions, "kafka": kafkaOptions, "mqtt5": mqttOptions, "http": httpOptions}
 
 
 # Modules that register more keys with apiOptionParser / gatewayKeys when
@@ -117,6 +118,7 @@ EXTENSION_MODULES: Tuple[str, ...] = (
     "evgate.webhook.client",
     "evgate.admin.app",
     "evgate.logs",
+    "evgate.proxy.entrypoint",
 )
 
 
@@ -210,7 +212,8 @@ def _apiConfig(path: str, name: str, values: Mapping[str, str], gateway: Gateway
     if endpointName not in endpoints:
         known = ", ".join(sorted(endpoints)) or "none"
         raise section.error("endpoint", f"unknown endpoint {endpointName!r} (known: {known})")
-    topic = section.get("topic")
+    # A proxy API forwards requests: it has no topic.
+    topic = section.get("topic", "" if "http-proxy" in section.getList("entrypoints", ()) else REQUIRED)
     entrypoints = section.getList("entrypoints")
     if not entrypoints:
         raise section.error("entrypoints", "needs at least one entrypoint")

@@ -9,13 +9,21 @@ API, which has real routes, is a Klein app.)  The path is matched as the
 client sent it, not normalised, so C{/orders/../admin}, C{//orders} or
 C{/orders%2F} are simply unknown paths and no trick reaches an API
 without its plans.
+
+An API whose entrypoint serves its path's subtree (the HTTP proxy,
+L{evgate.proxy}) is also found by prefix, only when the exact lookup
+misses and only on whole segments as sent: C{/billing} owns
+C{/billing/x}, not C{/billingx}, C{//billing/x} or C{/billing%2Fx}.  What
+lies under the prefix is the proxy's to check (a dot segment, raw or
+encoded, is refused there, so that no upstream normalisation climbs out
+of the prefix).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, cast
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
@@ -27,7 +35,7 @@ from evgate.config import ApiConfig
 from evgate.cors import applyCors, preflight
 from evgate.errors import MethodNotAllowed, NotFound, Problem, Unauthorized
 from evgate.hub import Hub
-from evgate.interfaces import IConnector, IEntrypoint, IPlan
+from evgate.interfaces import IConnector, IEntrypoint, IPlan, ISubtreeEntrypoint
 from evgate.message import cursorTag
 from evgate.metrics import tallyFor
 from evgate.security.consumer import Consumer
@@ -142,6 +150,7 @@ class GatewayResource(Resource):
     def __init__(self, apis: Sequence[ApiRuntime] = ()) -> None:
         super().__init__()
         self.byPath: Dict[bytes, ApiRuntime] = {}
+        self.bySubtree: Dict[bytes, ApiRuntime] = {}
         self.setApis(apis)
 
     def setApis(self, apis: Sequence[ApiRuntime]) -> None:
@@ -149,9 +158,43 @@ class GatewayResource(Resource):
         Serve C{apis} from now on (used at start and on reload).
         """
         self.byPath = {api.config.path.encode("ascii"): api for api in apis}
+        self.bySubtree = {api.config.path.encode("ascii"): api for api in apis
+                          if any(ISubtreeEntrypoint.providedBy(e) for e in api.entrypoints)}
+
+    def route(self, path: bytes) -> Optional[ApiRuntime]:
+        """
+        The API serving C{path}: by its exact path, else, for APIs that
+        serve their subtree, by the longest whole-segment prefix (see the
+        module docstring).
+        """
+        api = self.byPath.get(path)
+        if api is not None or not self.bySubtree:
+            return api
+        end = len(path)
+        while True:
+            end = path.rfind(b"/", 0, end)
+            if end <= 0:
+                return None
+            api = self.bySubtree.get(path[:end])
+            if api is not None:
+                return api
+
+    def bodyPipeFor(self, path: bytes) -> Optional[Callable[[Request, Optional[int]], Any]]:
+        """
+        For the API serving C{path}, if it takes request bodies as they
+        arrive (the HTTP proxy), what opens the pipe a request's body goes
+        to (see L{evgate.site.GatewayRequest.gotLength}); else L{None}.
+        """
+        api = self.route(path) if self.bySubtree else None
+        if api is None:
+            return None
+        for entrypoint in api.entrypoints:
+            if ISubtreeEntrypoint.providedBy(entrypoint):
+                return cast(Callable[[Request, Optional[int]], Any], entrypoint.openBodyPipe)
+        return None
 
     def render(self, request: Request) -> Any:
-        api = self.byPath.get(request.path)
+        api = self.route(request.path)
         if api is None:
             return writeProblem(request, NotFound(f"no API is served at {request.path.decode('latin-1')}"))
         # What the access log and the request counts need (evgate.logs).

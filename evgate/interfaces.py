@@ -280,6 +280,23 @@ class IStreamingEntrypoint(IEntrypoint):
     live = Attribute("The set of streams open now; each has a C{written} cursor (or L{None}).")
 
 
+class ISubtreeEntrypoint(IEntrypoint):
+    """
+    An entrypoint that serves its API's whole path subtree (C{/billing/...},
+    not only C{/billing}) and takes request bodies as they arrive rather
+    than after the site has read them: the HTTP proxy.
+    """
+
+    def openBodyPipe(request, length):
+        """
+        Where the body of C{request} goes while it arrives: an object with
+        C{write(data)}, C{bodyEnded()} and an C{ended} flag, put in place of
+        C{request.content} once the request's headers are in.
+
+        @param length: the body's C{Content-Length}, or L{None} if chunked.
+        """
+
+
 class IPlan(Interface):
     """
     A way to authenticate a caller of an API.
@@ -307,6 +324,19 @@ class IPlan(Interface):
         """
         Release what the plan holds on the node (a listener for revoked
         keys, a key-set refresh): called when its API is retired.
+        """
+
+
+class IMetricsSource(Interface):
+    """
+    Something that counts more than the node's own metrics say (an C{http}
+    endpoint's per-target figures) and adds its families to C{/metrics}.
+    """
+
+    def metricFamilies():
+        """
+        The Prometheus metric families to expose now (a list of
+        C{prometheus_client} metric families).  Never blocks.
         """
 
 

@@ -40,7 +40,7 @@ from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
 from zope.interface import implementer
 
-from evgate.interfaces import IHeadOffsets, IStore, IStreamingEntrypoint
+from evgate.interfaces import IHeadOffsets, IMetricsSource, IStore, IStreamingEntrypoint
 
 if TYPE_CHECKING:
     from evgate.node import NodeContext
@@ -418,6 +418,10 @@ class GatewayCollector(Collector):
         for name, connector in sorted(node.connectors.items()):
             up.add_metric([name, connector.kind], 1 if connector.connected else 0)
         yield up
+        # Endpoints that count more (http: per target) expose their own.
+        for _, connector in sorted(node.connectors.items()):
+            if IMetricsSource.providedBy(connector):
+                yield from connector.metricFamilies()
 
     def _node(self, node: "NodeContext") -> Iterator[Any]:
         metrics = self.metrics

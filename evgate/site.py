@@ -55,6 +55,7 @@ from evgate.errors import (
     RequestTimeout,
     ServiceOverloaded,
 )
+from evgate.twistedprivate import requestLineOf
 
 log = Logger()
 
@@ -354,18 +355,49 @@ class GatewayRequest(Request):
     evgateConsumer: Optional[str] = None
     evgateStream: Any = None
     evgateMessages: Optional[int] = None
+    # The body of a request processed while it arrives (L{_streamBody}).
+    _streamedBody: Any = None
+    _streamStarted = False
 
     def _limit(self) -> int:
         return getattr(getattr(self.channel, "site", None), "maxBodyBytes", 1 << 62) if self.channel else 1 << 62
 
     def gotLength(self, length: Optional[int]) -> None:
+        if length != 0 and self._streamBody(length):
+            return
         if length is not None and length > self._limit():
             self.content = _Discard()  # type: ignore[assignment]
             self._refuse()
             return
         super().gotLength(length)
 
+    def _streamBody(self, length: Optional[int]) -> bool:
+        # An API that takes request bodies as they arrive (the HTTP proxy,
+        # whose module evgate.proxy._forward explains the design) gets the
+        # request now, with a pipe for its body instead of a file; the end
+        # of the body comes to requestReceived.  Its size is the
+        # upstream's business, not max-message-bytes.
+        channel = self.channel
+        resource = getattr(getattr(channel, "site", None), "resource", None)
+        pipeFor = getattr(resource, "bodyPipeFor", None)
+        if channel is None or pipeFor is None:
+            return False
+        command, path, version = requestLineOf(channel)
+        openPipe = pipeFor(path.split(b"?", 1)[0])
+        if openPipe is None:
+            return False
+        self.content = self._streamedBody = openPipe(self, length)
+        self.requestReceived(command, path, version)
+        if self.finished:
+            # Refused before the body (credentials, limits): no
+            # "100 Continue" invites it.
+            self.requestHeaders.removeHeader(b"expect")
+        return True
+
     def handleContentChunk(self, data: bytes) -> None:
+        if self._streamedBody is not None:
+            self._streamedBody.write(data)
+            return
         if self._refused:
             return
         self._received += len(data)
@@ -377,6 +409,13 @@ class GatewayRequest(Request):
     def requestReceived(self, command: bytes, path: bytes, version: bytes) -> None:
         if self._refused:
             return
+        if self._streamedBody is not None:
+            if self._streamStarted:
+                # The channel's end of the body, for a request processed
+                # since its headers.
+                self._streamedBody.bodyEnded()
+                return
+            self._streamStarted = True
         # For the access log's duration; one clock read per request.
         site = getattr(self.channel, "site", None)
         if site is not None:
@@ -391,6 +430,22 @@ class GatewayRequest(Request):
         super().connectionLost(reason)
         if not self.finished and site is not None and getattr(site, "requestLog", None) is not None:
             site.requestLog.requestEnded(self, lost=True)
+
+    def write(self, data: bytes) -> None:
+        body = self._streamedBody
+        if body is not None and not self.startedWriting and not body.ended and self.channel is not None:
+            # Answered before the whole body came: the connection ends with
+            # this response, as the rest of the body may never be read.
+            self.setHeader(b"Connection", b"close")
+            self.channel.persistent = False
+        super().write(data)
+
+    def finish(self) -> None:
+        body = self._streamedBody
+        if body is not None and not body.ended and self.channel is not None:
+            # What is left of the body in this read is not a next request.
+            self.channel.rawDataReceived = lambda data: None  # type: ignore[method-assign]
+        super().finish()
 
     def processingFailed(self, reason: Failure) -> Failure:
         """
@@ -425,10 +480,8 @@ class GatewayRequest(Request):
         self._refused = True
         # The request line and headers are known at this point; answering
         # needs them for the HTTP version and keep-alive decision.
-        self.method = getattr(self.channel, "_command", b"POST")
-        self.uri = getattr(self.channel, "_path", b"/")
+        self.method, self.uri, self.clientproto = requestLineOf(self.channel)
         self.path = self.uri.split(b"?", 1)[0]
-        self.clientproto = getattr(self.channel, "_version", b"HTTP/1.1")
         problem = PayloadTooLarge(f"the message is larger than max-message-bytes ({self._limit()} bytes)")
         self.setHeader(b"Connection", b"close")
         body = writeProblem(self, problem)

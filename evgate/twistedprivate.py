@@ -184,6 +184,19 @@ def answerBadRequestsWith(channelClass: type, answer: Callable[[Any], None]) -> 
                            "update evgate.twistedprivate for this Twisted")
     setattr(channelClass, BAD_REQUEST_HOOK, answer)
 
+def requestLineOf(channel: Any) -> Tuple[bytes, bytes, bytes]:
+    """
+    The method, path (with its query) and HTTP version of the request whose
+    head C{channel} (an L{HTTPChannel}) is reading, known once its request
+    line was parsed and before L{twisted.web.server.Request.requestReceived}
+    is called: what answering early (a refused body, a body streamed to an
+    upstream) needs.  L{HTTPChannel} keeps them as C{_command}, C{_path} and
+    C{_version}; no public accessor exists.
+    """
+    return (getattr(channel, "_command", None) or b"POST", getattr(channel, "_path", None) or b"/",
+            getattr(channel, "_version", None) or b"HTTP/1.1")
+
+
 # ---------------------------------------------------------------------------
 # end of the HTTP channel section
 # ---------------------------------------------------------------------------

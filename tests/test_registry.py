@@ -30,9 +30,9 @@ class BuiltinTests(SynchronousTestCase):
         names the configuration uses, and each class provides its
         interface.
         """
-        tables = [(ENTRYPOINTS, IEntrypoint, {"websocket", "sse", "http-get", "http-post", "webhook"}),
+        tables = [(ENTRYPOINTS, IEntrypoint, {"websocket", "sse", "http-get", "http-post", "webhook", "http-proxy"}),
                   (PLANS, IPlan, {"keyless", "api-key", "jwt", "oauth2"}),
-                  (CONNECTORS, IConnector, {"memory", "kafka", "mqtt5"}),
+                  (CONNECTORS, IConnector, {"memory", "kafka", "mqtt5", "http"}),
                   (STORES, IStore, {"memory", "sqlite", "kafka"})]
         for registry, interface, names in tables:
             self.assertEqual(set(registry), names)
@@ -43,7 +43,7 @@ class BuiltinTests(SynchronousTestCase):
         """
         Entrypoints are offered requests most specific first.
         """
-        self.assertEqual(list(ENTRYPOINTS), ["websocket", "sse", "http-get", "http-post", "webhook"])
+        self.assertEqual(list(ENTRYPOINTS), ["websocket", "sse", "http-get", "http-post", "webhook", "http-proxy"])
 
 
 @implementer(IPlan)

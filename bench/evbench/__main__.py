@@ -19,6 +19,7 @@ SCENARIOS = {
     "poll": "evbench.poll",
     "idle": "evbench.idle",
     "webhook": "evbench.webhook",
+    "proxy": "evbench.proxy",
 }
 
 

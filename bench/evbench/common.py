@@ -412,7 +412,7 @@ class WrkResult:
 
 
 def runWrk(url: str, seconds: float, connections: int, body: bytes, contentType: str,
-           threads: int = 1, timeout: float = 10.0) -> WrkResult:
+           threads: int = 1, timeout: float = 10.0, script: Optional[str] = None) -> WrkResult:
     """
     POST C{body} to C{url} with wrk for C{seconds}, C{connections} at a
     time; latencies in milliseconds, wrk's own CPU in % of one core.
@@ -423,7 +423,7 @@ def runWrk(url: str, seconds: float, connections: int, body: bytes, contentType:
         f.write(body)
     env = dict(os.environ, BENCH_BODY_FILE=bodyFile, BENCH_CONTENT_TYPE=contentType)
     argv = [WRK, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(seconds))}s",
-            f"--timeout={timeout:g}s", "-s", POST_LUA, url]
+            f"--timeout={timeout:g}s", "-s", script or POST_LUA, url]
     out = tempfile.TemporaryFile()
     proc = subprocess.Popen(argv, env=env, stdout=out, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -445,18 +445,18 @@ def runWrk(url: str, seconds: float, connections: int, body: bytes, contentType:
 
 def measureWrk(service: Optional[Service], url: str, settings: Settings, body: bytes, contentType: str,
                connections: Optional[int] = None, pids: Optional[Callable[[], Sequence[int]]] = None,
-               profileTo: Optional[str] = None) -> Dict[str, Any]:
+               profileTo: Optional[str] = None, script: Optional[str] = None) -> Dict[str, Any]:
     """
     A warm-up run, then the measured one, with the server's CPU beside.
     """
     conns = connections or settings.connections
     waitQuiet()
     if settings.warmup > 0:
-        runWrk(url, settings.warmup, conns, body, contentType)
+        runWrk(url, settings.warmup, conns, body, contentType, script=script)
     meter = CpuMeter(pids or (service.pids if service is not None else (lambda: []))).start()
     broker = CpuMeter(brokerPids).start()
     spy = startProfile(service, settings.duration, profileTo) if profileTo else None
-    result = runWrk(url, settings.duration, conns, body, contentType)
+    result = runWrk(url, settings.duration, conns, body, contentType, script=script)
     meter.stop()
     broker.stop()
     finishProfile(spy)

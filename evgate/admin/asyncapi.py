@@ -240,5 +240,9 @@ def asyncapi(admin: AdminApp, request: Request, api: str) -> Any:
     runtime = admin.gateway.api(api)
     if runtime is None:
         raise NotFound(f"there is no API named {api}")
+    if "http-proxy" in runtime.config.entrypoints:
+        from evgate.proxy.problems import NotAnEventApi
+
+        raise NotAnEventApi(f"API {api} is an HTTP proxy API: it has no AsyncAPI document (see docs/proxy.md)")
     body = json.dumps(asyncapiDocument(admin.gateway, runtime), indent=2).encode("utf-8")
     return Answer(200, body, [("Content-Type", MEDIA_TYPE)])

@@ -14,6 +14,7 @@ from evgate.connectors.memory import MemoryConnector
 from evgate.connectors.mqtt import MqttConnector
 from evgate.ini import EndpointConfig
 from evgate.interfaces import IConnector
+from evgate.proxy.endpoint import HttpEndpoint
 from evgate.registry import Registry
 
 __all__ = ["CONNECTORS", "buildConnector", "publishEach"]
@@ -40,3 +41,5 @@ CONNECTORS.register("kafka", KafkaConnector,
                     lambda endpoint, reactor: KafkaConnector(endpoint.name, endpoint.options, reactor))
 CONNECTORS.register("mqtt5", MqttConnector,
                     lambda endpoint, reactor: MqttConnector(endpoint.name, endpoint.options, reactor))
+CONNECTORS.register("http", HttpEndpoint,
+                    lambda endpoint, reactor: HttpEndpoint(endpoint.name, endpoint.options, reactor))

@@ -13,6 +13,7 @@ from evgate.entrypoints.sse import SseEntrypoint
 from evgate.entrypoints.webhook import WebhookEntrypoint
 from evgate.entrypoints.websocket import WebSocketEntrypoint
 from evgate.interfaces import IEntrypoint
+from evgate.proxy.entrypoint import HttpProxyEntrypoint
 from evgate.registry import Registry
 
 if TYPE_CHECKING:
@@ -27,6 +28,7 @@ ENTRYPOINTS.register("sse", SseEntrypoint)
 ENTRYPOINTS.register("http-get", HttpGetEntrypoint)
 ENTRYPOINTS.register("http-post", HttpPostEntrypoint)
 ENTRYPOINTS.register("webhook", WebhookEntrypoint)
+ENTRYPOINTS.register("http-proxy", HttpProxyEntrypoint)
 
 
 def buildEntrypoints(api: "ApiRuntime") -> List[IEntrypoint]:
