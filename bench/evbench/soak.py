@@ -318,6 +318,7 @@ class Reader:
         self.ends: Dict[str, int] = {}
         self.gaps = 0
         self.pending: Optional[Set[int]] = None       # while draining: what it still lacks
+        self.lastAt: Optional[float] = None           # monotonic time of the last message
 
     def end(self, why: str) -> None:
         self.ends[why] = self.ends.get(why, 0) + 1
@@ -333,6 +334,7 @@ class Reader:
         if seq is None:
             return
         self.received[seq] = self.received.get(seq, 0) + 1
+        self.lastAt = time.monotonic()
         if offset < self.lowest.get(partition, offset + 1):
             self.lowest[partition] = offset
         if self.pending is not None:
@@ -726,6 +728,7 @@ class Soak:
         self.readers: List[Reader] = []
         self.receiver = WebhookReceiver(self.clock, self.ledger)
         self.subscriptions: Dict[str, str] = {}
+        self.probe: Dict[str, Any] = {}
 
     def note(self, what: str, **extra: Any) -> None:
         at = round(time.monotonic() - self.clock.began, 1)
@@ -768,8 +771,11 @@ class Soak:
             streams = sum(r.sessions for r in self.readers)
             phase = "draining" if self.clock.draining else f"{100 * min(1.0, self.clock.fraction()):.0f}%"
             last = self.samples[-1] if self.samples else {}
+            now = time.monotonic()
+            idle = sum(1 for r in self.readers if r.lastAt is not None and now - r.lastAt > 15.0)
             say(f"soak {phase}: sent {self.ledger.sent:,}, acked {len(self.ledger.acked):,}, "
                 f"statuses {self.ledger.statuses}, no answer {self.ledger.noAnswer}, sessions {streams:,}, "
+                f"readers with nothing for 15 s {idle}, "
                 f"rss {last.get('rss', 0) / 2**20:.1f} MiB, fds {last.get('fds', '?')}, "
                 f"webhooks lack {[self.receiver.lacking(p) for p in WEBHOOK_FAILING]}")
 
@@ -803,12 +809,42 @@ class Soak:
                 self.note("waiting for the broker restart to finish")
                 await background[2]
             await self.drain(tasks)
+            self.probe = await self.freshReader()
         finally:
             self.clock.stopping = True
             for task in tasks + background:
                 task.cancel()
             await asyncio.gather(*tasks, *background, return_exceptions=True)
             server.close()
+
+    async def freshReader(self) -> Dict[str, Any]:
+        """
+        After the drain: does a new reader see a new message?  A GET
+        without a cursor (the end of the topic), one POST, then a GET
+        from that cursor.  It tells a stuck read path from a harness
+        fault when readers lack messages.
+        """
+        loop = asyncio.get_running_loop()
+
+        def probe() -> Dict[str, Any]:
+            base = f"http://127.0.0.1:{self.port}/soak"
+            status, body = http("GET", base + "?limit=1&timeout=0", timeout=30)
+            if status != 200:
+                return {"first_get": status}
+            cursor = json.loads(body)["pagination"]["nextCursor"]
+            posted, answer = http("POST", base, b'{"probe":1}', {"Content-Type": "application/json"})
+            began = time.monotonic()
+            status, body = http("GET", base + f"?cursor={cursor}&limit=10&timeout=10000", timeout=30)
+            items = json.loads(body)["items"] if status == 200 else []
+            return {"post": posted, "post_answer": answer.decode("utf-8", "replace"), "get": status,
+                    "items": len(items), "waited_s": round(time.monotonic() - began, 1)}
+
+        try:
+            result = await loop.run_in_executor(None, probe)
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            result = {"error": repr(e)}
+        self.note(f"a new reader after the drain: {result}")
+        return result
 
     async def drain(self, tasks: Sequence["asyncio.Future[None]"]) -> None:
         """
@@ -852,7 +888,9 @@ def judge(soak: Soak) -> Dict[str, Any]:
         for why, n in reader.ends.items():
             row["ends"][why] = row["ends"].get(why, 0) + n
         if lost:
-            row["lost_sample"].append({"reader": reader.name, "lost": len(lost), "first": lost[:10],
+            lastAt = None if reader.lastAt is None else round(reader.lastAt - soak.clock.began, 1)
+            row["lost_sample"].append({"reader": reader.name, "lost": len(lost), "last_message_at_s": lastAt,
+                                       "first": lost[:10],
                                        "offsets": [(soak.ledger.acked[s].partition, soak.ledger.acked[s].offset)
                                                    for s in lost[:10]]})
     acked = set(soak.ledger.acked)
@@ -923,7 +961,7 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
         "kinds": kinds, "memory": mem, "samples": soak.samples, "events": soak.events,
         "rss_target_ratio": RSS_TARGET, "warmup_fraction": WARMUP_FRACTION,
         "load_before": loadBefore, "load_after": os.getloadavg(), "gateway_alive_at_end": gatewayAlive,
-        "lost": lost, "failed": bool(lost) or not gatewayAlive,
+        "lost": lost, "failed": bool(lost) or not gatewayAlive, "probe": soak.probe,
     }
     return document, render(document)
 
@@ -960,8 +998,11 @@ def render(doc: Dict[str, Any]) -> str:
     lines.append(f"- load average before/after: {fmt(doc['load_before'][0], 2)} / {fmt(doc['load_after'][0], 2)}")
     lines.append(f"- lost acknowledged messages: {doc['lost']}" + (" (FAILED)" if doc["failed"] else ""))
     for kind, k in doc["kinds"].items():
-        for sample in k["lost_sample"][:3]:
-            lines.append(f"  - {kind}: {json.dumps(sample)}")
+        for sample in k["lost_sample"][:1]:
+            lines.append(f"  - {kind} ({len(k['lost_sample'])} clients lost some), e.g.: {json.dumps(sample)}")
+    probe = doc.get("probe")
+    if probe:
+        lines.append(f"- a new GET reader after the drain, one message published: {json.dumps(probe)}")
     lines.append("")
     lines.append(timeline(doc["samples"]))
     return text + "\n".join(lines) + "\n"
