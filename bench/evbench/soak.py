@@ -52,6 +52,7 @@ TOKEN = "evbench-soak-admin-token-0123456789"
 PAD = "x" * 60
 PUBLISH_CONNECTIONS = 4
 WARMUP_FRACTION = 0.2           # RSS before this part of the run is not judged
+JOIN_FRACTION = 0.15            # readers join during this first part of the run
 RSS_TARGET = 1.10               # max/min RSS after the warm-up
 SAMPLE_EVERY = 3.0              # seconds between /proc samples
 SLOW_BYTES_PER_S = 4096         # what a slow reader reads
@@ -667,6 +668,8 @@ class WebhookReceiver:
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
                 IndexError, ValueError):
             pass
+        except asyncio.CancelledError:
+            pass        # the run is over: the server closes with connections open
         finally:
             close(writer)
 
@@ -800,8 +803,9 @@ class Soak:
                     pace = kind.partition("-")[2] or "normal"
                     reader = SseReader(kind, i, self.port, self.clock, self.ledger, pace=pace)
                 self.readers.append(reader)
-                # Readers join over the first 40% of the run.
-                tasks.append(asyncio.ensure_future(reader.run(random.uniform(0, 0.4 * self.clock.seconds))))
+                # Readers join within the warm-up, so that RSS is judged
+                # with all of them there (their number stays the same).
+                tasks.append(asyncio.ensure_future(reader.run(random.uniform(0, JOIN_FRACTION * self.clock.seconds))))
         try:
             await asyncio.gather(*publishers)
             self.note(f"publishing stopped: {len(self.ledger.acked):,} acknowledged of {self.ledger.sent:,}")
