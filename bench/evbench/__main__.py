@@ -21,13 +21,18 @@ SCENARIOS = {
     "webhook": "evbench.webhook",
     "proxy": "evbench.proxy",
 }
+# Run by name only, never by "all": it takes as many minutes as it is told
+# and starts a broker of its own.
+SEPARATE = {
+    "soak": "evbench.soak",
+}
 
 
 def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bench/run",
         description="evgate's side-by-side benchmarks. Scenarios: " + ", ".join(SCENARIOS) + ", all.")
-    parser.add_argument("scenario", choices=[*SCENARIOS, "all"])
+    parser.add_argument("scenario", choices=[*SCENARIOS, *SEPARATE, "all"])
     parser.add_argument("--quick", action="store_true", help="short measurements and fewer sizes (a smoke run)")
     parser.add_argument("--duration", type=float, help="seconds per measurement (default 15, quick 5)")
     parser.add_argument("--warmup", type=float, help="seconds of warm-up before a wrk measurement (default 3)")
@@ -40,6 +45,8 @@ def parse(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--only", help="run only contenders whose name contains one of these words (comma separated)")
     parser.add_argument("--skip", help="skip contenders whose name contains one of these words (comma separated)")
     parser.add_argument("--profile", action="store_true", help="py-spy evgate during its measurements")
+    parser.add_argument("--minutes", type=float, help="soak: minutes of load (default 10; 2 for a smoke run)")
+    parser.add_argument("--rate", type=float, help="soak: messages published per second (default 100)")
     return parser.parse_args(argv)
 
 
@@ -61,6 +68,10 @@ def settingsFrom(args: argparse.Namespace) -> Settings:
         settings.extra["ws_sizes"] = [int(s) for s in args.ws_sizes.split(",")]
     if args.idle:
         settings.extra["idle"] = args.idle
+    if args.minutes:
+        settings.extra["minutes"] = args.minutes
+    if args.rate:
+        settings.extra["rate"] = args.rate
     return settings
 
 
@@ -72,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     texts = []
     status = 0
     for name in names:
-        module = importlib.import_module(SCENARIOS[name])
+        module = importlib.import_module({**SCENARIOS, **SEPARATE}[name])
         say(f"== scenario {name}")
         try:
             document, text = module.run(settings)
@@ -80,6 +91,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             say(f"scenario {name} failed: {e}")
             text = f"### {name}\n\nfailed: {e}\n"
             document = {"error": str(e)}
+            status = 1
+        if document.get("failed"):
+            # A scenario that ran but found a fault (the soak: a lost
+            # acknowledged message) fails the command too.
             status = 1
         print(text, flush=True)
         path = writeResults(name, document, text)

@@ -530,14 +530,15 @@ def summariseProfile(path: str, top: int = 15) -> List[Tuple[str, float, float]]
 # ---------------------------------------------------------------- Kafka
 
 
-def kafkaTopic(prefix: str, partitions: int = 1) -> str:
+def kafkaTopic(prefix: str, partitions: int = 1, bootstrap: str = KAFKA) -> str:
     """
-    A new topic on the dev broker, created (and waited for) now.
+    A new topic on the dev broker (or on C{bootstrap}), created (and
+    waited for) now.
     """
     from confluent_kafka.admin import AdminClient, NewTopic
 
     name = f"evbench-{prefix}-{int(time.time())}-{os.getpid()}"
-    admin = AdminClient({"bootstrap.servers": KAFKA})
+    admin = AdminClient({"bootstrap.servers": bootstrap})
     futures = admin.create_topics([NewTopic(name, num_partitions=partitions, replication_factor=1)])
     for future in futures.values():
         future.result(30)
