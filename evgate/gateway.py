@@ -124,7 +124,7 @@ def finishWithFailure(request: Request, failure: Failure, context: str) -> None:
     Finish C{request} with the problem carried by C{failure}, or with a 500
     (logged with its traceback) for anything unexpected.
     """
-    if failure.check(Problem):
+    if isinstance(failure.value, Problem):
         finishWithProblem(request, failure.value)
         return
     log.failure("unexpected error {context}", failure, context=context)

@@ -286,7 +286,7 @@ def _render(request: Request, result: Any) -> Any:
 
 
 def _renderFailure(request: Request, failure: Failure, where: str) -> bytes:
-    if failure.check(Problem):
+    if isinstance(failure.value, Problem):
         return _problemBody(request, failure.value)
     log.failure("admin: unexpected error in {where}", failure, where=where)
     return _problemBody(request, Problem("an internal error occurred; it has been logged"))

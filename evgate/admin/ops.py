@@ -213,12 +213,12 @@ def reload(admin: AdminApp, request: Request) -> Deferred:
         return plan.summary()  # type: ignore[no-any-return]
 
     def refused(failure: Failure) -> None:
-        if failure.check(ConfigError):
-            error = failure.value
+        error = failure.value
+        if isinstance(error, ConfigError):
             raise BadConfiguration(str(error), extra={"file": error.path, "section": error.section,
                                                       "key": error.key, "applied": False})
-        if failure.check(RestartRequired):
-            raise RestartNeeded(str(failure.value), extra={"restartRequired": failure.value.reasons,
+        if isinstance(error, RestartRequired):
+            raise RestartNeeded(str(error), extra={"restartRequired": error.reasons,
                                                            "applied": False})
         failure.raiseException()
 

@@ -246,7 +246,7 @@ class SseFramer:
             self.finish(b"" if reason.midFrame else noticeFrame("error", document), disconnect=True)
         elif kind == Goodbye.FAILED:
             failure = reason.failure
-            problem = (failure.value if failure is not None and failure.check(Problem)
+            problem = (failure.value if failure is not None and isinstance(failure.value, Problem)
                        else Problem("the upstream subscription failed"))
             self.finish(noticeFrame("error", problemDocument(problem, token)))
         elif kind == Goodbye.EXPIRED:

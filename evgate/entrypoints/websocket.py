@@ -410,7 +410,8 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
 
     def _publishFailed(self, failure: Failure, ref: Any) -> bool:
         # Returns whether the connection stays open.
-        if failure.check(Problem):
+        problem: Problem
+        if isinstance(failure.value, Problem):
             problem = failure.value
         else:
             self.gatewayLog.failure("publishing from a WebSocket of {api}", failure, api=self.call.api.name)

@@ -118,13 +118,13 @@ def describeFailure(failure: Failure, timeout: float) -> str:
         if tls is not None:
             return tls
         return f"the connection failed before a response: {reasons[0].getErrorMessage()}"
-    if failure.check(ForbiddenAddress):
+    if isinstance(failure.value, ForbiddenAddress):
         return f"refused to connect to {failure.value.args[0] if failure.value.args else 'a forbidden address'}"
     if failure.check(DNSLookupError):
         return "the callback host does not resolve"
     if failure.check(ConnectError):
         return f"cannot connect: {failure.getErrorMessage()}"
-    return f"{failure.type.__name__}: {failure.getErrorMessage()}"[:300]
+    return f"{type(failure.value).__name__}: {failure.getErrorMessage()}"[:300]
 
 
 def _tlsFailure(reasons: List[Failure]) -> Optional[str]:
@@ -222,7 +222,7 @@ class _ReusedConnection:
         # cancels the request) or a broken TLS session are real failures.
         if failure.check(RequestNotSent):
             raise ReusedConnectionLost()
-        if failure.check(ResponseNeverReceived) and all(
+        if isinstance(failure.value, ResponseNeverReceived) and all(
                 reason.check(ConnectionDone, ConnectionLost) for reason in failure.value.reasons):
             raise ReusedConnectionLost()
         return failure
