@@ -46,6 +46,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from evgate import twistedprivate
+from evgate.answers import clientLeft, writeProblem
 from evgate.config import SectionReader, gatewayKeys
 from evgate.errors import (
     HeaderFieldsTooLarge,
@@ -354,6 +355,9 @@ class GatewayRequest(Request):
     evgateConsumer: Optional[str] = None
     evgateStream: Any = None
     evgateMessages: Optional[int] = None
+    # Set in connectionLost: evgate.answers.clientLeft reads it, and
+    # watchDeparture needs no notifyFinish Deferred for this class.
+    evgateLeft = False
 
     def _limit(self) -> int:
         return getattr(getattr(self.channel, "site", None), "maxBodyBytes", 1 << 62) if self.channel else 1 << 62
@@ -388,6 +392,7 @@ class GatewayRequest(Request):
         # client closed, a long poll given up) is never finished: this is
         # where it ends for the access log and the request counts.
         site = getattr(self, "site", None)
+        self.evgateLeft = True
         super().connectionLost(reason)
         if not self.finished and site is not None and getattr(site, "requestLog", None) is not None:
             site.requestLog.requestEnded(self, lost=True)
@@ -401,7 +406,7 @@ class GatewayRequest(Request):
         """
         log.failure("unexpected error rendering {method} {path}", reason,
                     method=self.method, path=self.path)
-        if self.finished or getattr(self, "_disconnected", False):
+        if clientLeft(self):
             return reason
         if self.startedWriting:
             # The status line is out: all that is left is to cut it short.
@@ -420,15 +425,11 @@ class GatewayRequest(Request):
         return reason
 
     def _refuse(self) -> None:
-        from evgate.gateway import writeProblem
-
         self._refused = True
         # The request line and headers are known at this point; answering
         # needs them for the HTTP version and keep-alive decision.
-        self.method = getattr(self.channel, "_command", b"POST")
-        self.uri = getattr(self.channel, "_path", b"/")
+        self.method, self.uri, self.clientproto = twistedprivate.channelRequestLine(self.channel)
         self.path = self.uri.split(b"?", 1)[0]
-        self.clientproto = getattr(self.channel, "_version", b"HTTP/1.1")
         problem = PayloadTooLarge(f"the message is larger than max-message-bytes ({self._limit()} bytes)")
         self.setHeader(b"Connection", b"close")
         body = writeProblem(self, problem)

@@ -25,9 +25,10 @@ from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from evgate.answers import clientLeft, finishWithFailure, finishWithProblem, writeProblem
 from evgate.errors import BadCursor, BadRequest, EndpointUnavailable, NotAcceptable, Problem
 from evgate.filters import filterFor as subscriptionFilter
-from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, queryArgs, writeProblem
+from evgate.gateway import ApiCall, queryArgs
 from evgate.hub import Event, HubSubscription
 from evgate.interfaces import IConsumerGroups, IEntrypoint, ISubscriber
 from evgate.message import Cursor, CursorError, contentForJSON, cursorsAfter, headerObject
@@ -380,7 +381,7 @@ class PollSubscriber:
                 "the endpoint did not position the read in time", retryAfter=1))
             return
         request = self.request
-        gone = request.finished or getattr(request, "_disconnected", False)
+        gone = clientLeft(request)
         self._stop(None if gone else self.cursor)
         if gone:
             return
@@ -468,7 +469,7 @@ class GroupPoll:
 
     def _answer(self, batch: Any) -> None:
         request = self.request
-        if request.finished or getattr(request, "_disconnected", False):
+        if clientLeft(request):
             batch.putBack()
             return
         try:

@@ -54,19 +54,12 @@ from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost,
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    URI,
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-    RequestNotSent,
-    ResponseNeverReceived,
-    _HTTP11ClientFactory,
-)
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, RequestNotSent, ResponseNeverReceived
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from evgate.config import SectionReader, gatewayKeys
+from evgate.twistedprivate import QuietConnectionPool
 from evgate.webhook.ssrf import ForbiddenAddress
 
 USER_AGENT = b"evgate-webhook/1"
@@ -160,22 +153,6 @@ class ResponseDrain:
             raise ResponseTooLarge()
 
 
-class _QuietFactory(_HTTP11ClientFactory):
-    # One log line per connection to a receiver says nothing useful.
-    noisy = False
-
-
-class _QuietPool(HTTPConnectionPool):
-    """
-    A pool whose connections do not log their starts and stops.
-    """
-
-    # Twisted has no public way to choose a pool's protocol factory; this
-    # attribute (named in the pool's docstring) is the only one, and all
-    # it changes here is logging.
-    _factory = _QuietFactory
-
-
 @implementer(IStreamClientEndpoint)
 class _NoticedEndpoint:
     """
@@ -228,7 +205,7 @@ class _ReusedConnection:
         return failure
 
 
-class DeliveryPool(_QuietPool):
+class DeliveryPool(QuietConnectionPool):
     """
     The persistent pool of deliveries: it tells connections it hands out
     again from new ones (L{_ReusedConnection}), and leaves retrying to the
@@ -275,7 +252,7 @@ class DeliveryAgent:
         self.pool = DeliveryPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = maxPersistentPerHost
         self.pool.cachedConnectionTimeout = idleReuse  # type: ignore[assignment]
-        self.freshPool = _QuietPool(reactor, persistent=False)
+        self.freshPool = QuietConnectionPool(reactor, persistent=False)
         self.noReuseMemory = noReuseMemory
         self._reusing = Agent.usingEndpointFactory(reactor, endpointFactory, pool=self.pool)
         self._fresh = Agent.usingEndpointFactory(reactor, endpointFactory, pool=self.freshPool)
