@@ -56,6 +56,8 @@ from evgate.errors import (
     RequestTimeout,
     ServiceOverloaded,
 )
+from evgate.logs import RequestLog
+from evgate.security import redactedLogFormatter
 
 log = Logger()
 
@@ -488,8 +490,6 @@ class GatewaySite(Site):
                  **kwargs: Any) -> None:
         # Credentials in query strings stay out of twisted.web's own
         # formatter, should anything use it.
-        from evgate.security import redactedLogFormatter
-
         self.limits = limits if limits is not None else ConnectionLimits()
         kwargs.setdefault("logFormatter", redactedLogFormatter)
         # A message body is the message, never a form: not parsing it saves
@@ -501,8 +501,6 @@ class GatewaySite(Site):
         super().__init__(resource, **kwargs)
         self.maxBodyBytes = maxBodyBytes
         if requestLog is None and accessLog:
-            from evgate.logs import RequestLog
-
             requestLog = RequestLog(True)
         self.requestLog = requestLog
         self.metrics = metrics

@@ -15,6 +15,7 @@ response (L{GroupPoll}).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 from typing import Any, List, Optional, Tuple
@@ -429,8 +430,6 @@ def groupName(api: str, consumer: Any, clientId: str) -> str:
     # API and client are called.
     if consumer.id == "anonymous":
         return f"get.{api}.{clientId}"
-    import hashlib
-
     owner = hashlib.sha256(f"{consumer.plan}\x00{consumer.id}".encode("utf-8")).hexdigest()[:16]
     return f"get.{api}.{owner}.{clientId}"
 

@@ -49,9 +49,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Tuple
 
+from OpenSSL.SSL import Error as TLSError
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, RequestNotSent, ResponseNeverReceived
@@ -121,8 +123,6 @@ def describeFailure(failure: Failure, timeout: float) -> str:
 
 
 def _tlsFailure(reasons: List[Failure]) -> Optional[str]:
-    from OpenSSL.SSL import Error as TLSError
-
     for reason in reasons:
         if reason.check(TLSError):
             text = str(reason.value)
@@ -335,7 +335,6 @@ class WebhookTrust:
         """
         if not self.certificates:
             return BrowserLikePolicyForHTTPS()
-        from twisted.internet.ssl import Certificate, trustRootFromCertificates
 
         root = trustRootFromCertificates([Certificate.loadPEM(pem) for pem in self.certificates])
         return BrowserLikePolicyForHTTPS(trustRoot=root)
@@ -347,7 +346,6 @@ def readCertificates(data: bytes) -> Tuple[bytes, ...]:
 
     @raise ValueError: if there is none, or one is not a certificate.
     """
-    from twisted.internet.ssl import Certificate
 
     found = tuple(_PEM_CERTIFICATE.findall(data))
     if not found:
