@@ -27,13 +27,15 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
+# Problem answers live in evgate.answers (below the site and the admin API);
+# imported from here by older code.
+from evgate.answers import clientLeft, finishWithFailure, finishWithProblem, watchDeparture, writeProblem  # noqa: F401
 from evgate.config import ApiConfig
 from evgate.cors import applyCors, preflight
-from evgate.errors import MethodNotAllowed, NotFound, Problem, Unauthorized
+from evgate.errors import MethodNotAllowed, NotFound, Unauthorized
 from evgate.hub import Hub
 from evgate.interfaces import IConnector, IEntrypoint, IPlan, ISubtreeEntrypoint
 from evgate.message import cursorTag
@@ -99,44 +101,6 @@ class ApiCall:
 
     api: ApiRuntime
     consumer: Consumer
-
-
-def writeProblem(request: Request, problem: Problem) -> bytes:
-    """
-    Set up C{request}'s response as the problem document of C{problem} and
-    return the body for C{render} to return.
-    """
-    request.setResponseCode(problem.status)
-    request.setHeader(b"Content-Type", b"application/problem+json")
-    request.setHeader(b"Cache-Control", b"no-store")
-    for name, value in problem.headers:
-        request.setHeader(name.encode("ascii"), value.encode("latin-1"))
-    return problem.body()
-
-
-def finishWithProblem(request: Request, problem: Problem) -> None:
-    """
-    Write the problem document of C{problem} and finish C{request}, unless
-    the client has gone.
-    """
-    if request.finished or getattr(request, "_disconnected", False):
-        return
-    body = writeProblem(request, problem)
-    request.setHeader(b"Content-Length", b"%d" % (len(body),))
-    request.write(body)
-    request.finish()
-
-
-def finishWithFailure(request: Request, failure: Failure, context: str) -> None:
-    """
-    Finish C{request} with the problem carried by C{failure}, or with a 500
-    (logged with its traceback) for anything unexpected.
-    """
-    if failure.check(Problem):
-        finishWithProblem(request, failure.value)
-        return
-    log.failure("unexpected error {context}", failure, context=context)
-    finishWithProblem(request, Problem("an internal error occurred; it has been logged"))
 
 
 class GatewayResource(Resource):
@@ -205,6 +169,9 @@ class GatewayResource(Resource):
         if answer is not None:
             return answer
         applyCors(request, api)
+        # Answers may come after the client left (a publish acknowledged
+        # late, a long poll): clientLeft tells them.
+        watchDeparture(request)
         entrypoint = None
         for candidate in api.entrypoints:
             if candidate.accepts(request):

@@ -35,6 +35,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector, CollectorRegistry
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
@@ -268,8 +269,6 @@ class GatewayMetrics:
         The registry in the text format C{accept} asks for (Prometheus text
         by default, OpenMetrics when asked): the body and its media type.
         """
-        from prometheus_client.exposition import choose_encoder
-
         encoder, contentType = choose_encoder(accept or "")
         return encoder(self.registry), contentType
 

@@ -34,7 +34,7 @@ What it refuses, keeping the running configuration as it is:
    section and the key (C{POST /reload} answers 400 with them; C{SIGHUP}
    logs them);
  - a change that only a restart can apply (L{RestartRequired}): any other
-   C{[gateway]} key (listeners, the admin listener and token, the store,
+   C{[gateway]} key (listeners, the admin listener, the store,
    limits, log format, ...), and a I{changed} endpoint.  An endpoint's
    connector owns broker connections, threads and consumer groups that
    every API on it shares; replacing it under live streams is a restart in
@@ -44,7 +44,9 @@ What it refuses, keeping the running configuration as it is:
 
 An API is "unchanged" when the text of its section is: a file that a
 section names (a JWT key file, a token file) is read again only when the
-section changes, or at a restart.
+section changes, or at a restart.  The admin token is the exception:
+C{admin-token-file} is read at every reload, so that a new token in the
+same file replaces the old one (which is refused from then on).
 """
 
 from __future__ import annotations
@@ -67,8 +69,10 @@ from evgate.node import buildApis
 if TYPE_CHECKING:
     from evgate.service import GatewayService
 
-# [gateway] keys a reload applies; every other key needs a restart.
-RELOADABLE_GATEWAY_KEYS = frozenset({"access-log"})
+# [gateway] keys a reload applies; every other key needs a restart.  The
+# admin token is one, so that it can be rotated without a restart: a
+# reload reads admin-token-file again even when the key's text is the same.
+RELOADABLE_GATEWAY_KEYS = frozenset({"access-log", "admin-token", "admin-token-file"})
 
 log = Logger(namespace="evgate.reload")
 
@@ -150,6 +154,9 @@ def checkConfig(gateway: "GatewayService", path: Optional[str] = None) -> Reload
             plan.gatewayChanged.append(key)
         else:
             reasons.append(f"[gateway] {key}")
+    if _adminToken(config) not in (None, _runningAdminToken(gateway)) and "admin-token" not in plan.gatewayChanged:
+        # The token file's content changed (its name did not).
+        plan.gatewayChanged.append("admin-token")
     for name in sorted(set(gateway.connectors) | set(config.endpoints)):
         section = f"endpoint:{name}"
         if name not in gateway.connectors:
@@ -236,6 +243,11 @@ def reconfigService(gateway: "GatewayService", plan: ReloadPlan) -> Deferred:
 
     if "access-log" in plan.gatewayChanged:
         gateway.requestLog.enabled = config.gateway.accessLog
+    token = _adminToken(config)
+    if gateway.admin is not None and token is not None and token != gateway.admin.token:
+        # From the next request on, the old token is refused.
+        gateway.admin.token = token
+        log.info("reload: the admin token changed")
     # The running configuration is the new file's; [gateway] keeps the
     # settings that run (equal but for the keys a reload applies, which
     # are applied above).
@@ -247,6 +259,18 @@ def reconfigService(gateway: "GatewayService", plan: ReloadPlan) -> Deferred:
              "{unchanged} unchanged", path=config.path, added=_names(plan.added), changed=_names(plan.changed),
              removed=_names(plan.removed), unchanged=len(plan.unchanged))
     return DeferredList(waits, consumeErrors=True).addCallback(lambda _: plan)
+
+
+def _adminToken(config: Config) -> Optional[bytes]:
+    """
+    The admin token of C{config}, if it has an admin API.
+    """
+    settings = config.gateway.options.get("admin")
+    return settings.token if settings is not None else None
+
+
+def _runningAdminToken(gateway: "GatewayService") -> Optional[bytes]:
+    return gateway.admin.token if gateway.admin is not None else None
 
 
 def _names(names: List[str]) -> str:

@@ -8,14 +8,15 @@ from __future__ import annotations
 import os
 import socket
 import sys
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint, TCP6ServerEndpoint, serverFromString
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from evgate.admin.app import AdminApp, adminSite
 from evgate.admin.ops import Tails
@@ -50,10 +51,14 @@ def cannotListen(path: str, role: str, error: CannotListenError) -> SystemExit:
     return SystemExit(2)
 
 
-class ListenerService(StreamServerEndpointService):
+class ListenerService(Service):
     """
     A listener that fails start-up when it cannot bind, and logs where it
     listens once it does (tests and operators read that line).
+
+    It calls C{endpoint.listen} itself and keeps the Deferred, rather than
+    subclass C{StreamServerEndpointService}, whose port and "raise a bind
+    failure at once" switch are private attributes.
     """
 
     log = Logger()
@@ -68,21 +73,41 @@ class ListenerService(StreamServerEndpointService):
             key = "listen" if role == "gateway" else role
             raise ConfigError(configPath, "gateway", key, f"{description}: no socket inherited from systemd at that "
                               "index (is evgate.socket active, with a ListenStream= per listener?)") from None
-        super().__init__(endpoint, factory)
-        self._raiseSynchronously = True
+        self.endpoint = endpoint
+        self.factory = factory
         self.description = description
         self.role = role
         self.configPath = configPath
         self.port: Any = None
+        self.listening: Optional[Deferred] = None
         self._listeners: List[Deferred] = []
 
     def privilegedStartService(self) -> None:
-        try:
-            super().privilegedStartService()
-        except CannotListenError as e:
-            raise cannotListen(self.configPath, self.role, e) from None
-        if self._waitingForPort is not None:
-            self._waitingForPort.addCallback(self._listening)
+        Service.privilegedStartService(self)
+        # TCP, UNIX and systemd endpoints listen synchronously: a bind
+        # failure has already failed the Deferred when listen returns, and
+        # raising it here is what aborts twistd's start-up.
+        failures: List[Failure] = []
+        self.listening = self.endpoint.listen(self.factory)
+        self.listening.addCallbacks(self._listening, failures.append)
+        if failures:
+            error = failures[0].value
+            if isinstance(error, CannotListenError):
+                raise cannotListen(self.configPath, self.role, error) from None
+            failures[0].raiseException()
+
+    def startService(self) -> None:
+        if self.listening is None:
+            self.privilegedStartService()
+        Service.startService(self)
+
+    def stopService(self) -> Any:
+        Service.stopService(self)
+        if self.listening is not None and not self.listening.called:
+            self.listening.cancel()
+        if self.port is None:
+            return succeed(None)
+        return maybeDeferred(self.port.stopListening)
 
     def _listening(self, port: Any) -> Any:
         self.port = port
@@ -125,11 +150,11 @@ class ReusePortListener(Service):
 
     log = Logger()
 
-    def __init__(self, description: str, endpoint: Any, factory: Any, reactor: Any, count: int,
+    def __init__(self, description: str, address: "TcpAddress", factory: Any, reactor: Any, count: int,
                  configPath: str = "<config>") -> None:
         self.description = description
         self.configPath = configPath
-        self.endpoint = endpoint
+        self.address = address
         self.factory = factory
         self.reactor = reactor
         self.count = count
@@ -138,9 +163,9 @@ class ReusePortListener(Service):
 
     def privilegedStartService(self) -> None:
         Service.privilegedStartService(self)
-        family = socket.AF_INET6 if isinstance(self.endpoint, TCP6ServerEndpoint) else socket.AF_INET
-        interface = self.endpoint._interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
-        port = self.endpoint._port
+        family = self.address.family
+        interface = self.address.interface or ("::" if family == socket.AF_INET6 else "0.0.0.0")
+        port = self.address.port
         try:
             for _ in range(self.count):
                 sock = socket.socket(family, socket.SOCK_STREAM)
@@ -149,7 +174,7 @@ class ReusePortListener(Service):
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 sock.bind((interface, port))
                 port = sock.getsockname()[1]
-                sock.listen(self.endpoint._backlog)
+                sock.listen(self.address.backlog)
                 sock.setblocking(False)
         except OSError as e:
             self._close()
@@ -185,9 +210,66 @@ class ReusePortListener(Service):
         self.sockets = []
 
 
-def reusePortEndpoint(description: str, reactor: Any) -> Any:
+@dataclass(frozen=True)
+class TcpAddress:
     """
-    The TCP endpoint of C{description} when a node with workers can give
+    Where a TCP listener binds, as its strports description says.
+    """
+
+    family: int
+    port: int
+    interface: str = ""
+    backlog: int = 50
+
+
+def _strportsFields(description: str) -> List[str]:
+    # Fields are separated by ":"; a backslash escapes the next character
+    # (an IPv6 interface is written tcp6:8080:interface=\:\:1).
+    fields, current, escaped = [], [], False
+    for char in description:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    fields.append("".join(current))
+    return fields
+
+
+def tcpAddress(description: str) -> TcpAddress:
+    """
+    The address of the C{tcp:} or C{tcp6:} strports C{description}
+    (port, then interface and backlog, positionally or by name, as Twisted
+    reads them).  Twisted's endpoints keep these in private attributes and
+    its parser is private: a listener that binds its own sockets reads its
+    description itself.
+
+    @raise ValueError: if C{description} is not a TCP description.
+    """
+    kind, *rest = _strportsFields(description)
+    kind = kind.lower()
+    if kind not in ("tcp", "tcp6"):
+        raise ValueError(f"not a TCP description: {description}")
+    values: Dict[str, str] = {}
+    positional = ["port", "interface", "backlog"]
+    for field in rest:
+        name, equals, value = field.partition("=")
+        if equals:
+            values[name] = value
+        elif positional:
+            values[positional.pop(0)] = field
+    return TcpAddress(family=socket.AF_INET6 if kind == "tcp6" else socket.AF_INET, port=int(values["port"]),
+                      interface=values.get("interface", ""), backlog=int(values.get("backlog", 50)))
+
+
+def reusePortAddress(description: str, reactor: Any) -> Optional[TcpAddress]:
+    """
+    The TCP address of C{description} when a node with workers can give
     each process its own socket for it (L{ReusePortListener}), else
     L{None}.
     """
@@ -195,7 +277,7 @@ def reusePortEndpoint(description: str, reactor: Any) -> Any:
         return None
     endpoint = serverFromString(reactor, description)
     if isinstance(endpoint, (TCP4ServerEndpoint, TCP6ServerEndpoint)):
-        return endpoint
+        return tcpAddress(description)
     return None
 
 
@@ -288,7 +370,7 @@ class GatewayService(MultiService):
         else:
             workers = settings.workers
             for description in settings.listen:
-                tcp = reusePortEndpoint(description, reactor) if workers > 1 else None
+                tcp = reusePortAddress(description, reactor) if workers > 1 else None
                 if tcp is not None:
                     listener: Any = ReusePortListener(description, tcp, self.site, reactor, workers, config.path)
                 else:

@@ -46,6 +46,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
 from evgate import twistedprivate
+from evgate.answers import clientLeft, writeProblem
 from evgate.config import SectionReader, gatewayKeys
 from evgate.errors import (
     HeaderFieldsTooLarge,
@@ -55,7 +56,8 @@ from evgate.errors import (
     RequestTimeout,
     ServiceOverloaded,
 )
-from evgate.twistedprivate import requestLineOf
+from evgate.logs import RequestLog
+from evgate.security import redactedLogFormatter
 
 log = Logger()
 
@@ -358,6 +360,9 @@ class GatewayRequest(Request):
     # The body of a request processed while it arrives (L{_streamBody}).
     _streamedBody: Any = None
     _streamStarted = False
+    # Set in connectionLost: evgate.answers.clientLeft reads it, and
+    # watchDeparture needs no notifyFinish Deferred for this class.
+    evgateLeft = False
 
     def _limit(self) -> int:
         return getattr(getattr(self.channel, "site", None), "maxBodyBytes", 1 << 62) if self.channel else 1 << 62
@@ -382,7 +387,7 @@ class GatewayRequest(Request):
         pipeFor = getattr(resource, "bodyPipeFor", None)
         if channel is None or pipeFor is None:
             return False
-        command, path, version = requestLineOf(channel)
+        command, path, version = twistedprivate.channelRequestLine(channel)
         openPipe = pipeFor(path.split(b"?", 1)[0])
         if openPipe is None:
             return False
@@ -427,6 +432,7 @@ class GatewayRequest(Request):
         # client closed, a long poll given up) is never finished: this is
         # where it ends for the access log and the request counts.
         site = getattr(self, "site", None)
+        self.evgateLeft = True
         super().connectionLost(reason)
         if not self.finished and site is not None and getattr(site, "requestLog", None) is not None:
             site.requestLog.requestEnded(self, lost=True)
@@ -456,7 +462,7 @@ class GatewayRequest(Request):
         """
         log.failure("unexpected error rendering {method} {path}", reason,
                     method=self.method, path=self.path)
-        if self.finished or getattr(self, "_disconnected", False):
+        if clientLeft(self):
             return reason
         if self.startedWriting:
             # The status line is out: all that is left is to cut it short.
@@ -475,12 +481,10 @@ class GatewayRequest(Request):
         return reason
 
     def _refuse(self) -> None:
-        from evgate.gateway import writeProblem
-
         self._refused = True
         # The request line and headers are known at this point; answering
         # needs them for the HTTP version and keep-alive decision.
-        self.method, self.uri, self.clientproto = requestLineOf(self.channel)
+        self.method, self.uri, self.clientproto = twistedprivate.channelRequestLine(self.channel)
         self.path = self.uri.split(b"?", 1)[0]
         problem = PayloadTooLarge(f"the message is larger than max-message-bytes ({self._limit()} bytes)")
         self.setHeader(b"Connection", b"close")
@@ -540,8 +544,6 @@ class GatewaySite(Site):
                  **kwargs: Any) -> None:
         # Credentials in query strings stay out of twisted.web's own
         # formatter, should anything use it.
-        from evgate.security import redactedLogFormatter
-
         self.limits = limits if limits is not None else ConnectionLimits()
         kwargs.setdefault("logFormatter", redactedLogFormatter)
         # A message body is the message, never a form: not parsing it saves
@@ -553,8 +555,6 @@ class GatewaySite(Site):
         super().__init__(resource, **kwargs)
         self.maxBodyBytes = maxBodyBytes
         if requestLog is None and accessLog:
-            from evgate.logs import RequestLog
-
             requestLog = RequestLog(True)
         self.requestLog = requestLog
         self.metrics = metrics

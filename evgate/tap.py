@@ -10,6 +10,7 @@ from typing import Any, Optional
 from twisted.python import usage
 
 from evgate.config import ConfigError, loadConfig
+from evgate.service import GatewayService
 
 DEFAULT_CONFIG = "/etc/evgate/evgate.ini"
 
@@ -60,8 +61,6 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         sys.stdout.write(f"evgate: {options['config']} is valid ({len(config.apis)} APIs: {apis})\n")
         sys.stdout.flush()
         raise SystemExit(0)
-    from evgate.service import GatewayService
-
     try:
         return GatewayService(config, reactor)
     except ConfigError as e:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Tuple
 
 from twisted.internet import tcp
+from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import HTTPChannel
 
 # The versions whose private attributes the accessors below were checked
@@ -184,19 +185,69 @@ def answerBadRequestsWith(channelClass: type, answer: Callable[[Any], None]) -> 
                            "update evgate.twistedprivate for this Twisted")
     setattr(channelClass, BAD_REQUEST_HOOK, answer)
 
-def requestLineOf(channel: Any) -> Tuple[bytes, bytes, bytes]:
-    """
-    The method, path (with its query) and HTTP version of the request whose
-    head C{channel} (an L{HTTPChannel}) is reading, known once its request
-    line was parsed and before L{twisted.web.server.Request.requestReceived}
-    is called: what answering early (a refused body, a body streamed to an
-    upstream) needs.  L{HTTPChannel} keeps them as C{_command}, C{_path} and
-    C{_version}; no public accessor exists.
-    """
-    return (getattr(channel, "_command", None) or b"POST", getattr(channel, "_path", None) or b"/",
-            getattr(channel, "_version", None) or b"HTTP/1.1")
+# ---------------------------------------------------------------------------
+# end of the HTTP channel section
+# ---------------------------------------------------------------------------
 
 
 # ---------------------------------------------------------------------------
-# end of the HTTP channel section
+# HTTP channel (evgate.site): the request line of a request answered or
+# handed on before it was given its method, path and version (a body refused
+# for its size; a body streamed to a proxy upstream as it arrives).
+# Pinned by tests.test_twistedprivate.ChannelTests.
+# ---------------------------------------------------------------------------
+
+# The attributes in which HTTPChannel keeps the request line while the
+# headers and body arrive.  A Request learns them only in requestReceived,
+# after the whole body; a body refused for its size (GatewayRequest) is
+# answered before that, and the answer needs the version (keep-alive) and
+# the path (the access log).
+CHANNEL_REQUEST_LINE: Tuple[str, str, str] = ("_command", "_path", "_version")
+
+
+def channelRequestLine(channel: Any) -> Tuple[bytes, bytes, bytes]:
+    """
+    The method, path and HTTP version of the request C{channel} is reading,
+    with defaults for a channel that has none (a test's dummy channel).
+    """
+    command, path, version = CHANNEL_REQUEST_LINE
+    return (getattr(channel, command, b"POST"), getattr(channel, path, b"/"),
+            getattr(channel, version, b"HTTP/1.1"))
+
+# ---------------------------------------------------------------------------
+# end of the request line section
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Webhook client (evgate.webhook.client): quiet connection pools.
+# Pinned by tests.test_twistedprivate.PoolTests.
+# ---------------------------------------------------------------------------
+
+# HTTPConnectionPool makes its connections' protocol factories from its
+# class attribute `_factory` (named in the pool's docstring): no public
+# way chooses it.  All it changes here is logging: one line per
+# connection to a receiver says nothing useful.
+POOL_FACTORY = "_factory"
+
+
+class QuietClientFactory(_HTTP11ClientFactory):
+    """
+    The pool's protocol factory, without the start and stop log lines.
+    """
+
+    noisy = False
+
+
+class QuietConnectionPool(HTTPConnectionPool):
+    """
+    An L{HTTPConnectionPool} whose connections do not log their starts and
+    stops.
+    """
+
+
+setattr(QuietConnectionPool, POOL_FACTORY, QuietClientFactory)
+
+# ---------------------------------------------------------------------------
+# end of the webhook client section
 # ---------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 from evgate.config import ConfigError, loadConfig
 from evgate.logs import observerFor
+from evgate.service import GatewayService
 from evgate.workers import REPORT_FD, PrimaryLink, WorkerReporter
 
 
@@ -52,12 +53,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"evgate worker {args.index}: {e}\n")
         return 2
+    # Imported here, not at the top: importing the reactor installs the
+    # default one, and nothing may do that before the process chose it.
     from twisted.internet import reactor, stdio
 
     observer = observerFor(config.gateway.options) or textFileLogObserver(sys.stdout)
     globalLogBeginner.beginLoggingTo([_tagged(observer, args.index)], redirectStandardIO=False)
-    from evgate.service import GatewayService
-
     role = WorkerRole(args.index, [int(fd) for fd in args.listen_fds.split(",") if fd])
     gateway = GatewayService(config, reactor, worker=role)
     link = PrimaryLink(reactor)

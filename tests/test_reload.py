@@ -7,6 +7,8 @@ gateway driven by a L{Clock} through StubTreq.
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from typing import Any, List
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -14,7 +16,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from evgate.config import ConfigError
 from evgate.reload import RestartRequired
 
-from .test_ops import OpsHarness
+from .test_ops import TOKEN, OpsHarness, iniText
 
 API_B = """
 [api:b]
@@ -241,3 +243,46 @@ class ReloadRouteTests(SynchronousTestCase):
         POST /reload needs the token.
         """
         self.assertEqual(self.ops.call("POST", "/reload", headers={})[0], 401)
+
+
+class AdminTokenTests(SynchronousTestCase):
+    """
+    The admin token is rotated by a reload, without a restart.
+    """
+
+    def test_tokenFileReadAgain(self) -> None:
+        """
+        After admin-token-file's content changed, a reload makes the old
+        token 401 and the new one work.
+        """
+        directory = tempfile.mkdtemp(prefix="evgate-token-")
+        tokenPath = os.path.join(directory, "admin.token")
+        with open(tokenPath, "w") as f:
+            f.write(TOKEN + "\n")
+        text = iniText().replace(f"admin-token = {TOKEN}", f"admin-token-file = {tokenPath}")
+        self.ops = OpsHarness()
+        self.ops.rewrite(text=text)
+        status, document = self.ops.json("POST", "/reload")
+        self.assertEqual(status, 200)
+        newToken = "a-new-admin-token-after-rotation-0123456789"
+        with open(tokenPath, "w") as f:
+            f.write(newToken + "\n")
+        status, document = self.ops.json("POST", "/reload")
+        self.assertEqual(status, 200)
+        self.assertEqual(document["gateway"], {"changed": ["admin-token"]})
+        self.assertEqual(self.ops.call("GET", "/apis")[0], 401)
+        status, _, _ = self.ops.call("GET", "/apis", headers={"Authorization": f"Bearer {newToken}"})
+        self.assertEqual(status, 200)
+
+    def test_inlineTokenChanged(self) -> None:
+        """
+        A new admin-token in the file is applied by a reload too.
+        """
+        self.ops = OpsHarness()
+        newToken = "another-admin-token-0123456789abcdef"
+        self.ops.rewrite(text=iniText().replace(f"admin-token = {TOKEN}", f"admin-token = {newToken}"))
+        status, _ = self.ops.json("POST", "/reload")
+        self.assertEqual(status, 200)
+        self.assertEqual(self.ops.call("GET", "/apis")[0], 401)
+        self.assertEqual(self.ops.call("GET", "/apis",
+                                       headers={"Authorization": f"Bearer {newToken}"})[0], 200)

@@ -12,10 +12,13 @@ import autobahn
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import TrafficStats
 from twisted.internet import tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
-from twisted.web.http import Request
+from twisted.web.client import HTTPConnectionPool
+from twisted.web.http import HTTPChannel, Request
 from twisted.web.test.requesthelper import DummyChannel
 
 import twisted
@@ -126,3 +129,42 @@ class AttributeTests(SynchronousTestCase):
         clock.advance(2)
         self.assertEqual(fired, [1])
         timer.cancel()  # after it fired: no error
+
+
+class ChannelTests(SynchronousTestCase):
+    """
+    The request line HTTPChannel keeps while it reads a request is where
+    evgate.twistedprivate reads it.
+    """
+
+    def test_requestLine(self) -> None:
+        """
+        After a request line and a header, a real HTTPChannel has every
+        attribute of CHANNEL_REQUEST_LINE, and channelRequestLine returns
+        the method, path and version that were sent.
+        """
+        channel = HTTPChannel()
+        channel.makeConnection(StringTransport())
+        channel.dataReceived(b"POST /orders?x=1 HTTP/1.0\r\nContent-Length: 5\r\n")
+        for name in twistedprivate.CHANNEL_REQUEST_LINE:
+            self.assertTrue(hasattr(channel, name), f"HTTPChannel lost {name}: re-check evgate/twistedprivate.py")
+        self.assertEqual(twistedprivate.channelRequestLine(channel), (b"POST", b"/orders?x=1", b"HTTP/1.0"))
+        channel.connectionLost(Failure(ConnectionDone()))
+
+
+class PoolTests(SynchronousTestCase):
+    """
+    HTTPConnectionPool still chooses its protocol factory through the
+    attribute evgate.twistedprivate replaces.
+    """
+
+    def test_poolFactory(self) -> None:
+        """
+        HTTPConnectionPool has POOL_FACTORY, and QuietConnectionPool's is
+        the quiet factory.
+        """
+        self.assertTrue(hasattr(HTTPConnectionPool, twistedprivate.POOL_FACTORY),
+                        "HTTPConnectionPool lost _factory: re-check evgate/twistedprivate.py")
+        self.assertIs(getattr(twistedprivate.QuietConnectionPool, twistedprivate.POOL_FACTORY),
+                      twistedprivate.QuietClientFactory)
+        self.assertFalse(twistedprivate.QuietClientFactory.noisy)

@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import io
 import json
+import socket
 from typing import Any, Dict, List
 
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
 from twisted.trial.unittest import SynchronousTestCase
 
 from evgate.logs import JsonLinesObserver
 from evgate.metrics import subscriberCount
+from evgate.service import tcpAddress
 from evgate.worker import _tagged
 from evgate.workers import REPORT_FD, WorkerProtocol, snapshot
 
@@ -97,3 +101,31 @@ class LogTagTests(SynchronousTestCase):
         observe = _tagged(JsonLinesObserver(out), 3)
         observe({"log_format": "hello", "log_namespace": "x", "log_time": 0.0})
         self.assertEqual(json.loads(out.getvalue())["worker"], 3)
+
+
+class TcpAddressTests(SynchronousTestCase):
+    """
+    L{tcpAddress} reads a TCP description as Twisted's own parser does, so
+    that one socket per worker binds where the single listener would.
+    """
+
+    def test_asTwistedReadsIt(self) -> None:
+        """
+        Port, interface and backlog, positional or named, and an escaped
+        IPv6 interface, come out as the endpoint Twisted builds from the
+        same description holds them.
+        """
+        for description in ["tcp:8080", "tcp:port=0:interface=127.0.0.1:backlog=7",
+                            "tcp6:8080:interface=\\:\\:1", "tcp:9:127.0.0.2:12"]:
+            endpoint: Any = serverFromString(MemoryReactor(), description)
+            address = tcpAddress(description)
+            self.assertEqual((address.port, address.interface, address.backlog),
+                             (endpoint._port, endpoint._interface, endpoint._backlog), description)
+        self.assertEqual(tcpAddress("tcp6:0").family, socket.AF_INET6)
+        self.assertEqual(tcpAddress("tcp:0").family, socket.AF_INET)
+
+    def test_notTcp(self) -> None:
+        """
+        A description of another kind of endpoint is refused.
+        """
+        self.assertRaises(ValueError, tcpAddress, "unix:/tmp/evgate.sock")

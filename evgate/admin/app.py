@@ -64,6 +64,7 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
+from evgate.answers import writeProblem
 from evgate.config import SectionReader, gatewayKeys
 from evgate.errors import BadRequest, MethodNotAllowed, NotFound, Problem, Unauthorized, UnsupportedMediaType
 from evgate.jsonlimits import loads as jsonLoads
@@ -258,8 +259,6 @@ class AdminResource(Resource):
 
 
 def _problemBody(request: Request, problem: Problem) -> bytes:
-    from evgate.gateway import writeProblem
-
     return writeProblem(request, problem)
 
 
@@ -286,7 +285,7 @@ def _render(request: Request, result: Any) -> Any:
 
 
 def _renderFailure(request: Request, failure: Failure, where: str) -> bytes:
-    if failure.check(Problem):
+    if isinstance(failure.value, Problem):
         return _problemBody(request, failure.value)
     log.failure("admin: unexpected error in {where}", failure, where=where)
     return _problemBody(request, Problem("an internal error occurred; it has been logged"))

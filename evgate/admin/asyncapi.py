@@ -27,7 +27,9 @@ The document is valid against the official AsyncAPI 3.0.0 JSON schema
 
 from __future__ import annotations
 
+import json
 import re
+from importlib.metadata import version
 from typing import Any, Dict, List, Tuple
 
 from twisted.web.server import Request
@@ -46,8 +48,6 @@ def evgateVersion() -> str:
     The installed version of evgate.
     """
     try:
-        from importlib.metadata import version
-
         return version("evgate")
     except Exception:  # not installed as a distribution (a source tree)
         return "0"
@@ -235,8 +235,6 @@ def asyncapi(admin: AdminApp, request: Request, api: str) -> Any:
     """
     The AsyncAPI 3.0 document of API C{api}, as JSON.
     """
-    import json
-
     runtime = admin.gateway.api(api)
     if runtime is None:
         raise NotFound(f"there is no API named {api}")

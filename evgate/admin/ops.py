@@ -30,6 +30,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from evgate.admin.app import AdminApp, Answer, adminRoute
+from evgate.answers import clientLeft, watchDeparture
 from evgate.config import ConfigError
 from evgate.errors import EndpointUnavailable, NotFound, Problem
 from evgate.hub import Event, HubSubscription
@@ -213,12 +214,12 @@ def reload(admin: AdminApp, request: Request) -> Deferred:
         return plan.summary()  # type: ignore[no-any-return]
 
     def refused(failure: Failure) -> None:
-        if failure.check(ConfigError):
-            error = failure.value
+        error = failure.value
+        if isinstance(error, ConfigError):
             raise BadConfiguration(str(error), extra={"file": error.path, "section": error.section,
                                                       "key": error.key, "applied": False})
-        if failure.check(RestartRequired):
-            raise RestartNeeded(str(failure.value), extra={"restartRequired": failure.value.reasons,
+        if isinstance(error, RestartRequired):
+            raise RestartNeeded(str(error), extra={"restartRequired": error.reasons,
                                                            "applied": False})
         failure.raiseException()
 
@@ -274,6 +275,7 @@ class TailResource(Resource):
     def render_GET(self, request: Request) -> Any:
         request.setHeader(b"Content-Type", b"application/x-ndjson")
         request.setHeader(b"X-Accel-Buffering", b"no")
+        watchDeparture(request)
         TailSubscriber(self.tails, self.api, request).subscribe()
         return NOT_DONE_YET
 
@@ -350,7 +352,7 @@ class TailSubscriber:
             return
         request = self.request
         self._end()
-        if not request.finished and not getattr(request, "_disconnected", False):
+        if not clientLeft(request):
             request.write(json.dumps(last).encode("utf-8") + b"\n")
             request.unregisterProducer()
             request.finish()

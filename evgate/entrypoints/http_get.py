@@ -15,6 +15,7 @@ response (L{GroupPoll}).
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 from typing import Any, List, Optional, Tuple
@@ -25,9 +26,10 @@ from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from evgate.answers import clientLeft, finishWithFailure, finishWithProblem, writeProblem
 from evgate.errors import BadCursor, BadRequest, EndpointUnavailable, NotAcceptable, Problem
 from evgate.filters import filterFor as subscriptionFilter
-from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, queryArgs, writeProblem
+from evgate.gateway import ApiCall, queryArgs
 from evgate.hub import Event, HubSubscription
 from evgate.interfaces import IConsumerGroups, IEntrypoint, ISubscriber
 from evgate.message import Cursor, CursorError, contentForJSON, cursorsAfter, headerObject
@@ -380,7 +382,7 @@ class PollSubscriber:
                 "the endpoint did not position the read in time", retryAfter=1))
             return
         request = self.request
-        gone = request.finished or getattr(request, "_disconnected", False)
+        gone = clientLeft(request)
         self._stop(None if gone else self.cursor)
         if gone:
             return
@@ -428,8 +430,6 @@ def groupName(api: str, consumer: Any, clientId: str) -> str:
     # API and client are called.
     if consumer.id == "anonymous":
         return f"get.{api}.{clientId}"
-    import hashlib
-
     owner = hashlib.sha256(f"{consumer.plan}\x00{consumer.id}".encode("utf-8")).hexdigest()[:16]
     return f"get.{api}.{owner}.{clientId}"
 
@@ -468,7 +468,7 @@ class GroupPoll:
 
     def _answer(self, batch: Any) -> None:
         request = self.request
-        if request.finished or getattr(request, "_disconnected", False):
+        if clientLeft(request):
             batch.putBack()
             return
         try:

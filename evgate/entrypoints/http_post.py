@@ -27,9 +27,10 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from evgate import jsonlimits
+from evgate.answers import clientLeft, finishWithFailure, finishWithProblem, writeProblem
 from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import BadRequest, Problem
-from evgate.gateway import ApiCall, finishWithFailure, finishWithProblem, jsonBody, queryArgs, writeProblem
+from evgate.gateway import ApiCall, jsonBody, queryArgs
 from evgate.interfaces import IEntrypoint
 from evgate.message import Draft, Position
 from evgate.metrics import tallyFor
@@ -251,7 +252,7 @@ class HttpPostEntrypoint:
     def _acknowledged(self, position: Position, request: Request, size: int, started: float) -> None:
         # Published whether or not the client is still there to hear it.
         self.tally.published(size, self.api.node.reactor.seconds() - started)
-        if request.finished or getattr(request, "_disconnected", False):
+        if clientLeft(request):
             return
         request.write(jsonBody(request, 202, position.asJSON()))
         request.finish()
@@ -281,7 +282,7 @@ class HttpPostEntrypoint:
         if all(isinstance(result, Position) for result in results):
             self.tally.publishedMany(len(results), sum(len(d.content) for d in drafts),
                                      self.api.node.reactor.seconds() - started)
-            if request.finished or getattr(request, "_disconnected", False):
+            if clientLeft(request):
                 return
             body = b'{"published":%d,"positions":[%s]}' % (len(results), positionsJSON(results))
             request.setResponseCode(202)
@@ -307,7 +308,7 @@ class HttpPostEntrypoint:
         published = len(results) - len(failed)
         if published:
             self.tally.publishedMany(published, size, self.api.node.reactor.seconds() - started)
-        if request.finished or getattr(request, "_disconnected", False) or first is None:
+        if clientLeft(request) or first is None:
             return
         # At least one record failed: the status is the first failure's, and
         # the document says which records to send again.

@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
+from evgate.answers import finishWithFailure, writeProblem
 from evgate.directwrite import boundSendBuffer, writeChunk
 from evgate.entrypoints.http_get import requestCursor
 from evgate.entrypoints.streaming import Goodbye, StreamSubscriber, stopAll
@@ -58,7 +59,7 @@ from evgate.errors import (
     Unauthorized,
 )
 from evgate.filters import filterFor
-from evgate.gateway import ApiCall, finishWithFailure, writeProblem
+from evgate.gateway import ApiCall
 from evgate.hub import Event
 from evgate.interfaces import IStreamFramer, IStreamingEntrypoint
 from evgate.message import Cursor, CursorError, envelopeJSON
@@ -246,7 +247,7 @@ class SseFramer:
             self.finish(b"" if reason.midFrame else noticeFrame("error", document), disconnect=True)
         elif kind == Goodbye.FAILED:
             failure = reason.failure
-            problem = (failure.value if failure is not None and failure.check(Problem)
+            problem = (failure.value if failure is not None and isinstance(failure.value, Problem)
                        else Problem("the upstream subscription failed"))
             self.finish(noticeFrame("error", problemDocument(problem, token)))
         elif kind == Goodbye.EXPIRED:

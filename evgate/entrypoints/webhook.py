@@ -38,9 +38,10 @@ from typing import Any, Mapping, Optional
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from evgate.answers import writeProblem
 from evgate.config import ApiContext, ConfigError, SectionReader, apiOptionParser, gatewayKeys
 from evgate.errors import MethodNotAllowed
-from evgate.gateway import ApiCall, writeProblem
+from evgate.gateway import ApiCall
 from evgate.interfaces import IEntrypoint
 from evgate.webhook.delivery import DeadLetters, splitDeadLetterTarget
 from evgate.webhook.retry import (

@@ -47,12 +47,13 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from evgate.answers import writeProblem
 from evgate.directwrite import boundSendBuffer, writeNow
 from evgate.entrypoints.http_get import requestCursor
 from evgate.entrypoints.streaming import Goodbye, StreamSubscriber, stopAll
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, Forbidden, Problem
 from evgate.filters import filterFor
-from evgate.gateway import ApiCall, writeProblem
+from evgate.gateway import ApiCall
 from evgate.hub import Event
 from evgate.interfaces import IStreamFramer, IStreamingEntrypoint
 from evgate.message import Cursor, Draft, Position, envelopeJSON
@@ -410,7 +411,8 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
 
     def _publishFailed(self, failure: Failure, ref: Any) -> bool:
         # Returns whether the connection stays open.
-        if failure.check(Problem):
+        problem: Problem
+        if isinstance(failure.value, Problem):
             problem = failure.value
         else:
             self.gatewayLog.failure("publishing from a WebSocket of {api}", failure, api=self.call.api.name)

@@ -54,6 +54,7 @@ import time
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jwt as pyjwt
+import treq
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
@@ -295,8 +296,6 @@ class JwksKeys:
 
     def _client(self) -> Any:
         if self.http is None:
-            import treq
-
             self.http = treq
         return self.http
 

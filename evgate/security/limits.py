@@ -69,6 +69,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
+import txredisapi
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
@@ -313,8 +314,6 @@ class RedisCounters(Service):
 
     def startService(self) -> None:
         super().startService()
-        import txredisapi
-
         self.redis = txredisapi.lazyConnection(
             self.host, self.port, dbid=self.db, password=self.password, reconnect=True,
             connectTimeout=max(1.0, self.timeout * 4), replyTimeout=max(1.0, self.timeout * 4),

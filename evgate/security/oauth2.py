@@ -37,6 +37,7 @@ from collections import OrderedDict
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 from urllib.parse import quote
 
+import treq
 from twisted.internet.defer import Deferred, TimeoutError, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -130,8 +131,6 @@ class OAuth2Plan:
 
     def _client(self) -> Any:
         if self.http is None:
-            import treq
-
             self.http = treq
         return self.http
 

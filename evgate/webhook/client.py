@@ -49,24 +49,19 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, List, Mapping, Optional, Tuple
 
+from OpenSSL.SSL import Error as TLSError
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import (
-    URI,
-    Agent,
-    BrowserLikePolicyForHTTPS,
-    HTTPConnectionPool,
-    RequestNotSent,
-    ResponseNeverReceived,
-    _HTTP11ClientFactory,
-)
+from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, RequestNotSent, ResponseNeverReceived
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
 from evgate.config import SectionReader, gatewayKeys
+from evgate.twistedprivate import QuietConnectionPool
 from evgate.webhook.ssrf import ForbiddenAddress
 
 USER_AGENT = b"evgate-webhook/1"
@@ -118,18 +113,16 @@ def describeFailure(failure: Failure, timeout: float) -> str:
         if tls is not None:
             return tls
         return f"the connection failed before a response: {reasons[0].getErrorMessage()}"
-    if failure.check(ForbiddenAddress):
+    if isinstance(failure.value, ForbiddenAddress):
         return f"refused to connect to {failure.value.args[0] if failure.value.args else 'a forbidden address'}"
     if failure.check(DNSLookupError):
         return "the callback host does not resolve"
     if failure.check(ConnectError):
         return f"cannot connect: {failure.getErrorMessage()}"
-    return f"{failure.type.__name__}: {failure.getErrorMessage()}"[:300]
+    return f"{type(failure.value).__name__}: {failure.getErrorMessage()}"[:300]
 
 
 def _tlsFailure(reasons: List[Failure]) -> Optional[str]:
-    from OpenSSL.SSL import Error as TLSError
-
     for reason in reasons:
         if reason.check(TLSError):
             text = str(reason.value)
@@ -158,22 +151,6 @@ class ResponseDrain:
         self.size += len(data)
         if self.size > MAX_RESPONSE_BYTES:
             raise ResponseTooLarge()
-
-
-class _QuietFactory(_HTTP11ClientFactory):
-    # One log line per connection to a receiver says nothing useful.
-    noisy = False
-
-
-class _QuietPool(HTTPConnectionPool):
-    """
-    A pool whose connections do not log their starts and stops.
-    """
-
-    # Twisted has no public way to choose a pool's protocol factory; this
-    # attribute (named in the pool's docstring) is the only one, and all
-    # it changes here is logging.
-    _factory = _QuietFactory
 
 
 @implementer(IStreamClientEndpoint)
@@ -222,13 +199,13 @@ class _ReusedConnection:
         # cancels the request) or a broken TLS session are real failures.
         if failure.check(RequestNotSent):
             raise ReusedConnectionLost()
-        if failure.check(ResponseNeverReceived) and all(
+        if isinstance(failure.value, ResponseNeverReceived) and all(
                 reason.check(ConnectionDone, ConnectionLost) for reason in failure.value.reasons):
             raise ReusedConnectionLost()
         return failure
 
 
-class DeliveryPool(_QuietPool):
+class DeliveryPool(QuietConnectionPool):
     """
     The persistent pool of deliveries: it tells connections it hands out
     again from new ones (L{_ReusedConnection}), and leaves retrying to the
@@ -275,7 +252,7 @@ class DeliveryAgent:
         self.pool = DeliveryPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = maxPersistentPerHost
         self.pool.cachedConnectionTimeout = idleReuse  # type: ignore[assignment]
-        self.freshPool = _QuietPool(reactor, persistent=False)
+        self.freshPool = QuietConnectionPool(reactor, persistent=False)
         self.noReuseMemory = noReuseMemory
         self._reusing = Agent.usingEndpointFactory(reactor, endpointFactory, pool=self.pool)
         self._fresh = Agent.usingEndpointFactory(reactor, endpointFactory, pool=self.freshPool)
@@ -358,7 +335,6 @@ class WebhookTrust:
         """
         if not self.certificates:
             return BrowserLikePolicyForHTTPS()
-        from twisted.internet.ssl import Certificate, trustRootFromCertificates
 
         root = trustRootFromCertificates([Certificate.loadPEM(pem) for pem in self.certificates])
         return BrowserLikePolicyForHTTPS(trustRoot=root)
@@ -370,7 +346,6 @@ def readCertificates(data: bytes) -> Tuple[bytes, ...]:
 
     @raise ValueError: if there is none, or one is not a certificate.
     """
-    from twisted.internet.ssl import Certificate
 
     found = tuple(_PEM_CERTIFICATE.findall(data))
     if not found:

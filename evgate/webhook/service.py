@@ -21,6 +21,7 @@ from __future__ import annotations
 import random as _random
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Set
 
+from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import LoopingCall
@@ -34,6 +35,7 @@ from evgate.filters import FilterSyntaxError, SubscriptionFilter, compileFilter
 from evgate.interfaces import IConsumerGroups, IRetainedLog, ISharedSubscriptions, IUpstreamSink
 from evgate.message import Cursor, CursorError
 from evgate.webhook import records
+from evgate.webhook.client import DeliveryAgent, WebhookTrust
 from evgate.webhook.delivery import Deliverer, DeliveryContext, checkStaticHeaders
 from evgate.webhook.feeds import HubFeed, ShareGroupFeed
 from evgate.webhook.kafka import KafkaGroupFeed
@@ -154,10 +156,6 @@ class WebhookService(Service):
             lambda f: self.log.failure("webhook: the store sync loop ended", f))
 
     def _makeHttp(self) -> Any:
-        from treq.client import HTTPClient
-
-        from evgate.webhook.client import DeliveryAgent, WebhookTrust
-
         trust = self.node.settings.options.get("webhook-trust") or WebhookTrust()
         factory = GuardedEndpointFactory(self.reactor, self.policy, self.resolve, tlsPolicy=trust.tlsPolicy())
         self.agent = DeliveryAgent(self.reactor, factory)

@@ -40,6 +40,8 @@ from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, DNSLookupError
 from twisted.internet.interfaces import IResolutionReceiver, IStreamClientEndpoint
+from twisted.web.client import BrowserLikePolicyForHTTPS
+from twisted.web.error import SchemeNotSupported
 from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
@@ -345,8 +347,6 @@ class GuardedEndpointFactory:
         self.resolve = resolve if resolve is not None else reactorResolver(reactor)
         self.connectTimeout = connectTimeout
         if tlsPolicy is None:
-            from twisted.web.client import BrowserLikePolicyForHTTPS
-
             tlsPolicy = BrowserLikePolicyForHTTPS()
         self.tlsPolicy = tlsPolicy
 
@@ -358,8 +358,6 @@ class GuardedEndpointFactory:
         if uri.scheme == b"https":
             creator = self.tlsPolicy.creatorForNetloc(uri.host, uri.port)
         elif uri.scheme != b"http":
-            from twisted.web.error import SchemeNotSupported
-
             raise SchemeNotSupported(f"unsupported scheme {uri.scheme!r}")
         return GuardedEndpoint(self.reactor, host, uri.port, self.policy, self.resolve, self.connectTimeout,
                                creator)

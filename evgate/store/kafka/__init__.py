@@ -99,6 +99,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from evgate.connectors.kafka import KafkaConnector
 from evgate.ini import ConfigError
 from evgate.store.kafka._reader import StoreReader
 from evgate.store.kafka._records import (
@@ -140,10 +141,13 @@ def buildKafkaStore(endpoint: str, topic: str, connectors: Mapping[str, Any], re
     @raise ConfigError: if there is no Kafka endpoint of that name.
     """
     connector = connectors.get(endpoint)
-    if connector is None or getattr(connector, "kind", None) != "kafka":
-        kafka = ", ".join(sorted(n for n, c in connectors.items() if getattr(c, "kind", None) == "kafka")) or "none"
+    # The store drives librdkafka clients of its own made from the
+    # connector's settings: it needs the Kafka connector itself, not a
+    # capability another connector could provide.
+    if not isinstance(connector, KafkaConnector):
+        kafka = ", ".join(sorted(n for n, c in connectors.items() if isinstance(c, KafkaConnector))) or "none"
         what = (f"there is no [endpoint:{endpoint}]" if connector is None
-                else f"[endpoint:{endpoint}] is of type {connector.kind}")
+                else f"[endpoint:{endpoint}] is of type {getattr(connector, 'kind', type(connector).__name__)}")
         raise ConfigError(configPath, "gateway", "store",
                           f"kafka:{endpoint}/{topic}: {what}; the store needs an endpoint of type kafka "
                           f"(Kafka endpoints: {kafka})")
