@@ -82,6 +82,7 @@ class GatewayIni:
     def __init__(self, listen: Optional[str] = "tcp:0", **keys: Any) -> None:
         self.sections: Dict[str, Dict[str, str]] = {"gateway": {}}
         self.tail: List[str] = []
+        self.raw: Dict[str, str] = {}
         self.gateway(listen=listen, **keys)
 
     def section(self, header: str, settings: Optional[Mapping[str, Any]] = None, **keys: Any) -> "GatewayIni":
@@ -150,6 +151,15 @@ class GatewayIni:
                  "entrypoints": entrypoints}
         return self.section(f"api:{name}", {**first, **(settings or {})}, **keys)
 
+    def lines(self, header: str, text: str) -> "GatewayIni":
+        """
+        Lines added as they are to the section C{header}, after its keys
+        (for tests that hand over INI text of their own).
+        """
+        self.sections.setdefault(header, {})
+        self.raw[header] = self.raw.get(header, "") + text
+        return self
+
     def extra(self, text: str) -> "GatewayIni":
         """
         Text added at the end as it is.
@@ -160,9 +170,12 @@ class GatewayIni:
     def __str__(self) -> str:
         parts = []
         for header, keys in self.sections.items():
-            if header == "gateway" and not keys:
+            raw = self.raw.get(header, "")
+            if header == "gateway" and not keys and not raw.strip():
                 continue
-            parts.append(f"[{header}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()))
+            if raw and not raw.endswith("\n"):
+                raw += "\n"
+            parts.append(f"[{header}]\n" + "".join(f"{k} = {v}\n" for k, v in keys.items()) + raw)
         return "\n".join(parts) + "".join(self.tail)
 
     text = __str__
