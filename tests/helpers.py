@@ -22,25 +22,23 @@ from twisted.internet.task import Clock
 from evgate.config import parseConfig
 from evgate.service import GatewayService
 
+from .fixtures import (  # noqa: F401  (re-exported: tests import their fixtures from here)
+    KAFKA,
+    MQTT_HOST,
+    MQTT_PORT,
+    QUICK_KAFKA,
+    REDIS,
+    REDIS_HOST,
+    REDIS_PORT,
+    Delivery,
+    GatewayIni,
+    LocalHttpServer,
+    WebhookReceiver,
+    demoIni,
+)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-
-MEMORY_INI = """
-[gateway]
-listen = tcp:0
-
-[endpoint:local]
-type = memory
-retention = {retention}
-
-[api:demo]
-path = /demo
-endpoint = local
-topic = demo
-entrypoints = {entrypoints}
-start = {start}
-"""
-
 
 def memoryGateway(retention: int = 100, entrypoints: str = "http-post http-get",
                   start: str = "latest", clock: Optional[Clock] = None,
@@ -51,6 +49,19 @@ def memoryGateway(retention: int = 100, entrypoints: str = "http-post http-get",
     """
     text = MEMORY_INI.format(retention=retention, entrypoints=entrypoints, start=start) + extra
     return GatewayService(parseConfig(text, "test.ini"), clock if clock is not None else Clock())
+
+
+# The memory gateway's INI as a template (for tests that edit its text).
+MEMORY_INI = str(GatewayIni().memory(retention="{retention}")
+                 .api("demo", entrypoints="{entrypoints}", start="{start}"))
+
+
+def twistdEnvironment() -> "dict[str, str]":
+    """
+    The environment a C{twistd} subprocess needs to import this checkout's
+    evgate.
+    """
+    return dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
 def waitFor(condition: Callable[[], Any], timeout: float = 30.0, interval: float = 0.05,
@@ -84,11 +95,11 @@ class GatewayProcess:
     use C{tcp:0}: the port is read from the process's log.
     """
 
-    def __init__(self, ini: str, name: str = "gateway") -> None:
+    def __init__(self, ini: "str | GatewayIni", name: str = "gateway") -> None:
         self.directory = tempfile.mkdtemp(prefix="evgate-test-")
         self.ini = os.path.join(self.directory, f"{name}.ini")
         with open(self.ini, "w") as f:
-            f.write(ini)
+            f.write(str(ini))
         self.process: Optional[subprocess.Popen] = None
         self.lines: List[str] = []
         self.ports: List[int] = []
@@ -100,7 +111,7 @@ class GatewayProcess:
         Start the process and wait until every gateway listener logged its
         port.
         """
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = twistdEnvironment()
         self.lines = []
         self.ports = []
         self.adminPorts = []

@@ -9,70 +9,31 @@ the C{websockets} package; a screenshot is kept as a test artifact
 
 from __future__ import annotations
 
-import http.server
 import itertools
 import json
 import os
 import shutil
 import subprocess
 import tempfile
-import threading
 import urllib.request
 from typing import Any, Dict
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .helpers import GatewayProcess, httpRequest, waitFor
+from .helpers import GatewayIni, GatewayProcess, WebhookReceiver, httpRequest, waitFor
 
 CHROMIUM = "/usr/bin/chromium"
 TOKEN = "console-token-0123456789abcdef"
 
-INI = """
-[gateway]
-listen = tcp:0:interface=127.0.0.1
-admin = tcp:0
-admin-token = {token}
-store = memory
-webhook-allow-private = true
-webhook-allow-http = true
-
-[endpoint:local]
-type = memory
-
-[endpoint:spare]
-type = memory
-
-[api:orders]
-path = /orders
-endpoint = local
-topic = orders
-entrypoints = http-post sse webhook
-
-[api:telemetry]
-path = /telemetry
-endpoint = spare
-topic = telemetry
-entrypoints = http-post http-get websocket
-plans = api-key
-"""
-
-
-class _Receiver(http.server.BaseHTTPRequestHandler):
+def consoleIni() -> GatewayIni:
     """
-    A webhook receiver that accepts everything, over keep-alive
-    connections as real receivers do.
+    Two memory endpoints; /orders with streams and webhooks to 127.0.0.1,
+    /telemetry behind API keys; an admin API with a memory store.
     """
-
-    protocol_version = "HTTP/1.1"
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers.get("content-length", 0)))
-        self.send_response(204)
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+    return (GatewayIni(listen="tcp:0:interface=127.0.0.1").admin(TOKEN).gateway(store="memory")
+            .loopbackWebhooks().memory().memory("spare")
+            .api("orders", entrypoints="http-post sse webhook")
+            .api("telemetry", endpoint="spare", entrypoints="http-post http-get websocket", plans="api-key"))
 
 
 class DevTools:
@@ -121,12 +82,11 @@ class ConsoleBrowserTests(SynchronousTestCase):
     def setUp(self) -> None:
         # Integration tests fail loudly rather than skip.
         self.assertTrue(os.access(CHROMIUM, os.X_OK), f"{CHROMIUM} is needed (scripts/install-system-deps)")
-        self.gateway = GatewayProcess(INI.format(token=TOKEN)).start()
+        self.gateway = GatewayProcess(consoleIni()).start()
         self.addCleanup(self.gateway.stop)
-        self.receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Receiver)
-        threading.Thread(target=self.receiver.serve_forever, daemon=True).start()
-        self.addCleanup(self.receiver.server_close)
-        self.addCleanup(self.receiver.shutdown)
+        # Accepts everything, over keep-alive connections as real receivers do.
+        self.receiver = WebhookReceiver(decide=lambda body, attempt: 204)
+        self.addCleanup(self.receiver.stop)
 
     def browser(self) -> DevTools:
         """
@@ -176,7 +136,7 @@ class ConsoleBrowserTests(SynchronousTestCase):
         published after it opened.  A screenshot is saved.
         """
         gateway = self.gateway
-        callback = f"http://127.0.0.1:{self.receiver.server_address[1]}/hook"
+        callback = self.receiver.url
         status, _, body = httpRequest("POST", gateway.adminUrl("/apis/orders/subscriptions"),
                                       json.dumps({"callbackUrl": callback}).encode(),
                                       {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})

@@ -10,26 +10,17 @@ import time
 
 from twisted.trial.unittest import TestCase
 
-from .helpers import GatewayProcess, httpRequest, jsonOf, waitFor
+from .helpers import GatewayIni, GatewayProcess, demoIni, httpRequest, jsonOf, waitFor
 
-INI = """
-[gateway]
-listen = tcp:0:interface=127.0.0.1
-max-message-bytes = 1000
-admin = tcp:0:interface=127.0.0.1
-admin-token = end-to-end-admin-token
 
-[endpoint:local]
-type = memory
-retention = 1000
-
-[api:demo]
-path = /demo
-endpoint = local
-topic = demo
-entrypoints = http-post http-get
-start = earliest
-"""
+def endToEndIni() -> GatewayIni:
+    """
+    /demo on a memory endpoint keeping 1000 messages, read from the
+    earliest, messages up to 1000 bytes, and an admin API.
+    """
+    return (demoIni("http-post http-get", listen="tcp:0:interface=127.0.0.1", max_message_bytes=1000,
+                    api={"start": "earliest"})
+            .admin("end-to-end-admin-token", listen="tcp:0:interface=127.0.0.1").memory(retention=1000))
 
 
 class EndToEndTests(TestCase):
@@ -40,7 +31,7 @@ class EndToEndTests(TestCase):
     timeout = 120
 
     def setUp(self) -> None:
-        self.gateway = GatewayProcess(INI).start()
+        self.gateway = GatewayProcess(endToEndIni()).start()
         self.addCleanup(self.gateway.stop)
 
     def test_publishThenConsume(self) -> None:

@@ -24,34 +24,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.trial.unittest import TestCase
 
-from .helpers import ROOT, GatewayProcess, freePort, httpRequest, jsonOf, waitFor
+from .helpers import KAFKA, ROOT, GatewayIni, GatewayProcess, freePort, httpRequest, jsonOf, waitFor
 
-KAFKA = f"127.0.0.1:{os.environ.get('EVGATE_KAFKA_PORT', '9092')}"
 DEV_SERVICES = os.path.join(ROOT, "scripts", "dev-services")
 UNREACHABLE = f"Kafka not reachable on {KAFKA}: run scripts/dev-services up"
-
-INI = """
-[gateway]
-listen = tcp:0
-publish-timeout = 10
-
-[endpoint:kafka]
-type = kafka
-bootstrap.servers = {kafka}
-linger.ms = 1
-message.timeout.ms = {messageTimeout}
-request-timeout = 3
-group-idle-timeout = 30
-{extra}
-
-[api:orders]
-path = /orders
-endpoint = kafka
-topic = {topic}
-entrypoints = http-post http-get
-start = {start}
-"""
-
 
 class _QuietLog:
     """
@@ -183,9 +159,12 @@ class KafkaGatewayTestCase(TestCase):
         """
         Start a gateway on C{topic}; it is stopped when the test ends.
         """
-        ini = INI.format(kafka=kwargs.get("kafka", KAFKA), topic=topic, start=kwargs.get("start", self.start),
-                         messageTimeout=kwargs.get("messageTimeout", self.messageTimeout),
-                         extra=kwargs.get("extra", ""))
+        settings = {"linger.ms": 1, "message.timeout.ms": kwargs.get("messageTimeout", self.messageTimeout)}
+        ini = (GatewayIni(publish_timeout=10)
+               .kafka(settings=settings, bootstrap=kwargs.get("kafka", KAFKA), request_timeout=3, group_idle_timeout=30,
+                      **kwargs.get("endpoint", {}))
+               .api("orders", endpoint="kafka", topic=topic, entrypoints="http-post http-get",
+                    start=kwargs.get("start", self.start)))
         process = GatewayProcess(ini, name="kafka")
         self.addCleanup(self.stopGateway, process)
         return process.start()
@@ -511,7 +490,7 @@ class BrokerOutageTests(KafkaGatewayTestCase):
         and a reader are waiting on the broker.
         """
         gateway = self.gateway("nowhere", kafka=f"127.0.0.1:{freePort()}", start="latest", messageTimeout=2000,
-                               extra="shutdown-timeout = 2")
+                               endpoint={"shutdown_timeout": 2})
         began = time.monotonic()
         status, headers, body = httpRequest("POST", gateway.url("/orders"), b"lost", timeout=30)
         self.assertEqual(status, 503, body)

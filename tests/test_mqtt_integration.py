@@ -36,37 +36,11 @@ from evgate.config import SectionReader
 from evgate.connectors.mqtt import MqttConnector, parseOptions
 from evgate.interfaces import IUpstreamSink
 
-from .helpers import ROOT, GatewayProcess, httpRequest, jsonOf, waitFor
+from .helpers import MQTT_HOST, MQTT_PORT, ROOT, GatewayIni, GatewayProcess, httpRequest, jsonOf, waitFor
 
-MQTT_HOST = "127.0.0.1"
-MQTT_PORT = int(os.environ.get("EVGATE_MQTT_PORT", "1883"))
 DEV_SERVICES = os.path.join(ROOT, "scripts", "dev-services")
 STREAMING = [name for name in ("sse", "websocket")
              if os.path.exists(os.path.join(ROOT, "evgate", "entrypoints", f"{name}.py"))]
-
-INI = """
-[gateway]
-listen = tcp:0
-publish-timeout = {publishTimeout}
-replay-window = {window}
-
-[endpoint:mqtt]
-type = mqtt5
-host = 127.0.0.1
-port = {port}
-keepalive = 5
-reconnect-min = 0.2
-reconnect-max = 1
-
-[api:sensors]
-path = /sensors
-endpoint = mqtt
-topic = {prefix}/+/temperature
-publish-topic = {prefix}/{{key}}/temperature
-entrypoints = http-post http-get {streaming}
-qos = 1
-"""
-
 
 def devServices(*args: str) -> "subprocess.CompletedProcess[str]":
     """
@@ -281,8 +255,11 @@ class GatewayMixin:
         """
         Start C{twistd -n evgate} on an INI for this test's topics.
         """
-        ini = INI.format(port=port, window=window, publishTimeout=publishTimeout, prefix=self.prefix,
-                         streaming=streaming)
+        ini = (GatewayIni(publish_timeout=publishTimeout, replay_window=window)
+               .mqtt(port=port, keepalive=5, reconnect_min=0.2, reconnect_max=1)
+               .api("sensors", endpoint="mqtt", topic=f"{self.prefix}/+/temperature",
+                    publish_topic=f"{self.prefix}/{{key}}/temperature",
+                    entrypoints=f"http-post http-get {streaming}".strip(), qos=1))
         gateway = GatewayProcess(ini, name="mqtt").start()
         self.addCleanup(self._stopGateway, gateway)  # type: ignore[attr-defined]
         if waitConnected:

@@ -24,63 +24,38 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from twisted.trial.unittest import TestCase
 
-from .helpers import GatewayProcess, httpRequest, jsonOf, waitFor
-from .test_kafka_integration import KAFKA, freshTopic, kcat, requireKafka
+from .helpers import (
+    REDIS,
+    REDIS_HOST,
+    REDIS_PORT,
+    GatewayIni,
+    GatewayProcess,
+    WebhookReceiver,
+    httpRequest,
+    jsonOf,
+    waitFor,
+)
 from .test_kafka_integration import admin as kafkaAdmin
-from .test_webhook_integration import Receiver
+from .test_kafka_integration import freshTopic, kcat, requireKafka
 
-REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 TOKEN = "multinode-admin-" + uuid.uuid4().hex
 RATE = 5
 
-INI = """
-[gateway]
-listen = tcp:0:interface=127.0.0.1
-store = kafka:kafka/{store}
-limits-store = redis://{redisHost}:{redisPort}/0
-limits-prefix = {prefix}
-admin = tcp:0:interface=127.0.0.1
-admin-token = {token}
-webhook-allow-private = true
-webhook-allow-http = true
-webhook-sync-interval = 1
-
-[endpoint:kafka]
-type = kafka
-bootstrap.servers = {kafka}
-client.id = {node}
-linger.ms = 1
-poll-timeout = 0.05
-request-timeout = 3
-# A killed node's partitions move to another node after this (librdkafka's
-# default is 45 s).
-session.timeout.ms = 6000
-heartbeat.interval.ms = 1000
-
-[api:orders]
-path = /orders
-endpoint = kafka
-topic = {orders}
-entrypoints = http-post webhook
-plans = api-key
-webhook.retry.initial-delay = 0.2
-webhook.retry.max-delay = 1
-
-[api:limited]
-path = /limited
-endpoint = kafka
-topic = {limited}
-entrypoints = http-post
-rate-limit = {rate}/s
-
-[api:events]
-path = /events
-endpoint = kafka
-topic = {events}
-entrypoints = http-post sse
-start = earliest
-heartbeat = 1
-"""
+def nodeIni(node: str, store: str, prefix: str, orders: str, limited: str, events: str) -> GatewayIni:
+    """
+    One node of the cluster: the Kafka store, limits in Redis, an admin
+    API; /orders with API keys and webhooks, /limited at L{RATE} a second,
+    /events streamed from the earliest offset.
+    """
+    return (GatewayIni(listen="tcp:0:interface=127.0.0.1", store=f"kafka:kafka/{store}", limits_store=REDIS,
+                       limits_prefix=prefix)
+            .admin(TOKEN, listen="tcp:0:interface=127.0.0.1").loopbackWebhooks().gateway(webhook_sync_interval=1)
+            .kafka(settings={"client.id": node}, quick=True)
+            .api("orders", endpoint="kafka", topic=orders, entrypoints="http-post webhook", plans="api-key",
+                 webhook={"retry.initial-delay": 0.2, "retry.max-delay": 1})
+            .api("limited", endpoint="kafka", topic=limited, rate_limit=f"{RATE}/s")
+            .api("events", endpoint="kafka", topic=events, entrypoints="http-post sse", start="earliest",
+                 heartbeat=1))
 
 
 def requireRedis() -> None:
@@ -109,8 +84,7 @@ class Cluster:
         self.test = test
         self.settings = dict(
             store=f"evgate-store-mn-{uuid.uuid4().hex[:10]}", prefix=f"evgate-test:{uuid.uuid4().hex[:12]}:",
-            redisHost=REDIS_HOST, redisPort=REDIS_PORT, token=TOKEN, kafka=KAFKA, orders=freshTopic(),
-            limited=freshTopic(), events=freshTopic(), rate=RATE)
+            orders=freshTopic(), limited=freshTopic(), events=freshTopic())
         self.nodes: Dict[str, GatewayProcess] = {}
 
     def start(self, *names: str) -> List[GatewayProcess]:
@@ -119,7 +93,7 @@ class Cluster:
         """
         processes = []
         for name in names:
-            process = GatewayProcess(INI.format(node=name, **self.settings), name=name)
+            process = GatewayProcess(nodeIni(name, **self.settings), name=name)
             self.test.addCleanup(process.stop, signal.SIGKILL)
             self.nodes[name] = process
             processes.append(process)
@@ -293,7 +267,7 @@ class ThreeNodeTests(TestCase):
         on once per message.
         """
         cluster = self.cluster
-        receiver = Receiver(delay=0.03)
+        receiver = WebhookReceiver(delay=0.03)
         self.addCleanup(receiver.stop)
         cluster.start("node1", "node2", "node3")
         status, created = cluster.admin("node2", "POST", "/apis/orders/subscriptions",

@@ -27,27 +27,10 @@ from evgate.metrics import CountingStore, Tally, headOffsets, lagOf
 from evgate.service import GatewayService
 from evgate.store import MemoryStore
 
+from .helpers import GatewayIni
+
 TOKEN = "ops-token-for-the-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
-
-INI = """
-[gateway]
-admin = tcp:0
-admin-token = {token}
-{gateway}
-
-[endpoint:local]
-type = memory
-retention = 1000
-
-[api:demo]
-path = /demo
-endpoint = local
-topic = demo
-entrypoints = http-post http-get sse
-{extra}
-"""
-
 
 def writeIni(text: str, directory: Optional[str] = None) -> str:
     """
@@ -66,7 +49,8 @@ def iniText(gateway: str = "listen = tcp:0\n", extra: str = "") -> str:
     """
     if "listen" not in gateway:
         gateway = "listen = tcp:0\n" + gateway
-    return INI.format(token=TOKEN, gateway=gateway, extra=extra)
+    return str(GatewayIni(listen=None).admin(TOKEN).lines("gateway", gateway).memory(retention=1000)
+               .api("demo", entrypoints="http-post http-get sse").extra(extra))
 
 
 class Stream:

@@ -10,32 +10,21 @@ import json
 import os
 import subprocess
 import tempfile
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
-from .helpers import ROOT, TWISTD, GatewayProcess, httpRequest, waitFor
+from .helpers import TWISTD, GatewayIni, GatewayProcess, demoIni, httpRequest, twistdEnvironment, waitFor
 
 TOKEN = "ops-e2e-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
-INI = """
-[gateway]
-listen = tcp:0:interface=127.0.0.1
-admin = tcp:0
-admin-token = {token}
-access-log = true
-{gateway}
-
-[endpoint:local]
-type = memory
-
-[api:demo]
-path = /demo
-endpoint = local
-topic = demo
-entrypoints = http-post http-get sse
-"""
+def opsIni(entrypoints: str = "http-post http-get sse", **gateway: Any) -> GatewayIni:
+    """
+    /demo with an admin API and access logs, and C{gateway}'s keys.
+    """
+    return demoIni(entrypoints, listen="tcp:0:interface=127.0.0.1", access_log=True, **gateway).admin(TOKEN)
 
 
 class AdminEndToEndTests(SynchronousTestCase):
@@ -44,7 +33,7 @@ class AdminEndToEndTests(SynchronousTestCase):
     """
 
     def setUp(self) -> None:
-        self.gateway = GatewayProcess(INI.format(token=TOKEN, gateway="log-format = json")).start()
+        self.gateway = GatewayProcess(opsIni(log_format="json")).start()
         self.addCleanup(self.gateway.stop)
 
     def test_routes(self) -> None:
@@ -110,15 +99,14 @@ class CheckTests(SynchronousTestCase):
         path = os.path.join(directory, "evgate.ini")
         with open(path, "w") as f:
             f.write(text)
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         return subprocess.run([TWISTD, "evgate", "--check", "-c", path], capture_output=True, text=True,
-                              timeout=60, cwd=directory, env=env)
+                              timeout=60, cwd=directory, env=twistdEnvironment())
 
     def test_valid(self) -> None:
         """
         A valid file: exit status 0 and one line naming its APIs.
         """
-        result = self.check(INI.format(token=TOKEN, gateway=""))
+        result = self.check(str(opsIni()))
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertRegex(result.stdout, r"evgate: .*evgate\.ini is valid \(1 APIs: demo\)")
 
@@ -127,7 +115,7 @@ class CheckTests(SynchronousTestCase):
         A mistake: exit status 2 and one line naming the file, section and
         key, without a traceback.
         """
-        result = self.check(INI.format(token=TOKEN, gateway="").replace("http-post http-get sse", "http-post fax"))
+        result = self.check(str(opsIni("http-post fax")))
         self.assertEqual(result.returncode, 2)
         self.assertRegex(result.stderr.strip(), r"^evgate: .*evgate\.ini \[api:demo\] entrypoints: unknown entrypoint")
         self.assertNotIn("Traceback", result.stderr + result.stdout)

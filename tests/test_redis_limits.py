@@ -20,9 +20,7 @@ from twisted.trial.unittest import TestCase
 
 from evgate.security.limits import Decision, LocalCounters, Policy, RedisCounters
 
-from .helpers import GatewayProcess, freePort, httpRequest
-
-REDIS = "redis://127.0.0.1:6379/0"
+from .helpers import REDIS, GatewayProcess, demoIni, freePort, httpRequest
 
 
 def runId() -> str:
@@ -117,24 +115,6 @@ def _later(seconds: float) -> Deferred:
     return d
 
 
-GATEWAY_INI = """
-[gateway]
-listen = tcp:0
-limits-store = {store}
-limits-prefix = {prefix}
-
-[endpoint:local]
-type = memory
-
-[api:demo]
-path = /demo
-endpoint = local
-topic = demo
-entrypoints = http-post
-quota = 6/day
-"""
-
-
 class TwoProcessTests(TestCase):
     """
     Two C{twistd evgate} processes sharing limits through Redis.
@@ -148,8 +128,8 @@ class TwoProcessTests(TestCase):
         them get 6 answers 202 and 2 answers 429 with Retry-After.
         """
         prefix = runId()
-        nodes = [GatewayProcess(GATEWAY_INI.format(store=REDIS, prefix=prefix), name=f"node{i}")
-                 for i in range(2)]
+        ini = demoIni(limits_store=REDIS, limits_prefix=prefix, api={"quota": "6/day"})
+        nodes = [GatewayProcess(ini, name=f"node{i}") for i in range(2)]
         for node in nodes:
             self.addCleanup(node.stop)
             node.start()

@@ -14,34 +14,10 @@ from typing import List
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .helpers import GatewayProcess, httpRequest, waitFor
+from .helpers import GatewayIni, GatewayProcess, httpRequest, waitFor
+from .test_reload import API_B
 
 TOKEN = "reload-e2e-token-0123456789"
-
-INI = """
-[gateway]
-listen = tcp:0:interface=127.0.0.1
-admin = tcp:0
-admin-token = {token}
-
-[endpoint:local]
-type = memory
-
-[api:a]
-path = /a
-endpoint = local
-topic = a
-entrypoints = http-post sse
-heartbeat = 0
-"""
-
-API_B = """
-[api:b]
-path = /b
-endpoint = local
-topic = b
-entrypoints = http-post http-get
-"""
 
 
 class SseReader:
@@ -80,7 +56,8 @@ class ReloadEndToEndTests(SynchronousTestCase):
         API stays open; a broken file is refused, logged, and changes
         nothing; POST /reload answers 400 naming the file, section and key.
         """
-        text = INI.format(token=TOKEN)
+        text = str(GatewayIni(listen="tcp:0:interface=127.0.0.1").admin(TOKEN).memory()
+                   .api("a", entrypoints="http-post sse", heartbeat=0))
         gateway = GatewayProcess(text).start()
         self.addCleanup(gateway.stop)
         reader = SseReader(gateway.port, "/a")

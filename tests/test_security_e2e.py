@@ -13,32 +13,21 @@ from __future__ import annotations
 
 import http.client
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any, Dict, List, Optional, Tuple
 from urllib.parse import parse_qs
 
 import jwt as pyjwt
 from twisted.trial.unittest import TestCase
 
-from .helpers import GatewayProcess, httpRequest, jsonOf, waitFor
+from .helpers import GatewayIni, GatewayProcess, LocalHttpServer, httpRequest, jsonOf, waitFor
 from .test_security_helpers import publicPem, rsaKey
 
 ISSUER = "https://issuer.e2e/"
 
 
-class _QuietServer(ThreadingHTTPServer):
-    # The gateway hangs up on a slow introspection on purpose; the late
-    # answer's broken pipe is expected, not worth a traceback.
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        import sys
-
-        if not isinstance(sys.exc_info()[1], (ConnectionError, OSError)):
-            super().handle_error(request, client_address)
-
-
-class LocalServer:
+class LocalServer(LocalHttpServer):
     """
     A JWKS and introspection server on 127.0.0.1, in a thread.
     """
@@ -74,11 +63,9 @@ class LocalServer:
                     time.sleep(server.delay)
                 self.answer(server.tokens.get(form.get("token", [""])[0], {"active": False}))
 
-        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        # The gateway hangs up on a slow introspection on purpose; the late
+        # answer's broken pipe is expected, and kept quiet.
+        super().__init__(Handler)
 
     def publish(self, *named: Tuple[str, Any]) -> None:
         """
@@ -91,54 +78,21 @@ class LocalServer:
             keys.append(jwk)
         self.jwks = {"keys": keys}
 
-    def stop(self) -> None:
-        """
-        Stop serving.
-        """
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
-
-INI = """
-[gateway]
-listen = tcp:0
-
-[endpoint:local]
-type = memory
-
-[api:orders]
-path = /orders
-endpoint = local
-topic = orders
-entrypoints = http-post http-get sse
-plans = jwt
-jwt.public-key-file = {pem}
-jwt.issuer = {issuer}
-jwt.audience = orders
-jwt.leeway = 0
-jwt.claims.scope = orders
-
-[api:rotating]
-path = /rotating
-endpoint = local
-topic = rotating
-entrypoints = http-post
-plans = jwt
-jwt.jwks-url = http://127.0.0.1:{port}/jwks.json
-jwt.jwks-min-refresh = 0.2
-
-[api:introspected]
-path = /introspected
-endpoint = local
-topic = introspected
-entrypoints = http-post
-plans = oauth2
-oauth2.introspection-url = http://127.0.0.1:{port}/introspect
-oauth2.client-id = evgate
-oauth2.client-secret-file = {secret}
-oauth2.scopes = orders:read
-oauth2.timeout = 1
-"""
+def plansIni(pem: str, secret: str, server: LocalServer) -> GatewayIni:
+    """
+    /orders behind JWT with a PEM key, /rotating behind JWT with the JWKS
+    of C{server}, /introspected behind OAuth2 introspection at C{server}.
+    """
+    return (GatewayIni().memory()
+            .api("orders", entrypoints="http-post http-get sse", plans="jwt",
+                 jwt={"public-key-file": pem, "issuer": ISSUER, "audience": "orders", "leeway": 0,
+                      "claims.scope": "orders"})
+            .api("rotating", plans="jwt",
+                 jwt={"jwks-url": server.urlOf("/jwks.json"), "jwks-min-refresh": 0.2})
+            .api("introspected", plans="oauth2",
+                 oauth2={"introspection-url": server.urlOf("/introspect"), "client-id": "evgate",
+                         "client-secret-file": secret, "scopes": "orders:read", "timeout": 1}))
 
 
 def rawRequest(port: int, method: str, target: str, headers: Optional[Dict[str, str]] = None,
@@ -182,7 +136,7 @@ class SecurityEndToEndTests(TestCase):
         secret = os.path.join(directory, "client.secret")
         with open(secret, "w") as f:
             f.write("e2e-secret\n")
-        self.gateway = GatewayProcess(INI.format(pem=pem, issuer=ISSUER, port=self.server.port, secret=secret))
+        self.gateway = GatewayProcess(plansIni(pem, secret, self.server))
         self.addCleanup(self.gateway.stop)
         self.gateway.start()
 
@@ -309,24 +263,6 @@ class SecurityEndToEndTests(TestCase):
 
 
 
-KEYS_INI = """
-[gateway]
-listen = tcp:0
-store = sqlite:{directory}/evgate.sqlite
-admin = tcp:0
-admin-token = {token}
-
-[endpoint:local]
-type = memory
-
-[api:orders]
-path = /orders
-endpoint = local
-topic = orders
-entrypoints = http-post sse
-plans = api-key
-"""
-
 ADMIN_TOKEN = "e2e-admin-token-0123456789"
 
 
@@ -342,7 +278,9 @@ class ApiKeyEndToEndTests(TestCase):
         import tempfile
 
         directory = tempfile.mkdtemp(prefix="evgate-e2e-store-")
-        self.gateway = GatewayProcess(KEYS_INI.format(directory=directory, token=ADMIN_TOKEN))
+        self.gateway = GatewayProcess(
+            GatewayIni(store=f"sqlite:{directory}/evgate.sqlite").admin(ADMIN_TOKEN).memory()
+            .api("orders", entrypoints="http-post sse", plans="api-key"))
         self.addCleanup(self.gateway.stop)
         self.gateway.start()
 

@@ -26,19 +26,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionP
 from evgate.config import parseConfig
 from evgate.service import GatewayService
 
-INI = """
-[gateway]
-listen = ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}
-
-[endpoint:local]
-type = memory
-
-[api:demo]
-path = /demo
-endpoint = local
-topic = demo
-entrypoints = http-post http-get
-"""
+from .helpers import demoIni
 
 
 def selfSigned(directory: str, name: str = "localhost") -> Tuple[str, str, bytes]:
@@ -84,7 +72,8 @@ class TlsListenerTests(TestCase):
         directory = os.path.abspath(self.mktemp())
         os.makedirs(directory)
         key, cert, self.pem = selfSigned(directory)
-        self.gateway = GatewayService(parseConfig(INI.format(key=key, cert=cert), "tls.ini"), reactor)
+        ini = demoIni("http-post http-get", listen=f"ssl:0:interface=127.0.0.1:privateKey={key}:certKey={cert}")
+        self.gateway = GatewayService(parseConfig(str(ini), "tls.ini"), reactor)
         self.gateway.startService()
         self.addCleanup(self.gateway.stopService)
         port = self.gateway.listeners[0].port

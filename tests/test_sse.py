@@ -28,28 +28,10 @@ from evgate.interfaces import IEntrypoint, IPlan, ISubscriber
 from evgate.message import Cursor, Draft, cursorTag
 from evgate.service import GatewayService
 
+from .helpers import GatewayIni
 from .wire import WireConnection, dechunk, splitHead, sseEvents
 
 TAG = cursorTag("demo", "demo")
-
-INI = """
-[gateway]
-listen = tcp:0
-subscriber-queue = {queue}
-{gatewayExtra}
-
-[endpoint:local]
-type = memory
-retention = {retention}
-
-[api:demo]
-path = /demo
-endpoint = local
-topic = demo
-entrypoints = {entrypoints}
-{extra}
-"""
-
 
 def streamingGateway(clock: Clock, queue: int = 1000, retention: int = 100, heartbeat: Optional[float] = 0,
                      entrypoints: str = "http-post http-get sse", extra: str = "",
@@ -59,9 +41,9 @@ def streamingGateway(clock: Clock, queue: int = 1000, retention: int = 100, hear
     """
     if heartbeat is not None:
         extra = f"heartbeat = {heartbeat}\n{extra}"
-    text = INI.format(queue=queue, retention=retention, entrypoints=entrypoints, extra=extra,
-                      gatewayExtra=gatewayExtra)
-    return GatewayService(parseConfig(text, "test.ini"), clock)
+    ini = (GatewayIni(subscriber_queue=queue).lines("gateway", gatewayExtra).memory(retention=retention)
+           .api("demo", entrypoints=entrypoints).extra(extra))
+    return GatewayService(parseConfig(str(ini), "test.ini"), clock)
 
 
 class StreamTestCase(SynchronousTestCase):

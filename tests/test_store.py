@@ -21,19 +21,14 @@ from evgate.interfaces import IStore
 from evgate.store import MemoryStore, StoreSpec
 from evgate.store.sqlite import SqliteStore
 
-INI = """
-[gateway]
-store = {store}
+from .helpers import demoIni
 
-[endpoint:local]
-type = memory
 
-[api:demo]
-path = /demo
-endpoint = local
-topic = demo
-entrypoints = http-post
-"""
+def storeIni(store: str) -> str:
+    """
+    A configuration's text with C{store} as its store.
+    """
+    return str(demoIni(listen=None, store=store))
 
 
 class StoreBehaviour:
@@ -210,7 +205,7 @@ class StoreKeyTests(TestCase):
         """
         directory = os.path.abspath(self.mktemp())
         os.makedirs(os.path.join(directory, "var"))
-        config = parseConfig(INI.format(store="sqlite:var/evgate.sqlite"), os.path.join(directory, "evgate.ini"))
+        config = parseConfig(storeIni("sqlite:var/evgate.sqlite"), os.path.join(directory, "evgate.ini"))
         self.assertEqual(config.gateway.options["store"],
                          StoreSpec("sqlite", os.path.join(directory, "var", "evgate.sqlite")))
 
@@ -219,8 +214,8 @@ class StoreKeyTests(TestCase):
         memory is a store; other values and missing directories are refused
         with the key named.
         """
-        self.assertEqual(parseConfig(INI.format(store="memory"), "t.ini").gateway.options["store"],
+        self.assertEqual(parseConfig(storeIni("memory"), "t.ini").gateway.options["store"],
                          StoreSpec("memory"))
         for value in ("redis://x", "sqlite:", "sqlite:/no/such/directory/x.sqlite"):
-            error = self.assertRaises(ConfigError, parseConfig, INI.format(store=value), "t.ini")
+            error = self.assertRaises(ConfigError, parseConfig, storeIni(value), "t.ini")
             self.assertEqual((error.section, error.key), ("gateway", "store"))

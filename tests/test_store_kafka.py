@@ -36,8 +36,9 @@ from evgate.service import GatewayService
 from evgate.store import StoreSpec, buildStore
 from evgate.store.kafka import KafkaStore, StoreReader, recordKey
 
+from .helpers import KAFKA, demoIni
 from .test_kafka_bridge import TP, FakeMetadata, FakeReactor, FakeRecord, FakeTopicMetadata, kafkaError, options
-from .test_kafka_integration import KAFKA, admin, kcat, requireKafka
+from .test_kafka_integration import admin, kcat, requireKafka
 from .test_store import StoreBehaviour
 
 STORE_TOPIC = "evgate-store"
@@ -834,30 +835,19 @@ class ConfigTests(SynchronousTestCase):
     C{store = kafka:ENDPOINT/TOPIC}.
     """
 
-    INI = """
-[gateway]
-listen = tcp:0
-store = {store}
-
-[endpoint:events]
-type = kafka
-bootstrap.servers = 127.0.0.1:1
-
-[endpoint:local]
-type = memory
-
-[api:demo]
-path = /demo
-endpoint = local
-topic = demo
-entrypoints = http-post
-"""
+    @staticmethod
+    def ini(store: str) -> str:
+        """
+        A configuration's text with C{store} as its store and a Kafka
+        endpoint, C{events}, that is never reached.
+        """
+        return str(demoIni(store=store).kafka("events", bootstrap="127.0.0.1:1"))
 
     def test_parsed(self) -> None:
         """
         The key names the endpoint and the topic.
         """
-        config = parseConfig(self.INI.format(store="kafka:events/evgate.store_1"), "test.ini")
+        config = parseConfig(self.ini("kafka:events/evgate.store_1"), "test.ini")
         spec = config.gateway.options["store"]
         self.assertEqual(spec, StoreSpec("kafka", endpoint="events", topic="evgate.store_1"))
         self.assertEqual(spec.describe(), "kafka:events/evgate.store_1")
@@ -870,7 +860,7 @@ entrypoints = http-post
         for bad in ("kafka:events", "kafka:events/", "kafka:/topic", "kafka:events/a b", "kafka:events/..",
                     "kafka:events/" + "t" * 250):
             with self.assertRaises(ConfigError) as caught:
-                parseConfig(self.INI.format(store=bad), "test.ini")
+                parseConfig(self.ini(bad), "test.ini")
             self.assertIn("[gateway] store", str(caught.exception))
 
     def test_endpointMustBeKafka(self) -> None:
@@ -881,7 +871,7 @@ entrypoints = http-post
         for store, reason in (("kafka:nope/t", "there is no [endpoint:nope]"),
                               ("kafka:local/t", "[endpoint:local] is of type memory")):
             with self.assertRaises(ConfigError) as caught:
-                parseConfig(self.INI.format(store=store), "test.ini")
+                parseConfig(self.ini(store), "test.ini")
             self.assertIn(reason, str(caught.exception))
             self.assertIn("[gateway] store", str(caught.exception))
 
@@ -890,7 +880,7 @@ entrypoints = http-post
         The node's store is a L{KafkaStore} on the endpoint's connector,
         which it shares with the APIs.
         """
-        config = parseConfig(self.INI.format(store="kafka:events/st"), "test.ini")
+        config = parseConfig(self.ini("kafka:events/st"), "test.ini")
         gateway = GatewayService(config, FakeReactor())
         self.assertIsInstance(gateway.store, KafkaStore)
         self.assertIs(gateway.store.connector, gateway.connectors["events"])

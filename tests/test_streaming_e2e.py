@@ -27,37 +27,19 @@ from urllib.parse import quote
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .helpers import GatewayProcess, waitFor
+from .helpers import GatewayProcess, LocalHttpServer, demoIni, waitFor
 from .wire import dechunk, splitHead, sseEvents
 
 BROWSER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "browser")
 CHROMIUM = "/usr/bin/chromium"
 
-INI = """
-[gateway]
-listen = tcp:0:interface=127.0.0.1
-subscriber-queue = {queue}
-max-message-bytes = {maxBytes}
-
-[endpoint:local]
-type = memory
-retention = 10000
-
-[api:demo]
-path = /demo
-endpoint = local
-topic = demo
-entrypoints = http-post http-get sse websocket
-heartbeat = 5
-{extra}
-"""
-
-
 def gatewayIni(queue: int = 1000, maxBytes: int = 1048576, extra: str = "") -> str:
     """
     The INI of a test gateway with one API, /demo.
     """
-    return INI.format(queue=queue, maxBytes=maxBytes, extra=extra)
+    return str(demoIni("http-post http-get sse websocket", listen="tcp:0:interface=127.0.0.1", subscriber_queue=queue,
+                       max_message_bytes=maxBytes, api={"heartbeat": 5})
+               .memory(retention=10000).extra(extra))
 
 
 def runAsync(coroutine: Callable[[], Any], timeout: float = 60.0) -> Any:
@@ -121,35 +103,34 @@ class E2ETestCase(SynchronousTestCase):
         return gateway
 
 
-class _PageServer(http.server.ThreadingHTTPServer):
+class _PageServer(LocalHttpServer):
     """
     Serves tests/browser and collects what pages POST back.
     """
 
-    daemon_threads = True
-
     def __init__(self) -> None:
-        super().__init__(("127.0.0.1", 0), _PageHandler)
         self.posts: Dict[str, List[Any]] = {}
+        pages = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, directory=BROWSER_DIR, **kwargs)
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                body = json.loads(self.rfile.read(length) or b"null")
+                pages.posts.setdefault(self.path, []).append(body)
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        super().__init__(Handler)
 
     @property
     def origin(self) -> str:
-        return f"http://127.0.0.1:{self.server_address[1]}"
-
-
-class _PageHandler(http.server.SimpleHTTPRequestHandler):
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, directory=BROWSER_DIR, **kwargs)
-
-    def do_POST(self) -> None:
-        length = int(self.headers.get("content-length", 0))
-        body = json.loads(self.rfile.read(length) or b"null")
-        self.server.posts.setdefault(self.path, []).append(body)  # type: ignore[attr-defined]
-        self.send_response(204)
-        self.end_headers()
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
+        return self.urlOf("")
 
 
 class BrowserTests(E2ETestCase):
@@ -163,9 +144,7 @@ class BrowserTests(E2ETestCase):
             # browser is a broken rig, not a reason to pass.
             self.fail(f"{CHROMIUM} is not installed: run scripts/install-system-deps")
         self.pages = _PageServer()
-        threading.Thread(target=self.pages.serve_forever, daemon=True).start()
-        self.addCleanup(self.pages.server_close)
-        self.addCleanup(self.pages.shutdown)
+        self.addCleanup(self.pages.stop)
 
     def openPage(self, url: str) -> subprocess.Popen:
         """

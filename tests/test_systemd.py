@@ -18,24 +18,16 @@ from typing import List, Tuple
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from .helpers import ROOT, TWISTD, freePort, httpRequest, waitFor
+from .helpers import ROOT, TWISTD, demoIni, freePort, httpRequest, waitFor
 
 UNITS = os.path.join(ROOT, "systemd")
 INSTALLED_TWISTD = "/opt/evgate/bin/twistd"
 
-INI = """
-[gateway]
-listen = {listen}
-
-[endpoint:local]
-type = memory
-
-[api:demo]
-path = /demo
-endpoint = local
-topic = demo
-entrypoints = http-post http-get
-"""
+def demoOn(listen: str) -> str:
+    """
+    A configuration file's text: /demo listening on C{listen}.
+    """
+    return str(demoIni("http-post http-get", listen=listen))
 
 
 def unitCopies(directory: str, edit: Tuple[str, str] = ("", "")) -> List[str]:
@@ -110,11 +102,11 @@ class UnitTests(SynchronousTestCase):
         command[command.index("/etc/evgate/evgate.ini")] = ini
         env = dict(os.environ, PYTHONPATH=ROOT)
         with open(ini, "w") as f:
-            f.write(INI.format(listen="systemd:domain=INET:index=0"))
+            f.write(demoOn("systemd:domain=INET:index=0"))
         result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, cwd=self.directory)
         self.assertEqual(result.returncode, 0, result.stderr)
         with open(ini, "w") as f:
-            f.write(INI.format(listen="systemd:domain=INET"))
+            f.write(demoOn("systemd:domain=INET"))
         result = subprocess.run(command, capture_output=True, text=True, timeout=60, env=env, cwd=self.directory)
         self.assertEqual(result.returncode, 2)
         self.assertIn("[gateway] listen", result.stderr)
@@ -136,7 +128,7 @@ class SocketActivationTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, directory, True)
         ini = os.path.join(directory, "evgate.ini")
         with open(ini, "w") as f:
-            f.write(INI.format(listen="systemd:domain=INET:index=0"))
+            f.write(demoOn("systemd:domain=INET:index=0"))
         port = freePort()
         log = open(os.path.join(directory, "twistd.log"), "w+")
         self.addCleanup(log.close)

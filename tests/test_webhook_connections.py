@@ -14,37 +14,26 @@ from typing import Any
 
 from twisted.trial.unittest import TestCase
 
-from .helpers import GatewayProcess, httpRequest, waitFor
-from .test_webhook_integration import TOKEN, Receiver, admin
+from .helpers import GatewayIni, GatewayProcess, WebhookReceiver, httpRequest, waitFor
+from .test_webhook_integration import TOKEN, admin
 
-INI = """
-[gateway]
-listen = tcp:0:interface=127.0.0.1
-store = sqlite:evgate.sqlite
-admin = tcp:0
-admin-token = {token}
-webhook-allow-private = true
-webhook-allow-http = true
 
-[endpoint:local]
-type = memory
+def receiverIni() -> GatewayIni:
+    """
+    /orders delivering to webhooks on 127.0.0.1 with few attempts, far
+    apart: a failed attempt would show in the counts and make the test
+    slow, never pass it.
+    """
+    return (GatewayIni(listen="tcp:0:interface=127.0.0.1", store="sqlite:evgate.sqlite").admin(TOKEN)
+            .loopbackWebhooks().memory()
+            .api("orders", entrypoints="http-post webhook",
+                 webhook={"retry.initial-delay": 5, "retry.max-delay": 5, "retry.max-attempts": 2}))
 
-[api:orders]
-path = /orders
-endpoint = local
-topic = orders
-entrypoints = http-post webhook
-# Few attempts, far apart: a failed attempt would show in the counts and
-# make the test slow, never pass it.
-webhook.retry.initial-delay = 5
-webhook.retry.max-delay = 5
-webhook.retry.max-attempts = 2
-"""
 
 COUNT = 12
 
 
-class ClosingReceiverTests(TestCase):
+class ClosingWebhookReceiverTests(TestCase):
     """
     Back-to-back deliveries to receivers that close their connections after
     every answer all succeed at the first attempt.
@@ -53,10 +42,10 @@ class ClosingReceiverTests(TestCase):
     timeout = 90
 
     def setUp(self) -> None:
-        self.gateway = GatewayProcess(INI.format(token=TOKEN)).start()
+        self.gateway = GatewayProcess(receiverIni()).start()
         self.addCleanup(self.gateway.stop)
 
-    def deliverBackToBack(self, receiver: Receiver) -> Any:
+    def deliverBackToBack(self, receiver: WebhookReceiver) -> Any:
         """
         Publish L{COUNT} messages, then subscribe from the earliest so that
         the deliverer has them all at once and sends each as soon as the
@@ -85,13 +74,13 @@ class ClosingReceiverTests(TestCase):
         self.assertEqual(view["status"], "active")
         return view
 
-    def test_http10Receiver(self) -> None:
+    def test_http10WebhookReceiver(self) -> None:
         """
         A receiver that answers HTTP/1.0 (http.server's default) closes the
         connection after every answer: no delivery is sent on a connection
         it closed, so none fails, and each one has its own connection.
         """
-        receiver = Receiver(protocol="HTTP/1.0")
+        receiver = WebhookReceiver(protocol="HTTP/1.0")
         self.deliverBackToBack(receiver)
         self.assertEqual(receiver.connections, COUNT)
 
@@ -102,14 +91,14 @@ class ClosingReceiverTests(TestCase):
         closed connection is sent again at once on a new one, without
         counting a failed attempt.
         """
-        self.deliverBackToBack(Receiver(closeAfterAnswer=True))
+        self.deliverBackToBack(WebhookReceiver(closeAfterAnswer=True))
 
-    def test_keepAliveReceiverReusesConnections(self) -> None:
+    def test_keepAliveWebhookReceiverReusesConnections(self) -> None:
         """
         A receiver that keeps connections open gets the deliveries on fewer
         connections than deliveries: reuse still works where it is safe.
         """
-        receiver = Receiver()
+        receiver = WebhookReceiver()
         self.deliverBackToBack(receiver)
         self.assertLess(receiver.connections, COUNT)
 

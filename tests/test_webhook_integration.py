@@ -15,208 +15,59 @@ from __future__ import annotations
 import json
 import os
 import signal
-import ssl
 import subprocess
 import tempfile
-import threading
-import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from standardwebhooks.webhooks import Webhook
 from twisted.trial.unittest import TestCase
 
-from .helpers import GatewayProcess, httpRequest, jsonOf, waitFor
-from .test_kafka_integration import KAFKA, freshTopic, kcat, kcatRead, requireKafka
+from .helpers import MQTT_HOST, MQTT_PORT, GatewayIni, GatewayProcess, WebhookReceiver, httpRequest, jsonOf, waitFor
 from .test_kafka_integration import admin as kafkaAdmin
-from .test_mqtt_integration import MQTT_HOST, MQTT_PORT, requireBroker
+from .test_kafka_integration import freshTopic, kcat, kcatRead, requireKafka
+from .test_mqtt_integration import requireBroker
 
 TOKEN = "e2e-admin-token-" + uuid.uuid4().hex
 
-INI = """
-[gateway]
-listen = tcp:0:interface=127.0.0.1
-store = sqlite:{store}
-admin = tcp:0
-admin-token = {token}
-webhook-allow-private = true
-webhook-allow-http = true
-webhook-sync-interval = 1
-
-[endpoint:kafka]
-type = kafka
-bootstrap.servers = {kafka}
-client.id = {clientId}
-linger.ms = 1
-poll-timeout = 0.05
-request-timeout = 3
-# A killed node's partitions move to the others after this (librdkafka's
-# default is 45 s).
-session.timeout.ms = 6000
-heartbeat.interval.ms = 1000
-
-[api:orders]
-path = /orders
-endpoint = kafka
-topic = {topic}
-entrypoints = http-post webhook
-webhook.retry.initial-delay = 0.2
-webhook.retry.max-delay = 1
-webhook.retry.max-attempts = 3
-webhook.timeout = 5
-dlq = kafka/{dlq}
-"""
-
-MQTT_INI = """
-[gateway]
-listen = tcp:0:interface=127.0.0.1
-store = sqlite:{store}
-admin = tcp:0
-admin-token = {token}
-webhook-allow-private = true
-webhook-allow-http = true
-webhook-sync-interval = 1
-
-[endpoint:mqtt]
-type = mqtt5
-host = {host}
-port = {port}
-
-[api:sensors]
-path = /sensors
-endpoint = mqtt
-topic = {prefix}/+/temperature
-entrypoints = webhook
-qos = 1
-"""
-
-STRICT_INI = """
-[gateway]
-listen = tcp:0:interface=127.0.0.1
-store = sqlite:evgate.sqlite
-admin = tcp:0
-admin-token = {token}
-webhook-allow-http = true
-
-[endpoint:local]
-type = memory
-
-[api:orders]
-path = /orders
-endpoint = local
-topic = orders
-entrypoints = http-post webhook
-"""
-
-
-class Delivery:
+def webhookGateway(token: str = TOKEN, store: str = "evgate.sqlite") -> GatewayIni:
     """
-    One request the receiver got.
+    A gateway with a SQLite store, an admin API and webhooks allowed to
+    reach the test receivers on 127.0.0.1.
     """
-
-    def __init__(self, body: bytes, headers: Dict[str, str], status: int) -> None:
-        self.body = body
-        self.headers = headers
-        self.status = status
+    return (GatewayIni(listen="tcp:0:interface=127.0.0.1", store=f"sqlite:{store}")
+            .admin(token).loopbackWebhooks().gateway(webhook_sync_interval=1))
 
 
-class Receiver:
+def kafkaIni(topic: str, dlq: str, store: str, clientId: str) -> GatewayIni:
     """
-    A webhook receiver on 127.0.0.1: records every request and answers with
-    what C{decide(body, attempt)} says (200 by default), after C{delay}
-    seconds.
+    /orders delivering C{topic} to webhooks, with quick retries and
+    dead letters to C{dlq}.
     """
+    return (webhookGateway(store=store).kafka(settings={"client.id": clientId}, quick=True)
+            .api("orders", endpoint="kafka", topic=topic, entrypoints="http-post webhook", dlq=f"kafka/{dlq}",
+                 webhook={"retry.initial-delay": 0.2, "retry.max-delay": 1, "retry.max-attempts": 3,
+                          "timeout": 5}))
 
-    def __init__(self, decide: Optional[Callable[[bytes, int], int]] = None, delay: float = 0.0,
-                 protocol: str = "HTTP/1.1", closeAfterAnswer: bool = False,
-                 tls: Optional[ssl.SSLContext] = None) -> None:
-        """
-        @param protocol: the HTTP version the receiver answers with;
-            C{"HTTP/1.0"} (the standard library's default) closes the
-            connection after every answer.
-        @param closeAfterAnswer: close the connection after every answer
-            without saying so (no C{Connection: close}), as a receiver that
-            drops idle keep-alive connections at once does.
-        @param tls: serve HTTPS with this server context.
-        """
-        self.decide = decide or (lambda body, attempt: 200)
-        self.delay = delay
-        self.requests: List[Delivery] = []
-        self.lock = threading.Lock()
-        self.connections = 0
-        self.scheme = "https" if tls is not None else "http"
-        receiver = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = protocol
+def mqttIni(store: str, prefix: str) -> GatewayIni:
+    """
+    /sensors delivering C{prefix}/+/temperature to webhooks, at QoS 1.
+    """
+    return (webhookGateway(store=store).mqtt()
+            .api("sensors", endpoint="mqtt", topic=f"{prefix}/+/temperature", entrypoints="webhook", qos=1))
 
-            def setup(self) -> None:
-                with receiver.lock:
-                    receiver.connections += 1
-                super().setup()
 
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                headers = {k.lower(): v for k, v in self.headers.items()}
-                with receiver.lock:
-                    attempt = 1 + sum(1 for r in receiver.requests if r.body == body)
-                    status = receiver.decide(body, attempt)
-                    receiver.requests.append(Delivery(body, headers, status))
-                if receiver.delay:
-                    time.sleep(receiver.delay)
-                self.send_response(status)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                if closeAfterAnswer:
-                    self.close_connection = True
+def strictIni() -> GatewayIni:
+    """
+    A gateway with the default SSRF settings (only plain HTTP allowed).
+    """
+    return (GatewayIni(listen="tcp:0:interface=127.0.0.1", store="sqlite:evgate.sqlite").admin(TOKEN)
+            .gateway(webhook_allow_http=True).memory().api("orders", entrypoints="http-post webhook"))
 
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
 
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request: Any, client_address: Any) -> None:
-                # A killed gateway resets its connections: expected here.
-                pass
-
-        self.server = Server(("127.0.0.1", 0), Handler)
-        if tls is not None:
-            # The handshake runs in accept(), on the serving thread; a client
-            # that refuses the certificate makes accept() fail, which the
-            # server shrugs off.
-            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    @property
-    def url(self) -> str:
-        """
-        The receiver's callback URL.
-        """
-        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def delivered(self) -> List[bytes]:
-        """
-        The bodies answered 2xx, in the order they arrived.
-        """
-        with self.lock:
-            return [r.body for r in self.requests if 200 <= r.status < 300]
-
-    def all(self) -> List[Delivery]:
-        """
-        Every request so far.
-        """
-        with self.lock:
-            return list(self.requests)
-
-    def stop(self) -> None:
-        """
-        Stop serving.
-        """
-        self.server.shutdown()
-        self.server.server_close()
+# The receiver under the name other test modules import.
+Receiver = WebhookReceiver
 
 
 def admin(gateway: GatewayProcess, method: str, path: str, body: Any = None,
@@ -257,17 +108,16 @@ class KafkaWebhookCase(TestCase):
         """
         The gateway in front of this test's topics.
         """
-        gateway = GatewayProcess(INI.format(token=TOKEN, kafka=KAFKA, topic=self.topic, dlq=self.dlq, store=store,
-                                            clientId=clientId))
+        gateway = GatewayProcess(kafkaIni(self.topic, self.dlq, store, clientId))
         gateway.start()
         self.addCleanup(gateway.stop)
         return gateway
 
-    def startReceiver(self, **kwargs: Any) -> Receiver:
+    def startReceiver(self, **kwargs: Any) -> WebhookReceiver:
         """
         A receiver, stopped at cleanup.
         """
-        receiver = Receiver(**kwargs)
+        receiver = WebhookReceiver(**kwargs)
         self.addCleanup(receiver.stop)
         return receiver
 
@@ -453,14 +303,13 @@ class WebhookMqttTests(TestCase):
         them, so the receiver gets every message once, not once per node.
         """
         requireBroker()
-        receiver = Receiver()
+        receiver = WebhookReceiver()
         self.addCleanup(receiver.stop)
         prefix = f"evgate-it/{uuid.uuid4().hex[:10]}"
         shared = os.path.join(tempfile.mkdtemp(prefix="evgate-shared-"), "evgate.sqlite")
         nodes = []
         for _ in range(2):
-            node = GatewayProcess(MQTT_INI.format(token=TOKEN, store=shared, host=MQTT_HOST, port=MQTT_PORT,
-                                                  prefix=prefix))
+            node = GatewayProcess(mqttIni(shared, prefix))
             node.start()
             self.addCleanup(node.stop)
             nodes.append(node)
@@ -491,7 +340,7 @@ class WebhookGuardTests(TestCase):
     timeout = 60
 
     def setUp(self) -> None:
-        self.gateway = GatewayProcess(STRICT_INI.format(token=TOKEN)).start()
+        self.gateway = GatewayProcess(strictIni()).start()
         self.addCleanup(self.gateway.stop)
 
     def test_internalCallbacksRefused(self) -> None:

@@ -27,32 +27,19 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from evgate.config import ConfigError, parseConfig
 from evgate.webhook.client import WebhookTrust
 
-from .helpers import GatewayProcess, httpRequest, waitFor
-from .test_webhook_integration import TOKEN, Receiver, admin
+from .helpers import GatewayIni, GatewayProcess, WebhookReceiver, httpRequest, waitFor
+from .test_webhook_integration import TOKEN, admin
 
-INI = """
-[gateway]
-listen = tcp:0:interface=127.0.0.1
-store = sqlite:evgate.sqlite
-admin = tcp:0
-admin-token = {token}
-webhook-allow-private = true
-# Relative to this file's directory.
-webhook-ca-file = ca.pem
 
-[endpoint:local]
-type = memory
-
-[api:orders]
-path = /orders
-endpoint = local
-topic = orders
-entrypoints = http-post webhook
-webhook.timeout = 5
-# One attempt: a refused certificate pauses the subscription at once
-# (there is no dlq), which the test waits for.
-webhook.retry.max-attempts = 1
-"""
+def trustingIni() -> GatewayIni:
+    """
+    /orders delivering to webhooks, trusting the CA in C{ca.pem} (relative
+    to the INI's directory).  One attempt: a refused certificate pauses
+    the subscription at once (there is no dlq), which the test waits for.
+    """
+    return (GatewayIni(listen="tcp:0:interface=127.0.0.1", store="sqlite:evgate.sqlite").admin(TOKEN)
+            .gateway(webhook_allow_private=True, webhook_ca_file="ca.pem").memory()
+            .api("orders", entrypoints="http-post webhook", webhook={"timeout": 5, "retry.max-attempts": 1}))
 
 
 def _name(common: str) -> x509.Name:
@@ -133,18 +120,18 @@ class HttpsDeliveryTests(TestCase):
 
     def setUp(self) -> None:
         self.caKey, self.ca = makeCA("evgate test CA")
-        self.gateway = GatewayProcess(INI.format(token=TOKEN))
+        self.gateway = GatewayProcess(trustingIni())
         with open(os.path.join(self.gateway.directory, "ca.pem"), "wb") as f:
             f.write(pem(self.ca))
         self.gateway.start()
         self.addCleanup(self.gateway.stop)
 
-    def startReceiver(self, caKey: Any, ca: x509.Certificate) -> Receiver:
+    def startWebhookReceiver(self, caKey: Any, ca: x509.Certificate) -> WebhookReceiver:
         """
         An HTTPS receiver on 127.0.0.1 with a certificate signed by C{ca}.
         """
         directory = tempfile.mkdtemp(prefix="evgate-tls-")
-        receiver = Receiver(tls=serverContext(directory, *makeServerCertificate(caKey, ca)))
+        receiver = WebhookReceiver(tls=serverContext(directory, *makeServerCertificate(caKey, ca)))
         self.addCleanup(receiver.stop)
         return receiver
 
@@ -169,7 +156,7 @@ class HttpsDeliveryTests(TestCase):
         signed arrive, in order, signed so that standardwebhooks verifies
         them, each at its first attempt.
         """
-        receiver = self.startReceiver(self.caKey, self.ca)
+        receiver = self.startWebhookReceiver(self.caKey, self.ca)
         self.assertTrue(receiver.url.startswith("https://127.0.0.1:"), receiver.url)
         status, created = admin(self.gateway, "POST", "/apis/orders/subscriptions", {"callbackUrl": receiver.url})
         self.assertEqual(status, 201, created)
@@ -193,7 +180,7 @@ class HttpsDeliveryTests(TestCase):
         timeout.
         """
         otherKey, other = makeCA("someone else's CA")
-        receiver = self.startReceiver(otherKey, other)
+        receiver = self.startWebhookReceiver(otherKey, other)
         _, created = admin(self.gateway, "POST", "/apis/orders/subscriptions", {"callbackUrl": receiver.url})
         self.publish(b"secret")
         view = waitFor(lambda: (lambda v: v if v["status"] == "paused" else None)(

@@ -17,29 +17,10 @@ from typing import List, Optional
 
 from twisted.trial.unittest import TestCase
 
-from .helpers import GatewayProcess, httpRequest, waitFor
-from .test_kafka_integration import KAFKA, freshTopic, requireKafka
+from .helpers import GatewayIni, GatewayProcess, httpRequest, waitFor
+from .test_kafka_integration import freshTopic, requireKafka
 
 TOKEN = "workers-test-token-0123456789"
-
-INI = """
-[gateway]
-listen = tcp:0
-workers = 2
-admin = tcp:0
-admin-token = {token}
-
-[endpoint:kafka]
-type = kafka
-bootstrap.servers = {kafka}
-
-[api:orders]
-path = /orders
-endpoint = kafka
-topic = {topic}
-entrypoints = http-post sse
-heartbeat = 60
-"""
 
 MORE = """
 [api:more]
@@ -101,7 +82,10 @@ class WorkersTests(TestCase):
     def setUp(self) -> None:
         requireKafka()
         self.topic = freshTopic()
-        self.gateway = GatewayProcess(INI.format(token=TOKEN, kafka=KAFKA, topic=self.topic), name="workers")
+        self.gateway = GatewayProcess(
+            GatewayIni(workers=2).admin(TOKEN).kafka()
+            .api("orders", endpoint="kafka", topic=self.topic, entrypoints="http-post sse", heartbeat=60),
+            name="workers")
         self.addCleanup(self.gateway.stop)
         self.gateway.start()
         self.primary = self.gateway.process.pid
