@@ -117,6 +117,7 @@ EXTENSION_MODULES: Tuple[str, ...] = (
     "evgate.webhook.client",
     "evgate.admin.app",
     "evgate.logs",
+    "evgate.schemas.config",
 )
 
 
