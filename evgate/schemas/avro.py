@@ -107,6 +107,8 @@ class AvroCodec:
         """
         schema = self._resolve(schema)
         if isinstance(schema, list):
+            if value is None:
+                return None  # null is never wrapped, in the Avro JSON encoding too
             branch, inner = self._branchOf(schema, value)
             json_ = self.toJson(branch, inner)
             if _isOptional(schema):

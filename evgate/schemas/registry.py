@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from urllib.parse import quote
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -309,9 +309,9 @@ class RegistryClient:
         if body is not None:
             headers[b"Content-Type"] = [MEDIA_TYPE.encode()]
         try:
-            d = self._http.request(method, url, headers=headers, data=body)
+            d = self._http.request(method.decode("ascii"), url, headers=headers, data=body)
         except Exception as e:  # a malformed URL raises before any I/O
-            raise RegistryError(f"cannot ask {url}: {e}") from None
+            return fail(RegistryError(f"cannot ask {url}: {e}"))
         timeout = self.reactor.callLater(self.timeout, d.cancel)
 
         def answered(response: Any) -> Deferred:
