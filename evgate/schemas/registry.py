@@ -168,6 +168,7 @@ class RegistryClient:
         if username is not None:
             token = base64.b64encode(f"{username}:{password or ''}".encode()).decode("ascii")
             self._headers[b"Authorization"] = [f"Basic {token}".encode("ascii")]
+        self._pool: Any = None
         self._http = http if http is not None else self._makeClient(caCertificates)
         self._byId: Dict[int, RegisteredSchema] = {}
         self._pinned: Dict[Tuple[str, int], RegisteredSchema] = {}
@@ -192,9 +193,17 @@ class RegistryClient:
 
             root = trustRootFromCertificates([Certificate.loadPEM(pem) for pem in caCertificates])
             policy = BrowserLikePolicyForHTTPS(trustRoot=root)
-        pool = HTTPConnectionPool(self.reactor, persistent=True)
+        pool = self._pool = HTTPConnectionPool(self.reactor, persistent=True)
         pool.maxPersistentPerHost = 4
         return HTTPClient(Agent(self.reactor, contextFactory=policy, pool=pool))
+
+    def close(self) -> Deferred:
+        """
+        Close the kept-alive connections to the registry (on shutdown).
+        """
+        if self._pool is None:
+            return succeed(None)
+        return self._pool.closeCachedConnections()
 
     # ---------------------------------------------------------------- asks
 
