@@ -491,3 +491,28 @@ class IStreamFramer(Interface):
         where the protocol can; without a goodbye frame when
         C{reason.midFrame} (a frame is half written: nothing may follow it).
         """
+
+
+class ISchemaCodec(Interface):
+    """
+    One schema (Avro, Protobuf or JSON Schema), parsed once, that turns
+    payloads into JSON values and JSON values into payloads
+    (L{evgate.schemas}).  Payloads here are bare: the Confluent wire-format
+    header is read and written around them by L{evgate.schemas.wire}.
+    """
+
+    schemaType = Attribute("C{AVRO}, C{PROTOBUF} or C{JSON}: the registry's name for the schema language.")
+    indexes = Attribute("The Protobuf message-index array that encode writes; empty for the others.")
+
+    def decode(payload, indexes=()):
+        """
+        The JSON value of C{payload} (for Protobuf, a message at
+        C{indexes}).  Raises L{evgate.schemas.errors.DecodeError}.
+        """
+
+    def encode(value):
+        """
+        The payload of the JSON C{value}.  Raises
+        L{evgate.schemas.errors.EncodeError}, whose C{pointer} names the
+        value that does not fit.
+        """

@@ -176,6 +176,11 @@ def parseOptions(section: SectionReader) -> Mapping[str, Any]:
         raise section.error("poll-timeout", "must be at most 5 seconds: it bounds how fast readers react")
     if not _GROUP_PREFIX.fullmatch(options["group-prefix"]):
         raise section.error("group-prefix", "use 1 to 100 letters, digits, '.', '_' or '-'")
+    # The schema-registry* keys are the schema layer's; read here so that
+    # section.rest() below does not take them for librdkafka properties.
+    from evgate.schemas.config import registryOptions
+
+    options["schema-registry"] = registryOptions(section)
     servers = section.get("bootstrap.servers")
     librdkafka = section.rest()
     for key in librdkafka:
