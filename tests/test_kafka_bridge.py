@@ -644,6 +644,17 @@ class PublishTests(ConnectorTestCase):
         self.connector.publish(TOPIC, Draft(b"x"), 10)
         self.assertEqual((self.producer.produced[1]["key"], self.producer.produced[1]["headers"]), (None, None))
 
+    def test_repeatedHeadersProduced(self) -> None:
+        """
+        A header name that repeats in a draft is produced as repeated
+        record headers, in the draft's order, one publish or a batch.
+        """
+        headers = (("dup", "1"), ("one", "x"), ("dup", "2"), ("dup", "1"))
+        expected = [("dup", b"1"), ("one", b"x"), ("dup", b"2"), ("dup", b"1")]
+        self.connector.publish(TOPIC, Draft(b"x", headers=headers), 10)
+        self.connector.publishMany(TOPIC, [Draft(b"a", headers=headers), Draft(b"b", headers=headers)], 10)
+        self.assertEqual([p["headers"] for p in self.producer.produced], [expected] * 3)
+
     def test_firesOnReactorAfterReport(self) -> None:
         """
         The Deferred fires with the position only when the reactor runs the
@@ -948,6 +959,25 @@ class ToMessageTests(SynchronousTestCase):
         self.assertEqual(m.metadata()["keyEncoding"], "base64")
         self.assertEqual(m.metadata()["headerEncoding"], {"bin": "base64"})
         self.assertEqual(m.timestamp, 0)
+
+    def test_repeatedHeaders(self) -> None:
+        """
+        Record headers are a list in which names repeat (C{kcat -H dup=1
+        -H dup=2}): every value is kept, in the record's order.
+        """
+        m = toMessage(FakeRecord(0, 0, headers=[("dup", b"1"), ("one", b"x"), ("dup", b"2"), ("dup", b"1")]))
+        self.assertEqual(m.headers, (("dup", "1"), ("one", "x"), ("dup", "2"), ("dup", "1")))
+        self.assertEqual(dict(m.extra), {})
+
+    def test_repeatedBinaryHeader(self) -> None:
+        """
+        When one value of a repeated name is not UTF-8, every value of that
+        name is base64 (C{headerEncoding} is per name), and the other names
+        stay text.
+        """
+        m = toMessage(FakeRecord(0, 0, headers=[("dup", b"1"), ("one", b"x"), ("dup", b"\xff"), ("dup", None)]))
+        self.assertEqual(m.headers, (("dup", "MQ=="), ("one", "x"), ("dup", "/w=="), ("dup", "")))
+        self.assertEqual(m.metadata()["headerEncoding"], {"dup": "base64"})
 
     def test_tombstone(self) -> None:
         """
