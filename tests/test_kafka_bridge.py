@@ -447,19 +447,18 @@ class CapabilityTests(ConnectorTestCase):
 
     def test_connectorCapabilities(self) -> None:
         """
-        The connector provides L{IConnector}, L{IConsumerGroups} and
-        L{IRetainedLog}, class and instance alike.
+        The connector provides L{IConnector}, L{IConsumerGroups},
+        L{IHeadOffsets} (from what its readers saw) and L{IRetainedLog},
+        class and instance alike.
         """
-        for interface in (IConnector, IConsumerGroups, IRetainedLog):
+        for interface in (IConnector, IConsumerGroups, IHeadOffsets, IRetainedLog):
             verifyClass(interface, KafkaConnector)
             verifyObject(interface, self.connector)
 
     def test_notCapabilities(self) -> None:
         """
-        Kafka cannot say where a topic ends without asking a broker, and
-        has no share groups: the connector does not claim either.
+        Kafka has no share groups: the connector does not claim them.
         """
-        self.assertFalse(IHeadOffsets.providedBy(self.connector))
         self.assertFalse(ISharedSubscriptions.providedBy(self.connector))
 
     def test_holdableReader(self) -> None:
@@ -1124,6 +1123,92 @@ class ReaderStartTests(ConnectorTestCase):
         self.assertTrue(self.consumer.closed)
 
 
+class HeadOffsetsTests(ConnectorTestCase):
+    """
+    L{KafkaConnector.headOffsets}: where a topic ends, from what the
+    readers' threads reported, answered on the reactor without a request.
+    """
+
+    overrides = {"batch_size": 10}
+
+    def test_noneBeforeAReader(self) -> None:
+        """
+        Before any reader resolved the topic the connector knows nothing:
+        L{None}, so that callers fall back (metrics skip the lag).
+        """
+        self.assertIsNone(self.connector.headOffsets(TOPIC))
+        self.subscribe("earliest", {0: (0, 480)})
+        self.assertIsNone(self.connector.headOffsets(TOPIC))
+
+    def test_knownWhenStarted(self) -> None:
+        """
+        The high watermarks a reader fetched to resolve its start are known
+        by the time its sink learns where it starts: a non-blocking read
+        from there can tell how much history to take.
+        """
+        seen: List[Any] = []
+        reader = self.subscribe("earliest", {0: (0, 480), 1: (5, 7)})
+        self.sink.onDeliver = None
+        started = self.sink.started
+        self.sink.started = lambda cursor: (seen.append(self.connector.headOffsets(TOPIC)), started(cursor))
+        self.turn(reader)
+        self.assertEqual(seen, [{0: 480, 1: 7}])
+        self.assertEqual(self.sink.events, [("started", Cursor.fromMapping({0: 0, 1: 5}))])
+
+    def test_movesWithReading(self) -> None:
+        """
+        While reading, the heads move past the records handed over and to
+        librdkafka's cached high watermarks (asked with C{cached=True}, no
+        request), never back.
+        """
+        reader = self.subscribe("earliest", {0: (0, 2)})
+        self.turn(reader)
+        self.consumer.records = [FakeRecord(0, 0), FakeRecord(0, 1), FakeRecord(0, 2)]
+        self.clients.topics[TOPIC] = {0: (0, 9)}
+        self.turn(reader)
+        self.assertEqual(self.connector.headOffsets(TOPIC), {0: 9})
+        self.clients.topics[TOPIC] = {0: (0, 4)}
+        self.consumer.records = [FakeRecord(0, 3)]
+        self.reactor.advance(2)
+        self.turn(reader)
+        self.assertEqual(self.connector.headOffsets(TOPIC), {0: 9})
+
+    def test_cachedWatermarksAtMostOnceASecond(self) -> None:
+        """
+        The cached watermarks are read at most once a second; in between a
+        batch moves the heads past its own records only.
+        """
+        reader = self.subscribe("earliest", {0: (0, 100)})
+        self.turn(reader)
+        calls: List[Any] = []
+        original = self.consumer.get_watermark_offsets
+
+        def counting(tp: TP, timeout: float, cached: bool) -> Tuple[int, int]:
+            calls.append(cached)
+            return original(tp, timeout, cached)
+
+        self.consumer.get_watermark_offsets = counting  # type: ignore[method-assign]
+        for offset in range(3):
+            self.consumer.records = [FakeRecord(0, offset)]
+            self.turn(reader)
+        self.assertEqual(calls, [True])
+        self.reactor.advance(1)
+        self.consumer.records = [FakeRecord(0, 3)]
+        self.turn(reader)
+        self.assertEqual(calls, [True, True])
+
+    def test_forgottenWithTheLastReader(self) -> None:
+        """
+        When the last reader of a topic has ended, nothing keeps its heads
+        fresh: the connector knows none again.
+        """
+        reader = self.subscribe("earliest", {0: (0, 3)})
+        self.turn(reader)
+        self.assertEqual(self.connector.headOffsets(TOPIC), {0: 3})
+        self.connector.forget(reader)
+        self.assertIsNone(self.connector.headOffsets(TOPIC))
+
+
 class ReaderFlowTests(ConnectorTestCase):
     """
     How batches travel from a reader's thread to its sink.
@@ -1154,14 +1239,18 @@ class ReaderFlowTests(ConnectorTestCase):
         after the reactor took the first: a slow reactor stops the reader.
         """
         self.consumer.records = [FakeRecord(0, i) for i in range(6)]
+        # Reports of where the partitions end are not batches: no credit.
+        def batches() -> List[str]:
+            return [args[0] for _, args, _ in self.reactor.fromThread if args[0] != "seen"]
+
         self.reader.runOnce()
         self.reader.runOnce()
         self.reader.runOnce()
-        self.assertEqual(self.reactor.pendingNames(), ["onReactor"])
+        self.assertEqual(batches(), ["deliver"])
         self.assertEqual(len(self.consumer.records), 2)
         self.reactor.runFromThread()
         self.reader.runOnce()
-        self.assertEqual(self.reactor.pendingNames(), ["onReactor"])
+        self.assertEqual(batches(), ["deliver"])
         self.reactor.runFromThread()
         self.assertEqual(self.sink.events, [("deliver", [(0, 0), (0, 1)]), ("deliver", [(0, 2), (0, 3)])])
 

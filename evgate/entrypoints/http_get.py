@@ -294,8 +294,9 @@ class PollSubscriber:
         self.startedAt = reactor.seconds()
         # The timeout counts the wait for *new* messages: a read that starts
         # behind the head first takes what is there (bounded by CATCH_UP).
-        # Where the endpoint knows its head, "there" is up to that head; where
-        # it does not (Kafka), a read from history waits for its first batch.
+        # Where the endpoint knows its head (memory; Kafka once its reader
+        # fetched the watermarks), "there" is up to that head; where it does
+        # not, a read from history waits for its first batch.
         head = headOffsets(api.connector, api.config.topic)
         if head is not None:
             target = Cursor.fromMapping(head, cursor.epoch)
