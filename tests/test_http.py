@@ -669,6 +669,20 @@ class NonBlockingReadTests(GatewayTestCase):
         page = json.loads(response.body)
         self.assertEqual([item["content"] for item in page["items"]], [str(i) for i in range(550, 600)])
 
+    def test_fillsThePageUpToTheHead(self) -> None:
+        """
+        Without a filter, a non-blocking read from the earliest message
+        returns everything up to the head it saw at the start (within its
+        limit), not only the first batch the endpoint handed over.
+        """
+        connector = self.gateway.connectors["local"]
+        for i in range(600):
+            connector.publish("demo", Draft(content=str(i).encode()))
+        page = json.loads(self.call("GET", URL + "?timeout=0&limit=1000").body)
+        self.assertEqual([item["content"] for item in page["items"]], [str(i) for i in range(600)])
+        page = json.loads(self.call("GET", URL + "?timeout=0&limit=250").body)
+        self.assertEqual(len(page["items"]), 250)
+
     def test_atTheHeadAnswersAtOnce(self) -> None:
         """
         A non-blocking read that is already at the head answers at once,

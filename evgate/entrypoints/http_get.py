@@ -330,6 +330,12 @@ class PollSubscriber:
         self.events.extend(taken)
         if taken:
             self.cursor = taken[-1].cursor
+        if (self.catchUpTo is not None and len(self.events) < self.limit and self.cursor is not None
+                and not (self.firstBatch or self.cursor.dominates(self.catchUpTo))):
+            # Still reading what was there when the poll started: the page
+            # fills up to that head (or its limit) first, bounded by the
+            # timer, so that timeout=0 is not "the first batch only".
+            return
         # Answer as soon as something is there; the rest of this batch
         # stays for the next poll (the cursor says where it begins).
         self._answer()
