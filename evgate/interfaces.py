@@ -146,13 +146,16 @@ class IConsumerGroups(Interface):
 class IHeadOffsets(Interface):
     """
     A connector that knows, without asking a broker, where each partition of
-    a topic ends (for lag metrics).
+    a topic ends (for lag metrics, and for a non-blocking GET to know what
+    is already there).
     """
 
     def headOffsets(topic):
         """
         The next offset of every partition of C{topic}: a mapping of
         partition to offset, read on the reactor thread without blocking.
+        L{None} when the connector knows nothing of C{topic} yet (Kafka
+        learns its heads from its readers).
         """
 
 

@@ -29,7 +29,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Dict, Iterable, Iterator, Mapping, NamedTuple, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
 CURSOR_VERSION = 1
 _VERSION_BYTE = bytes([CURSOR_VERSION])
@@ -144,6 +144,50 @@ def headerObject(headers: Tuple[Tuple[str, str], ...]) -> Dict[str, Any]:
         else:
             out[name] = [have, value]
     return out
+
+
+def _encodable(text: str) -> bool:
+    # JSON may carry a lone surrogate (\ud800), which no broker can take
+    # as UTF-8: refusing it here keeps it from failing inside a connector.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def headerPairs(document: Any, where: str = "headers") -> Tuple[Tuple[str, str], ...]:
+    """
+    The message headers a publisher's JSON C{headers} member asks for: the
+    inverse of L{headerObject}.  Each member is a name and either a string
+    (one header) or an array of strings (the name repeated, once per value,
+    in order).  L{None} is no headers.
+
+    @raise ValueError: naming C{where}, for anything else: a name that is
+        empty, a value that is neither a string nor an array of strings, or
+        text that is not valid Unicode.
+    """
+    if document is None:
+        return ()
+    if not isinstance(document, dict):
+        raise ValueError(f"{where} must be an object of names to strings or arrays of strings")
+    pairs: List[Tuple[str, str]] = []
+    for name, value in document.items():
+        if not name or not _encodable(name):
+            raise ValueError(f"{where} has an empty or invalid name")
+        if isinstance(value, str):
+            values: List[Any] = [value]
+        elif isinstance(value, list):
+            values = value
+        else:
+            raise ValueError(f"{where}.{name} must be a string or an array of strings")
+        for one in values:
+            if not isinstance(one, str):
+                raise ValueError(f"{where}.{name} must be a string or an array of strings")
+            if not _encodable(one):
+                raise ValueError(f"{where}.{name} is not valid Unicode text")
+            pairs.append((name, one))
+    return tuple(pairs)
 
 
 def envelope(message: Message, eventId: Optional[str] = None) -> Dict[str, Any]:

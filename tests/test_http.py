@@ -246,6 +246,30 @@ class BatchPostTests(GatewayTestCase):
         self.assertEqual(stored[0].headers, (("tenant", "acme"), ("content-type", "application/json")))
         self.assertEqual(stored[1].headers, (("content-type", "application/json"),))
 
+    def test_envelopeRepeatedHeaders(self) -> None:
+        """
+        In a batch document a header whose value is an array of strings is
+        that name repeated, in order.
+        """
+        document = {"records": [{"value": 1, "headers": {"Dup": ["1", "2"], "one": "x"}}]}
+        response = self.post(json.dumps(document).encode(),
+                             headers={"Content-Type": "application/vnd.evgate.batch+json"})
+        self.assertEqual(response.code, 202, response.body)
+        (stored,) = self.stored()
+        self.assertEqual(stored.headers, (("dup", "1"), ("dup", "2"), ("one", "x"),
+                                          ("content-type", "application/json")))
+
+    def test_ndjsonRepeatedHeaders(self) -> None:
+        """
+        An NDJSON batch gives every line the request's repeated
+        message-header request headers, in order.
+        """
+        response = self.post(b'1\n2\n', headers={"Content-Type": "application/x-ndjson",
+                                                  "X-Message-Header-Dup": ["1", "2"]})
+        self.assertEqual(response.code, 202, response.body)
+        for stored in self.stored():
+            self.assertEqual(stored.headers, (("dup", "1"), ("dup", "2"), ("content-type", "application/json")))
+
     def test_invalidBatchPublishesNothing(self) -> None:
         """
         A batch with one bad record is a 400 naming it, and none of its
@@ -257,6 +281,7 @@ class BatchPostTests(GatewayTestCase):
             (b'{"records": [{"value": 1}, {"key": "k"}]}', "records[1]"),
             (b'{"records": [{"value": 1, "key": 5}]}', "records[0].key"),
             (b'{"records": [{"value": 1, "headers": {"a": 1}}]}', "records[0].headers"),
+            (b'{"records": [{"value": 1, "headers": {"a": ["1", null]}}]}', "records[0].headers"),
             (b'{"records": [{"value": 1, "partition": 2}]}', "unknown members: partition"),
             (b'{"records": []}', "no records"),
         ]
@@ -643,6 +668,20 @@ class NonBlockingReadTests(GatewayTestCase):
         response = self.call("GET", URL + "?timeout=0&filter=key%20%3D%3D%20%22late%22")
         page = json.loads(response.body)
         self.assertEqual([item["content"] for item in page["items"]], [str(i) for i in range(550, 600)])
+
+    def test_fillsThePageUpToTheHead(self) -> None:
+        """
+        Without a filter, a non-blocking read from the earliest message
+        returns everything up to the head it saw at the start (within its
+        limit), not only the first batch the endpoint handed over.
+        """
+        connector = self.gateway.connectors["local"]
+        for i in range(600):
+            connector.publish("demo", Draft(content=str(i).encode()))
+        page = json.loads(self.call("GET", URL + "?timeout=0&limit=1000").body)
+        self.assertEqual([item["content"] for item in page["items"]], [str(i) for i in range(600)])
+        page = json.loads(self.call("GET", URL + "?timeout=0&limit=250").body)
+        self.assertEqual(len(page["items"]), 250)
 
     def test_atTheHeadAnswersAtOnce(self) -> None:
         """

@@ -447,19 +447,18 @@ class CapabilityTests(ConnectorTestCase):
 
     def test_connectorCapabilities(self) -> None:
         """
-        The connector provides L{IConnector}, L{IConsumerGroups} and
-        L{IRetainedLog}, class and instance alike.
+        The connector provides L{IConnector}, L{IConsumerGroups},
+        L{IHeadOffsets} (from what its readers saw) and L{IRetainedLog},
+        class and instance alike.
         """
-        for interface in (IConnector, IConsumerGroups, IRetainedLog):
+        for interface in (IConnector, IConsumerGroups, IHeadOffsets, IRetainedLog):
             verifyClass(interface, KafkaConnector)
             verifyObject(interface, self.connector)
 
     def test_notCapabilities(self) -> None:
         """
-        Kafka cannot say where a topic ends without asking a broker, and
-        has no share groups: the connector does not claim either.
+        Kafka has no share groups: the connector does not claim them.
         """
-        self.assertFalse(IHeadOffsets.providedBy(self.connector))
         self.assertFalse(ISharedSubscriptions.providedBy(self.connector))
 
     def test_holdableReader(self) -> None:
@@ -643,6 +642,17 @@ class PublishTests(ConnectorTestCase):
         self.assertEqual(produced["headers"], [("tenant", b"acme"), ("a", b"1")])
         self.connector.publish(TOPIC, Draft(b"x"), 10)
         self.assertEqual((self.producer.produced[1]["key"], self.producer.produced[1]["headers"]), (None, None))
+
+    def test_repeatedHeadersProduced(self) -> None:
+        """
+        A header name that repeats in a draft is produced as repeated
+        record headers, in the draft's order, one publish or a batch.
+        """
+        headers = (("dup", "1"), ("one", "x"), ("dup", "2"), ("dup", "1"))
+        expected = [("dup", b"1"), ("one", b"x"), ("dup", b"2"), ("dup", b"1")]
+        self.connector.publish(TOPIC, Draft(b"x", headers=headers), 10)
+        self.connector.publishMany(TOPIC, [Draft(b"a", headers=headers), Draft(b"b", headers=headers)], 10)
+        self.assertEqual([p["headers"] for p in self.producer.produced], [expected] * 3)
 
     def test_firesOnReactorAfterReport(self) -> None:
         """
@@ -949,6 +959,25 @@ class ToMessageTests(SynchronousTestCase):
         self.assertEqual(m.metadata()["headerEncoding"], {"bin": "base64"})
         self.assertEqual(m.timestamp, 0)
 
+    def test_repeatedHeaders(self) -> None:
+        """
+        Record headers are a list in which names repeat (C{kcat -H dup=1
+        -H dup=2}): every value is kept, in the record's order.
+        """
+        m = toMessage(FakeRecord(0, 0, headers=[("dup", b"1"), ("one", b"x"), ("dup", b"2"), ("dup", b"1")]))
+        self.assertEqual(m.headers, (("dup", "1"), ("one", "x"), ("dup", "2"), ("dup", "1")))
+        self.assertEqual(dict(m.extra), {})
+
+    def test_repeatedBinaryHeader(self) -> None:
+        """
+        When one value of a repeated name is not UTF-8, every value of that
+        name is base64 (C{headerEncoding} is per name), and the other names
+        stay text.
+        """
+        m = toMessage(FakeRecord(0, 0, headers=[("dup", b"1"), ("one", b"x"), ("dup", b"\xff"), ("dup", None)]))
+        self.assertEqual(m.headers, (("dup", "MQ=="), ("one", "x"), ("dup", "/w=="), ("dup", "")))
+        self.assertEqual(m.metadata()["headerEncoding"], {"dup": "base64"})
+
     def test_tombstone(self) -> None:
         """
         A null value is empty content marked as a tombstone.
@@ -1094,6 +1123,92 @@ class ReaderStartTests(ConnectorTestCase):
         self.assertTrue(self.consumer.closed)
 
 
+class HeadOffsetsTests(ConnectorTestCase):
+    """
+    L{KafkaConnector.headOffsets}: where a topic ends, from what the
+    readers' threads reported, answered on the reactor without a request.
+    """
+
+    overrides = {"batch_size": 10}
+
+    def test_noneBeforeAReader(self) -> None:
+        """
+        Before any reader resolved the topic the connector knows nothing:
+        L{None}, so that callers fall back (metrics skip the lag).
+        """
+        self.assertIsNone(self.connector.headOffsets(TOPIC))
+        self.subscribe("earliest", {0: (0, 480)})
+        self.assertIsNone(self.connector.headOffsets(TOPIC))
+
+    def test_knownWhenStarted(self) -> None:
+        """
+        The high watermarks a reader fetched to resolve its start are known
+        by the time its sink learns where it starts: a non-blocking read
+        from there can tell how much history to take.
+        """
+        seen: List[Any] = []
+        reader = self.subscribe("earliest", {0: (0, 480), 1: (5, 7)})
+        self.sink.onDeliver = None
+        started = self.sink.started
+        self.sink.started = lambda cursor: (seen.append(self.connector.headOffsets(TOPIC)), started(cursor))
+        self.turn(reader)
+        self.assertEqual(seen, [{0: 480, 1: 7}])
+        self.assertEqual(self.sink.events, [("started", Cursor.fromMapping({0: 0, 1: 5}))])
+
+    def test_movesWithReading(self) -> None:
+        """
+        While reading, the heads move past the records handed over and to
+        librdkafka's cached high watermarks (asked with C{cached=True}, no
+        request), never back.
+        """
+        reader = self.subscribe("earliest", {0: (0, 2)})
+        self.turn(reader)
+        self.consumer.records = [FakeRecord(0, 0), FakeRecord(0, 1), FakeRecord(0, 2)]
+        self.clients.topics[TOPIC] = {0: (0, 9)}
+        self.turn(reader)
+        self.assertEqual(self.connector.headOffsets(TOPIC), {0: 9})
+        self.clients.topics[TOPIC] = {0: (0, 4)}
+        self.consumer.records = [FakeRecord(0, 3)]
+        self.reactor.advance(2)
+        self.turn(reader)
+        self.assertEqual(self.connector.headOffsets(TOPIC), {0: 9})
+
+    def test_cachedWatermarksAtMostOnceASecond(self) -> None:
+        """
+        The cached watermarks are read at most once a second; in between a
+        batch moves the heads past its own records only.
+        """
+        reader = self.subscribe("earliest", {0: (0, 100)})
+        self.turn(reader)
+        calls: List[Any] = []
+        original = self.consumer.get_watermark_offsets
+
+        def counting(tp: TP, timeout: float, cached: bool) -> Tuple[int, int]:
+            calls.append(cached)
+            return original(tp, timeout, cached)
+
+        self.consumer.get_watermark_offsets = counting  # type: ignore[method-assign]
+        for offset in range(3):
+            self.consumer.records = [FakeRecord(0, offset)]
+            self.turn(reader)
+        self.assertEqual(calls, [True])
+        self.reactor.advance(1)
+        self.consumer.records = [FakeRecord(0, 3)]
+        self.turn(reader)
+        self.assertEqual(calls, [True, True])
+
+    def test_forgottenWithTheLastReader(self) -> None:
+        """
+        When the last reader of a topic has ended, nothing keeps its heads
+        fresh: the connector knows none again.
+        """
+        reader = self.subscribe("earliest", {0: (0, 3)})
+        self.turn(reader)
+        self.assertEqual(self.connector.headOffsets(TOPIC), {0: 3})
+        self.connector.forget(reader)
+        self.assertIsNone(self.connector.headOffsets(TOPIC))
+
+
 class ReaderFlowTests(ConnectorTestCase):
     """
     How batches travel from a reader's thread to its sink.
@@ -1124,14 +1239,18 @@ class ReaderFlowTests(ConnectorTestCase):
         after the reactor took the first: a slow reactor stops the reader.
         """
         self.consumer.records = [FakeRecord(0, i) for i in range(6)]
+        # Reports of where the partitions end are not batches: no credit.
+        def batches() -> List[str]:
+            return [args[0] for _, args, _ in self.reactor.fromThread if args[0] != "seen"]
+
         self.reader.runOnce()
         self.reader.runOnce()
         self.reader.runOnce()
-        self.assertEqual(self.reactor.pendingNames(), ["onReactor"])
+        self.assertEqual(batches(), ["deliver"])
         self.assertEqual(len(self.consumer.records), 2)
         self.reactor.runFromThread()
         self.reader.runOnce()
-        self.assertEqual(self.reactor.pendingNames(), ["onReactor"])
+        self.assertEqual(batches(), ["deliver"])
         self.reactor.runFromThread()
         self.assertEqual(self.sink.events, [("deliver", [(0, 0), (0, 1)]), ("deliver", [(0, 2), (0, 3)])])
 

@@ -4,7 +4,7 @@ Tests for L{evgate.message}: cursors and envelopes.
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from evgate.message import Cursor, CursorError, Message, cursorsAfter, cursorTag, envelope
+from evgate.message import Cursor, CursorError, Message, cursorsAfter, cursorTag, envelope, headerObject, headerPairs
 
 TAG = cursorTag("demo", "demo")
 
@@ -95,3 +95,46 @@ class EnvelopeTests(SynchronousTestCase):
         env = envelope(Message(b"\xff\x00", None, (), "t", 0, 1, 2))
         self.assertEqual(env, {"key": None, "headers": {}, "content": "/wA=", "encoding": "base64",
                                "metadata": {"topic": "t", "partition": 0, "offset": 1, "timestamp": 2}})
+
+
+class HeaderPairsTests(SynchronousTestCase):
+    """
+    L{headerPairs}: a publisher's JSON C{headers} member as message headers,
+    the inverse of L{headerObject}.
+    """
+
+    def test_strings(self) -> None:
+        """
+        A name with a string is one header; no member (or null) is none.
+        """
+        self.assertEqual(headerPairs({"a": "1", "b": ""}), (("a", "1"), ("b", "")))
+        self.assertEqual(headerPairs(None), ())
+        self.assertEqual(headerPairs({}), ())
+
+    def test_arrayRepeats(self) -> None:
+        """
+        A name with an array of strings is that name repeated, once per
+        value, in the array's order.
+        """
+        self.assertEqual(headerPairs({"dup": ["1", "2", "1"], "one": "x"}),
+                         (("dup", "1"), ("dup", "2"), ("dup", "1"), ("one", "x")))
+
+    def test_roundTrip(self) -> None:
+        """
+        What a reader gets (L{headerObject}) published again gives the same
+        values of every name, in their order.
+        """
+        headers = (("dup", "1"), ("dup", "2"), ("dup", "2"), ("one", "x"))
+        self.assertEqual(headerPairs(headerObject(headers)), headers)
+
+    def test_refused(self) -> None:
+        """
+        Anything but an object of names to strings or arrays of strings is
+        refused with the place named; so is text that cannot be UTF-8 (a
+        lone surrogate, which JSON can spell).
+        """
+        for bad in (["a"], "a", {"a": 1}, {"a": ["1", 2]}, {"a": [["1"]]}, {"": "x"},
+                    {"a": "\ud800"}, {"a": ["\udfff"]}, {"\ud800": "x"}):
+            with self.assertRaises(ValueError) as raised:
+                headerPairs(bad, "records[3].headers")
+            self.assertIn("records[3].headers", str(raised.exception))

@@ -610,6 +610,19 @@ class PublishTests(ConnectorTestMixin, SynchronousTestCase):
                                                                        "sensors/b/temperature"])
         self.assertEqual(results[1].status, 400)
 
+    def test_headersMqttCannotCarry(self) -> None:
+        """
+        A header with a character Mosquitto refuses in a user property (a
+        control character, a non-character) is a 400 and nothing is sent:
+        the broker would close the endpoint's connection instead.
+        """
+        self.connect()
+        for headers in ((("a", "x\x01y"),), (("a\x00", "x"),), (("a", "\ufffe"),), (("a", "\x85"),)):
+            failure = self.failureResultOf(self.connector.publish("plain", Draft(b"x", headers=headers), 10))
+            self.assertIsInstance(failure.value, BadRequest)
+            self.assertIn("U+", failure.value.detail)
+        self.assertEqual(self.client.publishes, [])
+
     def test_acknowledged(self) -> None:
         """
         The Deferred fires only after the broker's acknowledgement reached
@@ -775,6 +788,24 @@ class SubscribeTests(ConnectorTestMixin, SynchronousTestCase):
         self.client.suback(self.client.subscribes[0][0])
         self.reactor.runHops()
         self.assertEqual(sink.kinds(), ["started"])
+
+    def test_repeatedUserPropertiesFromTheWire(self) -> None:
+        """
+        User properties as paho decodes them from a PUBLISH's bytes (one
+        attribute set per property, which paho appends for the ones that
+        may repeat) become headers with every repeated name, in order.
+        """
+        from evgate.connectors.mqtt._paho import _incoming
+
+        sent = Properties(PacketTypes.PUBLISH)
+        sent.UserProperty = [("dup", "1"), ("one", "x"), ("dup", "2"), ("dup", "1")]
+        received = Properties(PacketTypes.PUBLISH)
+        received.unpack(sent.pack())
+        message = MQTTMessage(mid=1, topic=b"t")
+        message.payload = b"p"
+        message.properties = received
+        self.assertEqual(_incoming(message).userProperties,
+                         (("dup", "1"), ("one", "x"), ("dup", "2"), ("dup", "1")))
 
     def test_messages(self) -> None:
         """

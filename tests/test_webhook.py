@@ -507,7 +507,8 @@ class HeaderTests(SynchronousTestCase):
         self.assertEqual(headerValue("plain-value"), "plain-value")
         self.assertEqual(headerValue("eu west"), "eu west")
         self.assertEqual(headerValue(" padded "), "%20padded%20")
-        for text in ("ünïcode ✓", "100%", "line\nbreak", " spaced ", "a\tb"):
+        self.assertEqual(headerValue("a, b"), "a%2C b")
+        for text in ("ünïcode ✓", "100%", "line\nbreak", " spaced ", "a\tb", "a,b"):
             encoded = headerValue(text)
             self.assertEqual(unquote(encoded), text)
             self.assertTrue(all(0x20 <= ord(c) < 0x7F for c in encoded))
@@ -576,6 +577,22 @@ class DeliveryTests(SynchronousTestCase):
         self.assertEqual(stored["delivered"], 1)
         self.assertEqual(Cursor.decode(stored["position"], harness.gateway.api("orders").tag).get(0), 1)
         self.assertIsNotNone(stored["lastDeliveredAt"])
+
+    def test_repeatedHeaders(self) -> None:
+        """
+        A message header name that repeats arrives as that many
+        C{evgate-header-<name>} lines, in order; a value's commas are
+        encoded, so that a receiver that folds the lines into one
+        comma-separated value can still split it exactly.
+        """
+        harness = Harness()
+        harness.create()
+        harness.publish(b"x", headers=(("dup", "1"), ("one", "x"), ("dup", "a,b"), ("Dup", "3")))
+        [received] = harness.receiver.requests
+        self.assertEqual(received.headers.get("evgate-header-dup"), ["1", "a%2Cb", "3"])
+        self.assertEqual(received.headers.get("evgate-header-one"), ["x"])
+        folded = ", ".join(received.headers["evgate-header-dup"])
+        self.assertEqual([unquote(v.strip()) for v in folded.split(",")], ["1", "a,b", "3"])
 
     def test_requestSequence(self) -> None:
         """

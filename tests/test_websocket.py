@@ -281,6 +281,19 @@ class PublishTests(WebSocketTestCase):
         self.assertEqual(acks, [{"ack": {"topic": "demo", "partition": 0, "offset": 0}, "ref": 7},
                                 {"ack": {"topic": "demo", "partition": 0, "offset": 1}}])
 
+    def test_jsonRepeatedHeaders(self) -> None:
+        """
+        Under evgate.json a header whose value is an array of strings is
+        that name repeated, in order: what a reader's envelope shows can be
+        published back as it is.
+        """
+        connection = self.openSocket(json=True)
+        self.sendJson(connection, {"headers": {"dup": ["1", "2"], "one": "x"}, "content": "hi", "ref": 1})
+        (stored,) = self.stored()
+        self.assertEqual(stored.headers, (("dup", "1"), ("dup", "2"), ("one", "x")))
+        acks = [d for d in self.documents(connection) if "ack" in d]
+        self.assertEqual(acks, [{"ack": {"topic": "demo", "partition": 0, "offset": 0}, "ref": 1}])
+
     def test_jsonErrors(self) -> None:
         """
         A frame that is not a valid evgate.json document is answered with
@@ -290,7 +303,8 @@ class PublishTests(WebSocketTestCase):
         connection = self.openSocket(json=True)
         bad = ["not json", json.dumps([1]), json.dumps({"content": 5, "ref": "r1"}),
                json.dumps({"content": "x", "extra": 1}), json.dumps({"content": "!", "encoding": "base64"}),
-               json.dumps({"content": "x", "headers": {"a": 1}})]
+               json.dumps({"content": "x", "headers": {"a": 1}}),
+               json.dumps({"content": "x", "headers": {"a": ["1", 2]}})]
         for text in bad:
             self.sendText(connection, text)
         connection.send(clientFrame(OP_BINARY, b"{}"))

@@ -296,8 +296,9 @@ class PollSubscriber:
         self.startedAt = reactor.seconds()
         # The timeout counts the wait for *new* messages: a read that starts
         # behind the head first takes what is there (bounded by CATCH_UP).
-        # Where the endpoint knows its head, "there" is up to that head; where
-        # it does not (Kafka), a read from history waits for its first batch.
+        # Where the endpoint knows its head (memory; Kafka once its reader
+        # fetched the watermarks), "there" is up to that head; where it does
+        # not, a read from history waits for its first batch.
         head = headOffsets(api.connector, api.config.topic)
         if head is not None:
             target = Cursor.fromMapping(head, cursor.epoch)
@@ -331,6 +332,12 @@ class PollSubscriber:
         self.events.extend(taken)
         if taken:
             self.cursor = taken[-1].cursor
+        if (self.catchUpTo is not None and len(self.events) < self.limit and self.cursor is not None
+                and not (self.firstBatch or self.cursor.dominates(self.catchUpTo))):
+            # Still reading what was there when the poll started: the page
+            # fills up to that head (or its limit) first, bounded by the
+            # timer, so that timeout=0 is not "the first batch only".
+            return
         # Answer as soon as something is there; the rest of this batch
         # stays for the next poll (the cursor says where it begins).
         self._answer()

@@ -32,7 +32,7 @@ from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import BadRequest, Problem
 from evgate.gateway import ApiCall, jsonBody, queryArgs
 from evgate.interfaces import IEntrypoint
-from evgate.message import Draft, Position
+from evgate.message import Draft, Position, headerPairs
 from evgate.metrics import tallyFor
 from evgate.security.limits import chargeMore
 
@@ -82,7 +82,7 @@ def ndjsonRecords(content: bytes) -> List[bytes]:
 def envelopeRecords(content: bytes) -> List[Tuple[bytes, Optional[str], Tuple[Tuple[str, str], ...]]]:
     """
     The records of an C{application/vnd.evgate.batch+json} body:
-    C{{"records": [{"value": <JSON>, "key": <string>, "headers": {<name>: <string>}}]}}.
+    C{{"records": [{"value": <JSON>, "key": <string>, "headers": {<name>: <string or array of strings>}}]}}.
     Each value is published as its compact JSON text.
 
     @raise BadRequest: naming the first record that is not valid.
@@ -107,16 +107,16 @@ def envelopeRecords(content: bytes) -> List[Tuple[bytes, Optional[str], Tuple[Tu
             raise BadRequest(f"{where}.key is not a string")
         if key is not None and len(key.encode("utf-8")) > _MAX_KEY:
             raise BadRequest(f"{where}.key is longer than {_MAX_KEY} bytes")
-        headers = record.get("headers") or {}
-        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
-            raise BadRequest(f"{where}.headers is not an object of strings")
-        if any(not name for name in headers):
-            raise BadRequest(f"{where}.headers has an empty name")
+        try:
+            # A name repeats as an array of its values, as readers see it.
+            headers = headerPairs(record.get("headers"), f"{where}.headers")
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
         try:
             value = dumps(record["value"]).encode("utf-8")
         except ValueError as e:
             raise BadRequest(f"{where}.value cannot be published as JSON: {e}") from None
-        records.append((value, key, tuple((n.lower(), v) for n, v in headers.items()) + (_JSON_HEADER,)))
+        records.append((value, key, tuple((n.lower(), v) for n, v in headers) + (_JSON_HEADER,)))
     return records
 
 

@@ -56,7 +56,7 @@ from evgate.filters import filterFor
 from evgate.gateway import ApiCall
 from evgate.hub import Event
 from evgate.interfaces import IStreamFramer, IStreamingEntrypoint
-from evgate.message import Cursor, Draft, Position, envelopeJSON
+from evgate.message import Cursor, Draft, Position, envelopeJSON, headerPairs
 from evgate.metrics import tallyFor
 from evgate.twistedprivate import autobahnWritesPlainFrames, bindAutobahnTimers, countAutobahnOctets
 
@@ -138,11 +138,12 @@ def parseJsonFrame(payload: bytes, maxBytes: int) -> Tuple[Draft, Any]:
             raise BadRequest("field key must be a string or null")
         if len(key.encode("utf-8")) > _MAX_KEY:
             raise BadRequest(f"the message key is longer than {_MAX_KEY} bytes")
-    headers = document.get("headers") or {}
-    if not isinstance(headers, dict) or not all(isinstance(k, str) and k and isinstance(v, str)
-                                                for k, v in headers.items()):
-        raise BadRequest("field headers must be an object of non-empty names to string values")
-    return Draft(content=raw, key=key, headers=tuple(headers.items())), ref
+    try:
+        # A name repeats as an array of its values, as readers see it.
+        headers = headerPairs(document.get("headers"), "field headers")
+    except ValueError as e:
+        raise BadRequest(str(e)) from None
+    return Draft(content=raw, key=key, headers=headers), ref
 
 
 @implementer(IStreamFramer)

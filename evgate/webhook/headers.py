@@ -29,7 +29,10 @@ RESERVED_HEADERS = frozenset({
 RESERVED_PREFIXES = ("webhook-", "evgate-")
 
 _TCHAR = frozenset(string.ascii_letters + string.digits + "!#$&'*+-.^_`|~")
-_VALUE_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) != "%")
+# A comma is encoded too: a receiver (or a proxy) may fold repeated
+# evgate-header-<name> lines into one, joined by commas (RFC 9110, 5.3),
+# and the values must still split apart exactly.
+_VALUE_SAFE = "".join(chr(c) for c in range(0x21, 0x7F) if chr(c) not in "%,")
 
 def headerName(name: str) -> str:
     """
@@ -47,9 +50,9 @@ def headerName(name: str) -> str:
 
 def headerValue(value: str) -> str:
     """
-    A text as an HTTP header value: UTF-8, with C{%}, every byte outside
-    printable ASCII, and spaces at either end (which HTTP would strip)
-    percent-encoded, so that C{urllib.parse.unquote} restores it.
+    A text as an HTTP header value: UTF-8, with C{%}, C{,}, every byte
+    outside printable ASCII, and spaces at either end (which HTTP would
+    strip) percent-encoded, so that C{urllib.parse.unquote} restores it.
     """
     encoded = quote(value, safe=_VALUE_SAFE + " ")
     if encoded.startswith(" "):

@@ -43,6 +43,8 @@ class AssignedReader(ConsumerThread):
     # topic, while it does not exist).
     metadataInterval = 30.0
     missingTopicInterval = 1.0
+    # librdkafka's cached watermarks are read at most this often (seconds).
+    headsInterval = 1.0
 
     def __init__(self, connector: "KafkaConnector", topic: str, start: Start, sink: IUpstreamSink) -> None:
         super().__init__(connector, topic, consumerSettings(connector.options["librdkafka"]))
@@ -58,6 +60,7 @@ class AssignedReader(ConsumerThread):
         self.batch: Optional[List[Message]] = None
         self.reposition: Set[int] = set()
         self.nextMetadata = 0.0
+        self.nextHeads = 0.0
         # reactor-side state
         self.paused = False
         self.holding = False
@@ -121,10 +124,17 @@ class AssignedReader(ConsumerThread):
     def onReactor(self, *event: Any) -> None:
         """
         An event from the owner thread: C{("started", cursor)},
-        C{("gap", cursor, reason)}, C{("deliver", messages)} or
-        C{("failed", failure)}.
+        C{("gap", cursor, reason)}, C{("deliver", messages)},
+        C{("failed", failure)}, or where the partitions end: C{("heads",
+        heads)} from a broker's answer, C{("seen", heads)} from reading.
         """
         kind = event[0]
+        if kind == "heads" or kind == "seen":
+            # About the topic, not this subscription: noted even while
+            # paused or closed.
+            heads = self.connector.heads
+            (heads.fetched if kind == "heads" else heads.seen)(self.topic, event[1])
+            return
         if self.closed:
             if kind == "deliver":
                 self.credits.release()
@@ -232,6 +242,9 @@ class AssignedReader(ConsumerThread):
         self.nextMetadata = self.now() + (self.metadataInterval if partitions is not None
                                           else self.missingTopicInterval)
         cursor = Cursor.fromMapping(offsets)
+        # Before "started": a non-blocking GET asks for the heads when it
+        # learns where its read starts, and these are the ones to catch up to.
+        self.callOnReactor(self.onReactor, "heads", {p: high for p, (_, high) in marks.items()})
         if not self.startedSent:
             self.startedSent = True
             self.callOnReactor(self.onReactor, "started", cursor)
@@ -286,6 +299,7 @@ class AssignedReader(ConsumerThread):
         self.nextMetadata = self.now() + (self.metadataInterval if partitions else self.missingTopicInterval)
         if not marks:
             return
+        self.callOnReactor(self.onReactor, "heads", {p: high for p, (_, high) in marks.items()})
         offsets, gaps = self.plan(marks, initial=False)
         self.consumer.incremental_assign([self.tp(p, o) for p, o in sorted(offsets.items())])
         if self.fetchPaused:
@@ -321,9 +335,38 @@ class AssignedReader(ConsumerThread):
             batch.append(toMessage(record))
         if batch:
             self.connector.observeBroker(True)
+            self.reportHeads(batch)
             self.batch = batch
             if self.takeCredit(self.credits, 0):
                 self.sendBatch()
+
+    def reportHeads(self, batch: List[Message]) -> None:
+        """
+        Tell the connector how far the partitions of C{batch} reach: past
+        its records at least, and as far as librdkafka's cached high
+        watermarks (from the fetch responses, no request) say, at most
+        every C{headsInterval} seconds.
+        """
+        heads: Dict[int, int] = {}
+        for message in batch:
+            if heads.get(message.partition, -1) <= message.offset:
+                heads[message.partition] = message.offset + 1
+        now = self.now()
+        if now >= self.nextHeads:
+            self.nextHeads = now + self.headsInterval
+            for partition in self.offsets:
+                try:
+                    # cached: what the last fetch response said, no request.
+                    marks = self.consumer.get_watermark_offsets(self.tp(partition), timeout=self.requestTimeout,
+                                                                cached=True)
+                except Exception as e:
+                    if kafkaError(e) is None:
+                        raise
+                    continue
+                # Unknown yet: None, or librdkafka's invalid offset (< 0).
+                if marks is not None and marks[1] > heads.get(partition, -1):
+                    heads[partition] = marks[1]
+        self.callOnReactor(self.onReactor, "seen", heads)
 
     def sendBatch(self) -> None:
         """

@@ -96,8 +96,12 @@ def toMessage(record: Any) -> Message:
     Kafka keys and header values are bytes.  Those that are UTF-8 become
     text; the others are given as base64, and the metadata says so:
     C{keyEncoding: "base64"}, and C{headerEncoding: {name: "base64"}}.  A
-    null header value becomes C{""}; a null value (a tombstone) becomes empty
-    content with C{tombstone: true}.
+    header name may repeat, and every one of its values is kept in order;
+    C{headerEncoding} names a name, not one of its values, so when any value
+    of a name is not UTF-8 all the values of that name are given as base64
+    (otherwise a reader could not tell which to decode).  A null header value
+    becomes C{""}; a null value (a tombstone) becomes empty content with
+    C{tombstone: true}.
     """
     extra: Optional[Dict[str, Any]] = None
     rawKey = record.key()
@@ -109,7 +113,9 @@ def toMessage(record: Any) -> Message:
             key = base64.b64encode(rawKey).decode("ascii")
             extra = {"keyEncoding": "base64"}
     headers: List[Tuple[str, str]] = []
-    for name, raw in record.headers() or ():
+    binary: Optional[Dict[str, str]] = None
+    pairs = record.headers() or ()
+    for name, raw in pairs:
         if raw is None:
             headers.append((name, ""))
             continue
@@ -117,9 +123,16 @@ def toMessage(record: Any) -> Message:
             headers.append((name, raw.decode("utf-8")))
         except UnicodeDecodeError:
             headers.append((name, base64.b64encode(raw).decode("ascii")))
-            if extra is None:
-                extra = {}
-            extra.setdefault("headerEncoding", {})[name] = "base64"
+            if binary is None:
+                binary = {}
+            binary[name] = "base64"
+    if binary is not None:
+        # Rare: encode again, every value of a binary name as base64.
+        headers = [(name, base64.b64encode(raw or b"").decode("ascii") if name in binary else text)
+                   for (name, raw), (_, text) in zip(pairs, headers, strict=True)]
+        if extra is None:
+            extra = {}
+        extra["headerEncoding"] = binary
     content = record.value()
     if content is None:
         content = b""

@@ -20,9 +20,10 @@ from evgate.connectors.kafka._assigned import AssignedReader
 from evgate.connectors.kafka._client import ConfluentClients, LibrdkafkaLog, codes, kafkaError
 from evgate.connectors.kafka._consumer import ConsumerThread
 from evgate.connectors.kafka._groups import GroupBatch, GroupReader
+from evgate.connectors.kafka._heads import KnownHeads
 from evgate.connectors.kafka._producer import REPORT_BATCH, ProducerThread
 from evgate.errors import EndpointTimeout, EndpointUnavailable, PayloadTooLarge, Problem
-from evgate.interfaces import IConnector, IConsumerGroups, IRetainedLog, IUpstreamSink
+from evgate.interfaces import IConnector, IConsumerGroups, IHeadOffsets, IRetainedLog, IUpstreamSink
 from evgate.message import Cursor, Draft, Position
 from evgate.threads import ReactorBatches, StartThread, callOnReactor, startDaemonThread
 
@@ -61,7 +62,7 @@ class _Publish:
         self.timer: Any = None
 
 
-@implementer(IConnector, IConsumerGroups, IRetainedLog)
+@implementer(IConnector, IConsumerGroups, IHeadOffsets, IRetainedLog)
 class KafkaConnector(Service):
     """
     An endpoint of C{type = kafka}.
@@ -91,6 +92,7 @@ class KafkaConnector(Service):
         self.producerThread: Optional[ProducerThread] = None
         self.readers: Set[ConsumerThread] = set()
         self.groups: Dict[Tuple[str, str], GroupReader] = {}
+        self.heads = KnownHeads()
         self._pending: Dict[int, Any] = {}  # _Publish or _Batch
         # Delivery reports collected on the producer thread, handed to the
         # reactor once per poll (see handOverReports).
@@ -103,6 +105,13 @@ class KafkaConnector(Service):
 
     def epoch(self) -> int:
         return 0
+
+    def headOffsets(self, topic: str) -> Optional[Mapping[int, int]]:
+        """
+        Where the partitions of C{topic} end, as this connector's readers
+        last saw it (see L{KnownHeads}); L{None} while none has read it.
+        """
+        return self.heads.of(topic)
 
     # lifecycle
 
@@ -178,6 +187,11 @@ class KafkaConnector(Service):
         self.readers.discard(reader)
         if isinstance(reader, GroupReader):
             self.groupClosing(reader)
+        elif isinstance(reader, AssignedReader) and not any(
+                isinstance(r, AssignedReader) and r.topic == reader.topic for r in self.readers):
+            # Nothing keeps the heads of this topic fresh any more: lag
+            # figures and non-blocking reads must not trust them.
+            self.heads.forget(reader.topic)
 
     # broker state, from any thread
 
