@@ -92,7 +92,22 @@ def ready(admin: AdminApp, request: Request) -> Any:
                                   f"{'are' if len(down) > 1 else 'is'} not connected: "
                                   + "; ".join(f"{name}: {reasons[name]}" for name in down),
                                   extra={"notConnected": down, "endpoints": reasons})
-    return {"status": "ready", "endpoints": len(admin.gateway.connectors)}
+    answer: Dict[str, Any] = {"status": "ready", "endpoints": len(admin.gateway.connectors)}
+    # A shared limits store that cannot be used does not make the node
+    # unready: it counts on its own meanwhile (evgate.security.limits).
+    problem = limitsStoreProblem(admin.gateway)
+    if problem is not None:
+        answer["limitsStore"] = problem
+    return answer
+
+
+def limitsStoreProblem(gateway: Any) -> Optional[str]:
+    """
+    Why the shared limits store (Redis) cannot be used, or L{None}.
+    """
+    shared = getattr(getattr(gateway, "limits", None), "shared", None)
+    problem = getattr(shared, "problem", None)
+    return problem if isinstance(problem, str) else None
 
 
 @adminRoute("/metrics", methods=["GET"])
