@@ -142,7 +142,8 @@ _CERTIFICATE_ALERT = re.compile(r"alert (bad certificate|certificate unknown|cer
                                 r"access denied)", re.IGNORECASE)
 
 # librdkafka's log lines about the failures refusalOf names.
-_REFUSAL_LINE = re.compile("SASL authentication error|SSL handshake failed|" + _CERTIFICATE_ALERT.pattern,
+_REFUSAL_LINE = re.compile("SASL authentication error|SSL handshake failed|certificate verify failed|"
+                           + _CERTIFICATE_ALERT.pattern,
                            re.IGNORECASE)
 
 

@@ -561,6 +561,10 @@ class MqttConnector(Service):
         self._subscribing.clear()
         if self._stopping:
             return
+        if not wasConnected and self.lastError is not None:
+            # The broker closes the connection after refusing it (a bad
+            # password): the refusal is the reason, not the close.
+            return
         self.lastError = f"connection lost: {reason}"
         if wasConnected:
             self.log.warn("MQTT endpoint {name}: lost the connection to {where} ({reason}); reconnecting",
