@@ -88,10 +88,14 @@ def ready(admin: AdminApp, request: Request) -> Any:
         raise EndpointUnavailable(f"not ready: the store {store.description} is still being read",
                                   extra={"notConnected": down, "endpoints": reasons, "storeOpen": False})
     if down:
+        extra: Dict[str, Any] = {"notConnected": down, "endpoints": reasons}
+        problem = limitsStoreProblem(admin.gateway)
+        if problem is not None:
+            extra["limitsStore"] = problem
         raise EndpointUnavailable(f"not ready: endpoint{'s' if len(down) > 1 else ''} {', '.join(down)} "
                                   f"{'are' if len(down) > 1 else 'is'} not connected: "
                                   + "; ".join(f"{name}: {reasons[name]}" for name in down),
-                                  extra={"notConnected": down, "endpoints": reasons})
+                                  extra=extra)
     answer: Dict[str, Any] = {"status": "ready", "endpoints": len(admin.gateway.connectors)}
     # A shared limits store that cannot be used does not make the node
     # unready: it counts on its own meanwhile (evgate.security.limits).
