@@ -12,6 +12,7 @@ thread taking its turn.
 
 from __future__ import annotations
 
+import ssl
 import threading
 from types import SimpleNamespace
 from typing import Any, Callable, List, Optional, Tuple
@@ -38,6 +39,7 @@ from evgate.connectors.mqtt import (
     filterProblem,
     parseOptions,
 )
+from evgate.connectors.mqtt._connector import PROBLEM_RELOG
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, PayloadTooLarge
 from evgate.interfaces import (
     IConnector,
@@ -103,6 +105,7 @@ class FakeClient:
         self.reactor = reactor
         self.online = False
         self.looping = False
+        self.lastConnectError: Any = None
         self.connectArgs: Any = None
         self.credentials: Any = None
         self.subscribes: List[Tuple[int, str, Any, Any]] = []
@@ -526,8 +529,43 @@ class BridgeTests(ConnectorTestMixin, SynchronousTestCase):
         self.reactor.runHops()
         self.assertFalse(self.connector.connected)
         self.assertIn("cannot reach", self.connector.lastError)
-        self.assertTrue(any(e.get("log_format", "").startswith("MQTT endpoint {name}: cannot connect")
-                            for e in self.logged))
+        self.assertTrue(any("cannot reach" in e.get("problem", "") for e in self.logged))
+
+    def test_connectFailureReason(self) -> None:
+        """
+        The reason of a failed attempt comes from the exception paho's
+        socket set-up raised: an untrusted broker certificate is a TLS
+        refusal that names tls-ca, for /ready and the log.
+        """
+        error = ssl.SSLCertVerificationError(1, "certificate verify failed")
+        error.verify_message = "unable to get local issuer certificate"
+        self.client.lastConnectError = error
+        self.client.connectFail()
+        self.reactor.runHops()
+        reason = self.connector.notConnectedReason
+        assert reason is not None
+        self.assertTrue(reason.startswith("TLS failed: the broker's certificate is not trusted"), reason)
+        self.assertIn("tls-ca", reason)
+
+    def test_refusalLoggedOnce(self) -> None:
+        """
+        A broker that refuses the credentials on every retry is logged once
+        (naming the endpoint and the cause), again after PROBLEM_RELOG
+        seconds with the count, and /ready has the reason.
+        """
+        for _ in range(5):
+            self.client.connack(code=0x86)
+            self.reactor.runHops()
+        lines = [e for e in self.logged if "authentication failed" in e.get("problem", "")]
+        self.assertEqual(len(lines), 1)
+        self.assertEqual(lines[0]["name"], self.connector.name)
+        self.assertIn("password-file", self.connector.notConnectedReason or "")
+        self.reactor.advance(PROBLEM_RELOG)
+        self.client.connack(code=0x86)
+        self.reactor.runHops()
+        lines = [e for e in self.logged if "authentication failed" in e.get("problem", "")]
+        self.assertEqual(len(lines), 2)
+        self.assertIn("again 4 times", lines[1]["again"])
 
     def test_refusedConnection(self) -> None:
         """

@@ -216,6 +216,21 @@ class ReadinessTests(SynchronousTestCase):
         self.assertEqual((status, headers["content-type"]), (503, "application/problem+json"))
         self.assertEqual(document["notConnected"], ["other"])
         self.assertIn("endpoint other is not connected", document["detail"])
+        self.assertEqual(document["endpoints"], {"other": "not connected"})
+
+    def test_notReadyReason(self) -> None:
+        """
+        /ready says why an endpoint is not connected when its connector
+        knows (C{notConnectedReason}), in C{endpoints} and in the detail.
+        """
+        connector = self.ops.gateway.connectors["other"]
+        connector.connected = False
+        connector.notConnectedReason = "authentication failed: SASL ... (check sasl.password-file)"
+        status, _, body = self.ops.call("GET", "/ready", headers={})
+        document = json.loads(body)
+        self.assertEqual(status, 503)
+        self.assertEqual(document["endpoints"], {"other": connector.notConnectedReason})
+        self.assertIn("other: authentication failed", document["detail"])
 
     def test_storeNotOpen(self) -> None:
         """

@@ -48,7 +48,6 @@ from __future__ import annotations
 import hmac
 import importlib
 import json
-import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Sequence, Set, Tuple
@@ -68,6 +67,7 @@ from evgate.answers import writeProblem
 from evgate.config import SectionReader, gatewayKeys
 from evgate.errors import BadRequest, MethodNotAllowed, NotFound, Problem, Unauthorized, UnsupportedMediaType
 from evgate.jsonlimits import loads as jsonLoads
+from evgate.secrets import readSecretText
 
 # The site (and with it its [gateway] keys: this module is one of those
 # parseConfig imports, see evgate.config.EXTENSION_MODULES).
@@ -141,14 +141,7 @@ def parseAdminKeys(section: SectionReader) -> Mapping[str, Any]:
     key = "admin-token"
     if tokenFile is not None:
         key = "admin-token-file"
-        path = os.path.expanduser(tokenFile)
-        if not os.path.isabs(path) and section.path[:1] != "<":
-            path = os.path.join(os.path.dirname(os.path.abspath(section.path)), path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                token = f.read().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise section.error(key, f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
+        token = readSecretText(section, key)
     assert token is not None
     if len(token) < MIN_TOKEN_LENGTH or any(c.isspace() for c in token):
         raise section.error(key, f"the token must be at least {MIN_TOKEN_LENGTH} characters without spaces")

@@ -72,21 +72,47 @@ class RestartNeeded(Problem):
 def ready(admin: AdminApp, request: Request) -> Any:
     """
     Readiness: 200 when every endpoint is connected and the store is open,
-    else a 503 problem naming what is not.  Needs no token, like C{/health}: load
+    else a 503 problem naming what is not: C{notConnected} lists the
+    endpoints, C{endpoints} maps each to why (its connector's
+    C{notConnectedReason}: "authentication failed: ...").  Needs no token, like C{/health}: load
     balancers and orchestrators probe it.
     """
-    down = sorted(name for name, connector in admin.gateway.connectors.items() if not connector.connected)
+    connectors = admin.gateway.connectors
+    down = sorted(name for name, connector in connectors.items() if not connector.connected)
+    # Why each is down, when its connector knows (a refused password, an
+    # untrusted certificate, a broker that does not answer).
+    reasons = {name: getattr(connectors[name], "notConnectedReason", None) or "not connected" for name in down}
     store = admin.gateway.store
     if store is not None and getattr(store, "isOpen", True) is False:
         # A node whose shared store has not been read up to its end cannot
         # check keys or own subscriptions yet.
         raise EndpointUnavailable(f"not ready: the store {store.description} is still being read",
-                                  extra={"notConnected": down, "storeOpen": False})
+                                  extra={"notConnected": down, "endpoints": reasons, "storeOpen": False})
     if down:
+        extra: Dict[str, Any] = {"notConnected": down, "endpoints": reasons}
+        problem = limitsStoreProblem(admin.gateway)
+        if problem is not None:
+            extra["limitsStore"] = problem
         raise EndpointUnavailable(f"not ready: endpoint{'s' if len(down) > 1 else ''} {', '.join(down)} "
-                                  f"{'are' if len(down) > 1 else 'is'} not connected",
-                                  extra={"notConnected": down})
-    return {"status": "ready", "endpoints": len(admin.gateway.connectors)}
+                                  f"{'are' if len(down) > 1 else 'is'} not connected: "
+                                  + "; ".join(f"{name}: {reasons[name]}" for name in down),
+                                  extra=extra)
+    answer: Dict[str, Any] = {"status": "ready", "endpoints": len(admin.gateway.connectors)}
+    # A shared limits store that cannot be used does not make the node
+    # unready: it counts on its own meanwhile (evgate.security.limits).
+    problem = limitsStoreProblem(admin.gateway)
+    if problem is not None:
+        answer["limitsStore"] = problem
+    return answer
+
+
+def limitsStoreProblem(gateway: Any) -> Optional[str]:
+    """
+    Why the shared limits store (Redis) cannot be used, or L{None}.
+    """
+    shared = getattr(getattr(gateway, "limits", None), "shared", None)
+    problem = getattr(shared, "problem", None)
+    return problem if isinstance(problem, str) else None
 
 
 @adminRoute("/metrics", methods=["GET"])

@@ -67,6 +67,7 @@ from evgate import jsonlimits
 from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import AuthenticationUnavailable, Forbidden, Unauthorized
 from evgate.interfaces import IPlan
+from evgate.secrets import readSecretBytes, resolvePath
 from evgate.security.consumer import Consumer
 
 HMAC_ALGORITHMS = ("HS256", "HS384", "HS512")
@@ -184,14 +185,10 @@ def insufficient(api: Any, detail: str, scope: Optional[str] = None) -> Forbidde
 
 def readSecretFile(section: SectionReader, key: str) -> bytes:
     """
-    The content of the file named by C{key}, without its trailing newline.
+    The content of the file named by C{key}, without its trailing newline
+    (see L{evgate.secrets}: systemd credentials, permissions).
     """
-    path = section.get(key)
-    try:
-        with open(path, "rb") as f:
-            return f.read().rstrip(b"\r\n")
-    except OSError as e:
-        raise section.error(key, f"cannot read {path}: {e.strerror}") from None
+    return readSecretBytes(section, key)
 
 
 def ownedKeys(section: SectionReader, context: ApiContext, plan: str, prefix: str) -> List[str]:
@@ -601,7 +598,7 @@ def parseJwtOptions(section: SectionReader, context: ApiContext) -> Mapping[str,
         # only do HS256.
         family: Tuple[str, ...] = tuple(a for a in HMAC_ALGORITHMS if len(key) * 8 >= int(a[2:]))
     elif source == "jwt.public-key-file":
-        path = section.get(source)
+        path = resolvePath(section, source, section.get(source))
         try:
             with open(path, "rb") as f:
                 key = loadPublicKey(f.read())

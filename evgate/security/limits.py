@@ -72,10 +72,12 @@ from urllib.parse import urlparse
 import txredisapi
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 
 from evgate.config import PLAN_NAMES, ApiContext, SectionReader, apiOptionParser, gatewayKeys
 from evgate.errors import TooManyRequests
+from evgate.secrets import resolvePath, secretOption
 
 UNITS = {
     "s": 1, "sec": 1, "second": 1, "seconds": 1,
@@ -286,23 +288,47 @@ return used
 """
 
 
+def redisConnectionProblem(reason: Any) -> str:
+    """
+    One line on why a connection to Redis was lost before it could be used
+    (C{reason} a L{Failure}): TLS failures say what to check.
+    """
+    from OpenSSL.SSL import Error as TLSError
+
+    if reason.check(TLSError):
+        text = "; ".join(":".join(str(part) for part in item if part) for item in (reason.value.args[0] or ())
+                         if isinstance(item, tuple)) or str(reason.value)
+        if "certificate verify failed" in text:
+            return (f"TLS failed: the Redis server's certificate is not trusted: {text} (check "
+                    "limits-store-ca-file and the host in limits-store)")
+        return f"TLS failed: {text}"
+    return f"connection lost: {reason.getErrorMessage()}"
+
+
 class RedisCounters(Service):
     """
     Counters shared by every node through Redis, with the node's own
     L{LocalCounters} as the fall-back while Redis is unreachable.
+
+    @ivar problem: why Redis cannot be used (authentication refused, TLS
+        failed, the last error), or L{None} while it answers.
     """
 
     log = Logger()
 
     def __init__(self, url: str, reactor: Any, local: LocalCounters, timeout: float = DEFAULT_REDIS_TIMEOUT,
-                 prefix: str = "evgate:limits:") -> None:
+                 prefix: str = "evgate:limits:", password: Optional[str] = None,
+                 caFile: Optional[str] = None) -> None:
         parsed = urlparse(url)
-        self.url = url
+        self.url = redactedUrl(url)
         self.host = parsed.hostname or "127.0.0.1"
+        self.tls = parsed.scheme == "rediss"
         self.port = parsed.port or 6379
         path = parsed.path.strip("/")
         self.db = int(path) if path else 0
-        self.password = parsed.password
+        self.username = parsed.username or None
+        self.password = password if password is not None else parsed.password
+        self.caFile = caFile
         self.reactor = reactor
         self.local = local
         self.timeout = timeout
@@ -311,14 +337,52 @@ class RedisCounters(Service):
         self.downSince: Optional[float] = None
         self.retryAt = 0.0
         self.fallbacks = 0
+        self.problem: Optional[str] = None
+        self._lostBeforeReady: Optional[str] = None
 
     def startService(self) -> None:
         super().startService()
-        self.redis = txredisapi.lazyConnection(
-            self.host, self.port, dbid=self.db, password=self.password, reconnect=True,
-            connectTimeout=max(1.0, self.timeout * 4), replyTimeout=max(1.0, self.timeout * 4),
-            convertNumbers=True,
-        )
+        counters = self
+
+        class Protocol(txredisapi.RedisProtocol):  # type: ignore[misc]
+            # Keeps why a connection ended before it was usable: txredisapi
+            # reports a TLS failure during AUTH as "could not auth".
+            def connectionMade(self) -> Any:
+                counters._lostBeforeReady = None
+                return super().connectionMade()
+
+            def connectionLost(self, why: Any) -> None:
+                if not self._ready:
+                    counters._lostBeforeReady = redisConnectionProblem(why)
+                super().connectionLost(why)
+
+        class Factory(txredisapi.RedisFactory):  # type: ignore[misc]
+            protocol = Protocol
+
+            def connectionError(self, why: str) -> None:
+                counters._refused(why)
+                super().connectionError(why)
+
+        timeout = max(1.0, self.timeout * 4)
+        factory = Factory(f"{self.host}:{self.port}", self.db, 1, isLazy=True, password=self.password,
+                          replyTimeout=timeout, convertNumbers=True, username=self.username)
+        endpoint: Any = HostnameEndpoint(self.reactor, self.host, self.port, timeout=timeout)
+        if self.tls:
+            endpoint = wrapClientTLS(redisTlsOptions(self.host, self.caFile), endpoint)
+        factory.startConnecting(endpoint)
+        self.redis = factory.handler
+
+    def _refused(self, why: str) -> None:
+        # txredisapi gave up on the connection (it does not retry after
+        # this): authentication refused, or TLS failed while authenticating.
+        if self._lostBeforeReady is not None:
+            problem = self._lostBeforeReady
+        else:
+            problem = (f"authentication failed: {why.split(': ', 2)[-1]} (check the user in limits-store and "
+                       "limits-store-password-file)")
+        if problem != self.problem:
+            self.log.error("limits store {url}: {problem}; counting on this node", url=self.url, problem=problem)
+        self.problem = problem
 
     def stopService(self) -> Any:
         super().stopService()
@@ -350,6 +414,7 @@ class RedisCounters(Service):
         d.addTimeout(self.timeout, self.reactor)
 
         def decided(reply: Any) -> Decision:
+            self.problem = None
             if self.downSince is not None:
                 self.log.info("limits store {url} is back after {seconds:.1f} s; counting in Redis again",
                               url=self.url, seconds=self.reactor.seconds() - self.downSince)
@@ -362,9 +427,13 @@ class RedisCounters(Service):
             first = self.downSince is None
             self.downSince = self.downSince if not first else self.reactor.seconds()
             self.retryAt = self.reactor.seconds() + REDIS_RETRY
-            if first:
-                self.log.warn("limits store {url} unavailable ({error}); counting on this node until it "
-                              "is back", url=self.url, error=failure.getErrorMessage() or failure.type.__name__)
+            if self.problem is None:
+                # A refusal (_refused) was logged when it happened; this is
+                # a Redis that does not answer.
+                self.problem = self._lostBeforeReady or failure.getErrorMessage() or failure.type.__name__
+                if first:
+                    self.log.warn("limits store {url} unavailable ({error}); counting on this node until it "
+                                  "is back", url=self.url, error=self.problem)
             self.fallbacks += 1
             return self.local.take(key, policies, cost, need)
 
@@ -386,14 +455,15 @@ class Limits(Service):
     log = Logger()
 
     def __init__(self, reactor: Any, storeUrl: Optional[str] = None,
-                 timeout: float = DEFAULT_REDIS_TIMEOUT, prefix: str = "evgate:limits:") -> None:
+                 timeout: float = DEFAULT_REDIS_TIMEOUT, prefix: str = "evgate:limits:",
+                 password: Optional[str] = None, caFile: Optional[str] = None) -> None:
         self.reactor = reactor
         self.local = LocalCounters(reactor)
         # Messages are always counted here (see the module's docstring).
         self.messages = LocalCounters(reactor)
         self.shared: Optional[RedisCounters] = None
         if storeUrl is not None:
-            self.shared = RedisCounters(storeUrl, reactor, self.local, timeout, prefix)
+            self.shared = RedisCounters(storeUrl, reactor, self.local, timeout, prefix, password, caFile)
 
     def startService(self) -> None:
         super().startService()
@@ -603,14 +673,34 @@ def parseLimitOptions(section: SectionReader, context: ApiContext) -> Mapping[st
 @gatewayKeys
 def parseLimitsStore(section: SectionReader) -> Mapping[str, Any]:
     """
-    C{limits-store} (C{local}, the default, or C{redis://host:port/db}),
-    C{limits-timeout} (seconds) and C{limits-prefix} (of the Redis keys).
+    C{limits-store} (C{local}, the default, C{redis://[user@]host:port/db},
+    or C{rediss://...} for TLS), C{limits-store-password} /
+    C{limits-store-password-file}, C{limits-store-ca-file} (the CA that
+    signed the server's certificate, for C{rediss}), C{limits-timeout}
+    (seconds) and C{limits-prefix} (of the Redis keys).
     """
     store = section.get("limits-store", "local")
-    if store != "local":
+    password = secretOption(section, "limits-store-password")
+    caFile = section.get("limits-store-ca-file", None)
+    if store == "local":
+        for key, value in (("limits-store-password", password), ("limits-store-ca-file", caFile)):
+            if value is not None:
+                raise section.error(key, "is only used with limits-store = redis:// or rediss://")
+    else:
         parsed = urlparse(store)
-        if parsed.scheme != "redis" or not parsed.hostname:
-            raise section.error("limits-store", f"{store!r} is neither local nor redis://host:port/db")
+        if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
+            raise section.error("limits-store", f"{redactedUrl(store)!r} is neither local nor "
+                                                "redis://host:port/db (rediss:// for TLS)")
+        if parsed.password is not None and password is not None:
+            raise section.error("limits-store-password-file", "the URL in limits-store has a password already")
+        if caFile is not None:
+            if parsed.scheme != "rediss":
+                raise section.error("limits-store-ca-file", "needs limits-store = rediss://...")
+            caFile = resolvePath(section, "limits-store-ca-file", caFile)
+            try:
+                redisTlsOptions(parsed.hostname, caFile)
+            except (OSError, ValueError) as e:
+                raise section.error("limits-store-ca-file", f"cannot use {caFile}: {e}") from None
         path = parsed.path.strip("/")
         if path and not path.isdigit():
             raise section.error("limits-store", f"{store!r}: the database is a number (redis://host:port/0)")
@@ -620,6 +710,8 @@ def parseLimitsStore(section: SectionReader) -> Mapping[str, Any]:
             raise section.error("limits-store", f"{store!r}: bad port") from None
     return {
         "limitsStore": None if store == "local" else store,
+        "limitsStorePassword": password,
+        "limitsStoreCaFile": caFile,
         "limitsTimeout": section.getFloat("limits-timeout", DEFAULT_REDIS_TIMEOUT, minimum=0.01),
         "limitsPrefix": section.get("limits-prefix", "evgate:limits:"),
     }
@@ -631,4 +723,32 @@ def buildLimits(settings: Any, reactor: Any) -> Limits:
     """
     options = getattr(settings, "options", {}) or {}
     return Limits(reactor, options.get("limitsStore"), options.get("limitsTimeout", DEFAULT_REDIS_TIMEOUT),
-                  options.get("limitsPrefix", "evgate:limits:"))
+                  options.get("limitsPrefix", "evgate:limits:"), options.get("limitsStorePassword"),
+                  options.get("limitsStoreCaFile"))
+
+
+def redactedUrl(url: str) -> str:
+    """
+    C{url} without its password, for logs and errors.
+    """
+    parsed = urlparse(url)
+    if parsed.password is None:
+        return url
+    netloc = parsed.netloc.rsplit("@", 1)[1]
+    user = parsed.username or ""
+    return parsed._replace(netloc=f"{user}:***@{netloc}").geturl()
+
+
+def redisTlsOptions(host: str, caFile: Optional[str]) -> Any:
+    """
+    The TLS client options for a C{rediss://} store: the server's
+    certificate must be valid for C{host} and signed by the CA in
+    C{caFile} (the platform's roots when L{None}).
+    """
+    from twisted.internet.ssl import Certificate, optionsForClientTLS
+
+    trustRoot = None
+    if caFile is not None:
+        with open(caFile, "rb") as f:
+            trustRoot = Certificate.loadPEM(f.read())
+    return optionsForClientTLS(host, trustRoot=trustRoot)

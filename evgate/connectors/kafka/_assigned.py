@@ -226,6 +226,12 @@ class AssignedReader(ConsumerThread):
             if error.code() in codes().NOT_AUTHORIZED:
                 raise EndpointUnavailable(f"Kafka refuses to let the gateway read topic {self.topic}: "
                                           f"{error.str()}", retryAfter=self.connector.retryAfter) from None
+            refusal = self.connector.refusal
+            if refusal is not None and not self.startedSent:
+                # Not a broker that is away and comes back: one that will
+                # not let the gateway in.  The subscriber hears it now.
+                raise EndpointUnavailable(f"Kafka endpoint {self.connector.name}: the broker refuses the gateway: "
+                                          f"{refusal}; cannot read", retryAfter=self.connector.retryAfter) from None
             self.backOff(e)
             if isinstance(self.startAt, Cursor) and not self.startedSent:
                 self.startedSent = True

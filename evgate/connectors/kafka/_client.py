@@ -57,6 +57,7 @@ class _Codes:
         error = _confluent().KafkaError
         self.ALL_BROKERS_DOWN = error._ALL_BROKERS_DOWN
         self.TRANSPORT = error._TRANSPORT
+        self.SSL = error._SSL
         self.AUTHENTICATION = error._AUTHENTICATION
         self.MSG_TIMED_OUT = error._MSG_TIMED_OUT
         self.MSG_SIZE_TOO_LARGE = (error.MSG_SIZE_TOO_LARGE,)
@@ -145,6 +146,51 @@ def toMessage(record: Any) -> Message:
                    stamp if kind and stamp >= 0 else 0, extra if extra is not None else NO_EXTRA)
 
 
+# "(after 330ms in state AUTH_REQ)": differs on every retry of the same
+# failure, so it is left out of reasons and of the repeat check of log lines.
+_TIMING = re.compile(r"\s*\(after \d+ms in state [A-Z_]+(, \d+ identical error\(s\) suppressed)?\)")
+# The broker's TLS alerts that mean it refused the client's certificate.
+_CERTIFICATE_ALERT = re.compile(r"alert (bad certificate|certificate unknown|certificate expired|"
+                                r"unknown ca|certificate required|certificate revoked|handshake failure|"
+                                r"access denied)", re.IGNORECASE)
+
+# librdkafka's log lines about the failures refusalOf names.
+_REFUSAL_LINE = re.compile("SASL authentication error|SSL handshake failed|certificate verify failed|"
+                           + _CERTIFICATE_ALERT.pattern,
+                           re.IGNORECASE)
+
+
+def withoutTiming(text: str) -> str:
+    """
+    C{text} without librdkafka's C{(after Nms in state X)}.
+    """
+    return _TIMING.sub("", text)
+
+
+def refusalOf(code: int, text: str) -> Optional[str]:
+    """
+    Why the broker refuses the gateway, for a librdkafka error that means
+    it was reached but will not let the gateway in (authentication, TLS),
+    with what to check; L{None} for any other error (a broker that is down
+    is not a refusal).
+    """
+    known = codes()
+    text = withoutTiming(text)
+    if code == known.AUTHENTICATION:
+        return (f"authentication failed: {text} (check sasl.mechanism, sasl.username and "
+                "sasl.password-file)")
+    if code == known.SSL:
+        if "certificate verify failed" in text:
+            return (f"TLS failed: the broker's certificate is not trusted: {text} (check ssl.ca.location and "
+                    "that the bootstrap address matches the certificate)")
+        return f"TLS failed: {text} (check the ssl.* properties)"
+    if code == known.TRANSPORT and _CERTIFICATE_ALERT.search(text):
+        return (f"TLS failed: the broker refused the client certificate: {text} (check "
+                "ssl.certificate.location and ssl.key.location: expired, or not signed by a CA the broker "
+                "trusts?)")
+    return None
+
+
 class LibrdkafkaLog:
     """
     librdkafka's log lines, re-emitted on the reactor thread by the Twisted
@@ -163,7 +209,12 @@ class LibrdkafkaLog:
     def log_(self, level: int, text: str) -> None:
         # The instance name ("[rdkafka#consumer-7]") differs between
         # clients; without it, repeats from all of them look alike.
-        key = re.sub(r"\[rdkafka#[a-z]+-\d+\]\s*", "", text)
+        key = withoutTiming(re.sub(r"\[rdkafka#[a-z]+-\d+\]\s*", "", text))
+        if key.startswith("FAIL ") and _REFUSAL_LINE.search(key):
+            # The error callback brings the same news, and the connector
+            # logs it once (KafkaConnector.refusedBy); librdkafka says it on
+            # every retry, from every client.
+            return
         now = time.monotonic()
         last = self.seen.get(key)
         if last is not None and now - last < 60:

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from evgate.connectors.kafka._assigned import AssignedReader
-from evgate.connectors.kafka._client import ConfluentClients, LibrdkafkaLog, codes, kafkaError
+from evgate.connectors.kafka._client import ConfluentClients, LibrdkafkaLog, codes, kafkaError, refusalOf
 from evgate.connectors.kafka._consumer import ConsumerThread
 from evgate.connectors.kafka._groups import GroupBatch, GroupReader
 from evgate.connectors.kafka._heads import KnownHeads
@@ -28,6 +28,10 @@ from evgate.message import Cursor, Draft, Position
 from evgate.threads import ReactorBatches, StartThread, callOnReactor, startDaemonThread
 
 Start = Union[str, Cursor]
+
+# Seconds before the same refusal is logged again (with how often it
+# happened meanwhile): librdkafka retries every few seconds, forever.
+REFUSAL_RELOG = 600.0
 
 
 class _Batch:
@@ -70,6 +74,10 @@ class KafkaConnector(Service):
     @ivar connected: whether a broker answered last (a delivery, metadata,
         records, or librdkafka's statistics showing a broker up), rather
         than librdkafka reporting every broker down.
+    @ivar refusal: why the broker refuses the gateway (authentication or
+        TLS failed; see L{refusedBy}), or L{None}.  While it is set,
+        publishes and new subscriptions fail at once with a 503 that says
+        so, rather than after C{message.timeout.ms}.
     """
 
     kind = "kafka"
@@ -88,6 +96,9 @@ class KafkaConnector(Service):
         self.known = False
         self.brokerReason = "the gateway has not reached the broker yet"
         self.transportError = ""
+        self.refusal: Optional[str] = None
+        self._refusalLogged: Tuple[Optional[str], float, int] = (None, 0.0, 0)
+        self._refusalSeen: Tuple[Optional[str], float] = (None, 0.0)
         self.librdkafkaLog = LibrdkafkaLog(self)
         self.producerThread: Optional[ProducerThread] = None
         self.readers: Set[ConsumerThread] = set()
@@ -210,8 +221,22 @@ class KafkaConnector(Service):
         self._reported = (up, now)
         callOnReactor(self.reactor, self._setConnected, up, reason)
 
+    @property
+    def notConnectedReason(self) -> Optional[str]:
+        """
+        One line on why the endpoint is not connected, for C{/ready}; L{None}
+        while it is.
+        """
+        if self.connected:
+            return None
+        return self.brokerReason
+
     def _setConnected(self, up: bool, reason: str = "") -> None:
-        if reason and not up:
+        if up and self.refusal is not None:
+            self.log.info("Kafka endpoint {endpoint}: the broker accepts the gateway again", endpoint=self.name)
+            self.refusal = None
+            self._refusalLogged = (None, 0.0, 0)
+        if reason and not up and self.refusal is None:
             self.brokerReason = reason
         if up == self.connected and self.known:
             return
@@ -220,9 +245,61 @@ class KafkaConnector(Service):
         if up:
             self.log.info("Kafka endpoint {endpoint}: broker reachable at {servers}",
                           endpoint=self.name, servers=self.options["librdkafka"]["bootstrap.servers"])
-        else:
+        elif self.refusal is None:
             self.log.warn("Kafka endpoint {endpoint}: broker unreachable: {reason}",
                           endpoint=self.name, reason=self.brokerReason)
+
+    def observeRefusal(self, reason: str) -> None:
+        """
+        A client thread saw the broker refuse the gateway; the reactor
+        learns of it (the same reason at most once a second: every client
+        of the endpoint retries).
+        """
+        last, when = self._refusalSeen
+        now = time.monotonic()
+        if last == reason and now - when < 1.0:
+            return
+        self._refusalSeen = (reason, now)
+        callOnReactor(self.reactor, self.refusedBy, reason)
+
+    def refusedBy(self, reason: str) -> None:
+        """
+        The broker refuses the gateway (on the reactor thread): say so in
+        one log line (again only after L{REFUSAL_RELOG} seconds, or when the
+        reason changes), mark the endpoint not connected with that reason,
+        and answer the publishes waiting for a delivery report now: their
+        messages cannot reach the broker before librdkafka's
+        C{message.timeout.ms}, and the publisher should not wait for it.
+        """
+        self.refusal = self.brokerReason = reason
+        self.connected = False
+        self.known = True
+        logged, when, repeats = self._refusalLogged
+        now = self.reactor.seconds()
+        if logged != reason or now - when >= REFUSAL_RELOG:
+            self.log.error("Kafka endpoint {endpoint}: the broker refuses the gateway: {reason}{repeats}",
+                           endpoint=self.name, reason=reason,
+                           repeats=f" (again {repeats} times since)" if logged == reason and repeats else "")
+            self._refusalLogged = (reason, now, 0)
+        else:
+            self._refusalLogged = (logged, when, repeats + 1)
+        problem = self.refused("the message was not stored")
+        for token, pending in list(self._pending.items()):
+            if isinstance(pending, _Batch):
+                results = pending.results
+                for index, result in enumerate(results):
+                    if result is None:
+                        results[index] = problem
+                self._settle(token, results)
+            else:
+                self._settle(token, problem)
+
+    def refused(self, what: str) -> EndpointUnavailable:
+        """
+        The 503 of a call while the broker refuses the gateway.
+        """
+        return EndpointUnavailable(f"Kafka endpoint {self.name}: the broker refuses the gateway: {self.refusal}; "
+                                   f"{what}", retryAfter=self.retryAfter)
 
     def onClientError(self, error: Any) -> None:
         """
@@ -230,12 +307,13 @@ class KafkaConnector(Service):
         """
         code = error.code()
         known = codes()
-        if code == known.ALL_BROKERS_DOWN:
+        refusal = refusalOf(code, error.str())
+        if refusal is not None:
+            self.observeRefusal(refusal)
+        elif code == known.ALL_BROKERS_DOWN:
             # "1/1 brokers are down" says less than the connection error
             # that came just before it.
             self.observeBroker(False, self.transportError or error.str())
-        elif code == known.AUTHENTICATION:
-            self.observeBroker(False, error.str())
         elif code == known.TRANSPORT:
             # One connection failing is not the cluster being gone; but its
             # reason is the useful one when they all are.
@@ -281,6 +359,8 @@ class KafkaConnector(Service):
         if producer is None or self._stopping:
             return fail(EndpointUnavailable(f"Kafka endpoint {self.name} is not running",
                                             retryAfter=self.retryAfter))
+        if self.refusal is not None:
+            return fail(self.refused("the message was not sent"))
         if not self._warnedTimeout and producer.messageTimeout > timeout * 1000:
             self._warnedTimeout = True
             self.log.warn("Kafka endpoint {endpoint}: message.timeout.ms ({ms:.0f}) is longer than the publish "
@@ -317,6 +397,8 @@ class KafkaConnector(Service):
         if producer is None or self._stopping:
             down = EndpointUnavailable(f"Kafka endpoint {self.name} is not running", retryAfter=self.retryAfter)
             return succeed([down] * count)
+        if self.refusal is not None:
+            return succeed([self.refused("the message was not sent")] * count)
         token = next(self._tokens)
         results: List[Any] = [None] * count
         add = self._reports.add
@@ -487,10 +569,12 @@ class KafkaConnector(Service):
         own.
         """
         reader = AssignedReader(self, topic, start, sink)
-        if self._stopping:
+        if self._stopping or self.refusal is not None:
             reader.closed = True
-            self.reactor.callLater(0, sink.failed, Failure(EndpointUnavailable(
-                f"Kafka endpoint {self.name} is not running", retryAfter=self.retryAfter)))
+            problem = (self.refused("cannot read") if self.refusal is not None
+                       else EndpointUnavailable(f"Kafka endpoint {self.name} is not running",
+                                                retryAfter=self.retryAfter))
+            self.reactor.callLater(0, sink.failed, Failure(problem))
             return reader
         self.readers.add(reader)
         reader.start()
@@ -524,6 +608,8 @@ class KafkaConnector(Service):
         if self._stopping:
             return fail(EndpointUnavailable(f"Kafka endpoint {self.name} is not running",
                                             retryAfter=self.retryAfter))
+        if self.refusal is not None:
+            return fail(self.refused("cannot read"))
         groupId = self.groupId(group)
         reader = self.groups.get((topic, groupId))
         if reader is None:

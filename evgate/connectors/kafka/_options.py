@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from evgate.ini import SectionReader
+from evgate.secrets import CREDENTIAL_PREFIXES, readSecretText, resolvePath
 
 # evgate's own keys: hyphenated, which no librdkafka property is, so they
 # can never shadow one.  Name -> (default, description for errors).
@@ -24,6 +25,12 @@ OWN_DEFAULTS: Dict[str, Any] = {
     "group-idle-timeout": 60.0,
     "retry-after": 1,
 }
+
+# <librdkafka property>-file reads the property's value from a file.
+FILE_SUFFIX = "-file"
+# librdkafka properties that name files; a systemd credential may stand for
+# one (credential:NAME, see evgate.secrets).
+_PATH_SUFFIXES = (".location", ".keytab")
 
 _GROUP_PREFIX = re.compile(r"[A-Za-z0-9._-]{1,100}")
 
@@ -183,17 +190,36 @@ def parseOptions(section: SectionReader) -> Mapping[str, Any]:
     options["schema-registry"] = registryOptions(section)
     servers = section.get("bootstrap.servers")
     librdkafka = section.rest()
-    for key in librdkafka:
+    for key in list(librdkafka):
         if _CALLBACK_KEY.search(key):
             raise section.error(key, "is a confluent-kafka callback, which a configuration file cannot set")
-        if "-" in key:
+        if key.endswith(FILE_SUFFIX) and "-" not in key[:-len(FILE_SUFFIX)]:
+            _readPropertyFile(section, key, librdkafka)
+        elif "-" in key:
             raise section.error(key, "unknown key (evgate's own keys are: "
-                                     + ", ".join(sorted(OWN_DEFAULTS)) + ")")
+                                     + ", ".join(sorted(OWN_DEFAULTS)) + ", and <librdkafka property>-file)")
+        elif key.endswith(_PATH_SUFFIXES) and librdkafka[key].startswith(CREDENTIAL_PREFIXES):
+            # Other values go to librdkafka as written (ssl.ca.location =
+            # probe, paths relative to the working directory).
+            librdkafka[key] = resolvePath(section, key, librdkafka[key])
     librdkafka["bootstrap.servers"] = servers
     checkWithLibrdkafka(section, librdkafka)
     options["librdkafka"] = MappingProxyType(librdkafka)
     options["source"] = f"{section.path} [{section.name}]"
     return MappingProxyType(options)
+
+
+def _readPropertyFile(section: SectionReader, key: str, librdkafka: Dict[str, str]) -> None:
+    # <property>-file: the property's value is the content of the file (a
+    # secret: sasl.password, ssl.key.password, sasl.oauthbearer.client.secret,
+    # ssl.key.pem ...), read with evgate.secrets.
+    name = key[:-len(FILE_SUFFIX)]
+    if name in librdkafka:
+        raise section.error(key, f"set {name} or {key}, not both")
+    if name in MANAGED_KEYS or name == "bootstrap.servers":
+        raise section.error(key, f"{name} cannot be read from a file")
+    del librdkafka[key]
+    librdkafka[name] = readSecretText(section, key)
 
 
 _PROPERTY_NAME = re.compile(r"[\"`]([a-z0-9_.]+)[\"`]")

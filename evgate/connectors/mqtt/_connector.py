@@ -31,7 +31,7 @@ from evgate.connectors.mqtt._options import (
     filterProblem,
     tlsContext,
 )
-from evgate.connectors.mqtt._paho import _Incoming, _incoming, _propertyValues, pahoClient
+from evgate.connectors.mqtt._paho import _Incoming, _incoming, _propertyValues, connectFailure, pahoClient
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, PayloadTooLarge
 from evgate.ini import ConfigError
 from evgate.interfaces import IConnector, ISharedSubscriptions, IUpstreamSink
@@ -53,6 +53,12 @@ _NOT_MQTT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef\ufffe\uffff"
                             "\U000dfffe\U000dffff\U000efffe\U000effff\U000ffffe\U000fffff"
                             "\U0010fffe\U0010ffff]")
 
+# Seconds before the same connection problem is logged again (with how
+# often it happened meanwhile): paho retries with back-off, forever.
+PROBLEM_RELOG = 600.0
+
+# CONNACK reason codes that mean the credentials were refused.
+_AUTH_REFUSED = {0x86: "Bad user name or password", 0x87: "Not authorized", 0x8C: "Bad authentication method"}
 
 @implementer(IConnector, ISharedSubscriptions)
 class MqttConnector(Service):
@@ -103,8 +109,33 @@ class MqttConnector(Service):
         self._idsAvailable = True
         self._maxPacket: Optional[int] = None
         self._failedAttempts = 0
+        self._problemLogged: Tuple[Optional[str], float, int] = (None, 0.0, 0)
 
     # -- IConnector
+
+    @property
+    def notConnectedReason(self) -> Optional[str]:
+        """
+        One line on why the endpoint is not connected, for C{/ready}; L{None}
+        while it is.
+        """
+        if self.connected:
+            return None
+        return self.lastError or f"connecting to {self.where}"
+
+    def _logProblem(self, problem: str, level: str = "warn") -> None:
+        # One line per problem: again only after PROBLEM_RELOG seconds (with
+        # the count of repeats) or when the problem changes.
+        logged, when, repeats = self._problemLogged
+        now = self.reactor.seconds()
+        if logged == problem and now - when < PROBLEM_RELOG:
+            self._problemLogged = (logged, when, repeats + 1)
+            return
+        again = f" (again {repeats} times since)" if logged == problem and repeats else ""
+        emit = self.log.error if level == "error" else self.log.warn
+        emit("MQTT endpoint {name}: {where}: {problem}; retrying with back-off{again}",
+             name=self.name, where=self.where, problem=problem, again=again)
+        self._problemLogged = (problem, now, 0)
 
     def epoch(self) -> int:
         return self._epoch
@@ -423,7 +454,8 @@ class MqttConnector(Service):
             self._inbox.put(("error", "handling CONNACK", traceback.format_exc()))
 
     def _pahoConnectFail(self, client: Any, userdata: Any) -> None:
-        self._inbox.put(("connectFail",))
+        # On paho's thread, right after the attempt failed: read why now.
+        self._inbox.put(("connectFail",) + connectFailure(getattr(client, "lastConnectError", None)))
 
     def _pahoDisconnect(self, client: Any, userdata: Any, flags: Any, reasonCode: Any, properties: Any) -> None:
         try:
@@ -487,9 +519,13 @@ class MqttConnector(Service):
     def _on_connect(self, sessionPresent: bool, code: int, reason: str, props: Dict[str, Any]) -> None:
         if code >= 0x80:
             self.connected = False
-            self.lastError = f"the broker refused the connection: {reason}"
-            self.log.warn("MQTT endpoint {name}: {where} refused the connection: {reason}; retrying",
-                          name=self.name, where=self.where, reason=reason)
+            if code in _AUTH_REFUSED:
+                self.lastError = (f"authentication failed: the broker refused the connection: {reason} "
+                                  "(check username and password-file)")
+                self._logProblem(self.lastError, "error")
+            else:
+                self.lastError = f"the broker refused the connection: {reason}"
+                self._logProblem(self.lastError)
             return
         if self._stopping:
             return
@@ -498,6 +534,7 @@ class MqttConnector(Service):
         self._everConnected = True
         self.lastError = None
         self._failedAttempts = 0
+        self._problemLogged = (None, 0.0, 0)
         self._idsAvailable = props.get("SubscriptionIdentifierAvailable", 1) == 1
         self._maxPacket = props.get("MaximumPacketSize")
         self.log.info("MQTT endpoint {name}: connected to {where} as {clientId} (session resumed: {resumed})",
@@ -528,14 +565,13 @@ class MqttConnector(Service):
             if feed.state == "waiting":
                 self._sendSubscribe(feed)
 
-    def _on_connectFail(self) -> None:
+    def _on_connectFail(self, why: str = "the connection failed", refused: bool = False) -> None:
         self._failedAttempts += 1
         self.connected = False
-        self.lastError = f"cannot reach {self.where}"
+        self.lastError = why if refused else f"cannot reach {self.where}: {why}"
         if self._stopping:
             return
-        self.log.warn("MQTT endpoint {name}: cannot connect to {where} (attempt {attempt}); retrying "
-                      "with back-off", name=self.name, where=self.where, attempt=self._failedAttempts)
+        self._logProblem(self.lastError, "error" if refused else "warn")
 
     def _on_disconnect(self, code: int, reason: str, fromServer: bool) -> None:
         wasConnected = self.connected
@@ -544,6 +580,10 @@ class MqttConnector(Service):
         # are still waiting and the next connect sends them again.
         self._subscribing.clear()
         if self._stopping:
+            return
+        if not wasConnected and self.lastError is not None:
+            # The broker closes the connection after refusing it (a bad
+            # password): the refusal is the reason, not the close.
             return
         self.lastError = f"connection lost: {reason}"
         if wasConnected:

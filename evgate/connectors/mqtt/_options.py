@@ -14,6 +14,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 from evgate.errors import BadRequest
 from evgate.ini import ApiContext, SectionReader, apiOptionParser
 from evgate.message import Cursor
+from evgate.secrets import resolvePath, secretOption
 
 NO_OFFSET = -1
 
@@ -194,16 +195,7 @@ def parseOptions(section: SectionReader) -> Mapping[str, Any]:
     prefix = options["client-id-prefix"]
     if len(prefix) > 40 or "/" in prefix or "+" in prefix or "#" in prefix:
         raise section.error("client-id-prefix", "use at most 40 characters, without / + #")
-    password = section.get("password", None)
-    passwordFile = section.get("password-file", None)
-    if password is not None and passwordFile is not None:
-        raise section.error("password-file", "set password or password-file, not both")
-    if passwordFile is not None:
-        try:
-            with open(passwordFile, encoding="utf-8") as f:
-                password = f.read().strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise section.error("password-file", f"cannot read {passwordFile!r}: {e}") from None
+    password = secretOption(section, "password")
     if password is not None and options["username"] is None:
         raise section.error("password", "a password needs a username")
     options["password"] = password
@@ -211,6 +203,8 @@ def parseOptions(section: SectionReader) -> Mapping[str, Any]:
         value = section.get(key, None)
         if value is not None and not tls:
             raise section.error(key, "needs tls = true")
+        if value is not None:
+            value = resolvePath(section, key, value)
         if value is not None and not os.path.isfile(value):
             raise section.error(key, f"{value!r} is not a readable file")
         options[key] = value

@@ -6,9 +6,10 @@ paho client itself.
 from __future__ import annotations
 
 import base64
+import ssl
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from paho.mqtt.client import CallbackAPIVersion, Client, MQTTv5
 
@@ -64,9 +65,52 @@ def _propertyValues(props: Any, names: Iterable[str]) -> Dict[str, Any]:
     return {name: getattr(props, name) for name in names if props is not None and hasattr(props, name)}
 
 
+class _ReasonClient(Client):
+    """
+    A paho client that remembers why its last connection attempt failed.
+
+    paho calls C{on_connect_fail} with no reason: a refused TCP connection,
+    an untrusted broker certificate and a refused client certificate look
+    alike.  The reason is the exception its socket set-up raised, so that
+    is where it is kept (C{lastConnectError}, read by the connector's
+    C{on_connect_fail} on the same thread).
+    """
+
+    lastConnectError: Optional[BaseException] = None
+
+    def _create_socket(self) -> Any:
+        try:
+            sock = super()._create_socket()
+        except OSError as e:
+            self.lastConnectError = e
+            raise
+        self.lastConnectError = None
+        return sock
+
+
 def pahoClient(clientId: str) -> Any:
     """
     A paho MQTT 5 client with the callback API of paho 2.
     """
 
-    return Client(CallbackAPIVersion.VERSION2, client_id=clientId, protocol=MQTTv5)
+    return _ReasonClient(CallbackAPIVersion.VERSION2, client_id=clientId, protocol=MQTTv5)
+
+
+def connectFailure(error: Optional[BaseException]) -> Tuple[str, bool]:
+    """
+    One line on why a connection attempt failed, and whether it is a
+    refusal (TLS: the broker will not let the gateway in as configured)
+    rather than a broker that is away.
+    """
+    if error is None:
+        return "the connection failed", False
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (f"TLS failed: the broker's certificate is not trusted: {error.verify_message or error} "
+                "(check tls-ca and host)"), True
+    if isinstance(error, ssl.SSLError):
+        text = error.reason or str(error)
+        if "ALERT" in str(text).upper():
+            return (f"TLS failed: the broker refused the client certificate: {text} (check tls-cert and "
+                    "tls-key: expired, or not signed by a CA the broker trusts?)"), True
+        return f"TLS failed: {text}", True
+    return f"{error.strerror or error}" if isinstance(error, OSError) else str(error), False
