@@ -119,6 +119,7 @@ EXTENSION_MODULES: Tuple[str, ...] = (
     "evgate.admin.app",
     "evgate.logs",
     "evgate.proxy.entrypoint",
+    "evgate.pipeline.syntax",
 )
 
 
