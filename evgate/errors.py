@@ -83,6 +83,17 @@ class BadFilter(BadRequest):
     title = "Bad filter"
 
 
+class TransformRefused(BadRequest):
+    """
+    A publish step of the API (evgate.pipeline) refused the message: the
+    document names the C{step}, its C{line} and, where that applies, a
+    JSON C{pointer} into the content.
+    """
+
+    slug = "transform-refused"
+    title = "Message refused by a transform"
+
+
 class Unauthorized(Problem):
     """Credentials are missing or invalid."""
 

@@ -40,6 +40,7 @@ from evgate.hub import Hub
 from evgate.interfaces import IConnector, IEntrypoint, IPlan, ISubtreeEntrypoint
 from evgate.message import cursorTag
 from evgate.metrics import tallyFor
+from evgate.pipeline import NO_PIPELINE, Pipeline
 from evgate.security.consumer import Consumer
 from evgate.security.limits import admit
 
@@ -69,6 +70,8 @@ class ApiRuntime:
     # Counts of requests that reached the API but none of its entrypoints
     # (405s, preflights): see evgate.metrics.
     tally: Any = None
+    # The API's transform steps and codecs (evgate.pipeline), built with it.
+    pipeline: Pipeline = NO_PIPELINE
 
     def __post_init__(self) -> None:
         self.tag = cursorTag(self.config.name, self.config.topic)

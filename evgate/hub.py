@@ -61,11 +61,17 @@ class HubSubscription:
     """
 
     def __init__(self, stream: "_Stream", subscriber: ISubscriber, filter: Optional[Filter],
-                 floor: Optional[Cursor]) -> None:
+                 floor: Optional[Cursor], view: Any = None) -> None:
         self.stream = stream
         self.subscriber = subscriber
         self.filter = filter
         self.floor = floor
+        # The API's delivery pipeline (evgate.pipeline.Pipeline), or None:
+        # what turns the stream's shared events into the API's own.
+        self.view = view
+        # Batches waiting, in order, while the pipeline prepares (a
+        # decoder fetching a schema).
+        self.held: Optional[List[Sequence[Event]]] = None
         self.paused = False
         self.closed = False
         self.cursor: Optional[Cursor] = None
@@ -115,6 +121,19 @@ class HubSubscription:
         """
         if self.closed or not events:
             return
+        view = self.view
+        if view is not None:
+            # Transformed once per message and API (cached on the shared
+            # event); the API's subscribers share the result.
+            if self.held is not None:
+                self.held.append(events)
+                return
+            wait = view.ready(events)
+            if wait is not None:
+                self.held = [events]
+                wait.addBoth(self._prepared)
+                return
+            events = view.events(events)
         if self.floor is not None:
             events = self._applyFloor(events)
             if not events:
@@ -132,6 +151,13 @@ class HubSubscription:
             self.subscriber.deliver(passing)
         if not self.closed and (not passing or passing[-1].cursor is not last):
             self.subscriber.advanced(last)
+
+    def _prepared(self, ignored: Any) -> None:
+        # Offered again in order; a batch that must wait once more holds
+        # the ones after it again.
+        held, self.held = self.held, None
+        for batch in held or ():
+            self.offer(batch)
 
     def _applyFloor(self, events: Sequence[Event]) -> List[Event]:
         # Drop what the subscriber saw already and give the rest ids that
@@ -488,16 +514,20 @@ class Hub:
         self.streamQueues: Any = None
 
     def subscribe(self, endpoint: str, topic: str, start: Start, subscriber: ISubscriber,
-                  filter: Optional[Filter] = None) -> HubSubscription:
+                  filter: Optional[Filter] = None, view: Any = None) -> HubSubscription:
         """
         Attach C{subscriber} to C{topic} of C{endpoint} from C{start}
         (C{"latest"}, C{"earliest"} or a L{Cursor}).
+
+        @param view: the delivery pipeline of the subscriber's API
+            (L{evgate.pipeline.Pipeline.hubView}), or L{None}: its events
+            are transformed before the filter sees them.
         """
         connector = self.connectors[endpoint]
         stream = self.streams.get((endpoint, topic))
         if stream is None:
             stream = self.streams[(endpoint, topic)] = SharedStream(self, connector, topic, self.window)
-        subscription = HubSubscription(stream, subscriber, filter, None)
+        subscription = HubSubscription(stream, subscriber, filter, None, view)
         if start == "latest":
             stream.attach(subscription, start)
         elif isinstance(start, Cursor) and (stream.head is None or stream.canReplay(start)):

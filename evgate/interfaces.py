@@ -519,3 +519,64 @@ class ISchemaCodec(Interface):
         L{evgate.schemas.errors.EncodeError}, whose C{pointer} names the
         value that does not fit.
         """
+
+
+class IPublishStep(Interface):
+    """
+    One step of an API's publish pipeline (L{evgate.pipeline}): it turns
+    the L{evgate.message.Draft} an entrypoint made into the draft the next
+    step (and at the end, the connector) gets.  Built once per API from its
+    configuration; called on the reactor thread, once per draft.
+    """
+
+    text = Attribute("The step as configured (for messages and logs).")
+    line = Attribute("The line of the step in its key's value (1 for the first), or 0.")
+
+    def onPublish(draft, call):
+        """
+        The draft that goes on, or a Deferred of it.  C{call} is the
+        L{evgate.gateway.ApiCall} (the consumer and its claims).
+
+        @raise evgate.errors.Problem: to refuse the message (a 400 naming
+            the step, with a JSON Pointer into the content where one
+            applies); nothing is published.
+        """
+
+
+class IDeliveryStep(Interface):
+    """
+    One step of an API's delivery pipeline (L{evgate.pipeline}): it turns a
+    message read from the API's topic into what the API's readers see.
+    Called once per message and API (the result is shared by every
+    subscriber of the API), synchronously, on the reactor thread.
+    """
+
+    text = Attribute("The step as configured (for messages and logs).")
+    line = Attribute("The line of the step in its key's value (1 for the first), or 0.")
+
+    def onDeliver(message):
+        """
+        The L{evgate.message.Message} that goes on.
+
+        @raise evgate.pipeline.StepError: when the step cannot apply to
+            this message: the pipeline delivers the message as it was read,
+            marked with the error (L{evgate.message.Message.error}); it is
+            never dropped.
+        """
+
+
+class IPreparingDeliveryStep(IDeliveryStep):
+    """
+    A delivery step that sometimes needs to fetch something before it can
+    answer synchronously (a schema decoder meeting a schema id for the
+    first time).  The pipeline asks before a batch; the readers of the API
+    wait (in order) for the Deferred, and the other APIs of the topic do
+    not.
+    """
+
+    def prepare(message):
+        """
+        L{None} if L{onDeliver} can answer for C{message} now, else a
+        Deferred that fires (with anything, or fails: the step then marks
+        the message in L{onDeliver}) when it can.
+        """

@@ -80,6 +80,47 @@ class Position(NamedTuple):
 
 NO_EXTRA: Mapping[str, Any] = MappingProxyType({})
 
+# The problem type base of evgate.errors (not imported: errors sits above).
+_PROBLEM_BASE = "https://evgate.dev/problems/"
+
+
+class MessageError(NamedTuple):
+    """
+    The marker of a message that a delivery step (L{evgate.pipeline}) could
+    not transform or decode: the message is delivered as it was read, with
+    this error, never dropped.
+
+    @ivar slug: the last segment of the problem type
+        (C{transform-failed}, or a codec's own such as C{decode-failed}).
+    @ivar step: the step as configured.
+    @ivar line: the step's line in its key's value, or 0.
+    @ivar detail: what went wrong, for people.
+    @ivar pointer: a JSON Pointer into the content where that applies.
+    """
+
+    slug: str
+    step: str
+    line: int
+    detail: str
+    pointer: Optional[str] = None
+
+    def asJSON(self) -> Dict[str, Any]:
+        """
+        The C{error} member of a message's JSON envelope: a problem
+        document (RFC 9457 members) plus the step.
+        """
+        document: Dict[str, Any] = {
+            "type": _PROBLEM_BASE + self.slug,
+            "title": "Transform failed" if self.slug == "transform-failed" else "Message not readable",
+            "detail": self.detail,
+            "step": self.step,
+        }
+        if self.line:
+            document["line"] = self.line
+        if self.pointer is not None:
+            document["pointer"] = self.pointer
+        return document
+
 
 class Message(NamedTuple):
     """
@@ -88,6 +129,8 @@ class Message(NamedTuple):
 
     @ivar timestamp: milliseconds since the epoch, as the broker reports it.
     @ivar extra: endpoint-specific metadata (for example MQTT's qos).
+    @ivar error: L{None}, or the L{MessageError} of a delivery step that
+        failed on this message (whose content is then as it was read).
     """
 
     content: bytes
@@ -98,6 +141,7 @@ class Message(NamedTuple):
     offset: int
     timestamp: int
     extra: Mapping[str, Any] = NO_EXTRA
+    error: Optional[MessageError] = None
 
     def metadata(self) -> Dict[str, Any]:
         """
@@ -204,6 +248,8 @@ def envelope(message: Message, eventId: Optional[str] = None) -> Dict[str, Any]:
     if encoding is not None:
         env["encoding"] = encoding
     env["metadata"] = message.metadata()
+    if message.error is not None:
+        env["error"] = message.error.asJSON()
     return env
 
 

@@ -24,6 +24,7 @@ from evgate.config import Config, GatewayConfig
 from evgate.entrypoints import buildEntrypoints
 from evgate.gateway import ApiRuntime
 from evgate.interfaces import IConnector, IStore
+from evgate.pipeline import buildPipeline
 from evgate.security import buildPlans
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ def buildApis(config: Config, connectors: Mapping[str, IConnector], node: NodeCo
     apis = []
     for api in config.apis.values():
         runtime = ApiRuntime(api, connectors[api.endpoint], node.hub, [], [], node)
+        runtime.pipeline = buildPipeline(runtime)
         runtime.entrypoints = buildEntrypoints(runtime)
         runtime.plans = buildPlans(runtime)
         apis.append(runtime)

@@ -155,7 +155,7 @@ def jsonItemText(event: Event, tag: bytes) -> str:
     headers = message.headers
     extra = message.extra
     item = '{"id":"%s","key":%s,"headers":%s,"content":%s,"metadata":{"topic":%s,"partition":%d,"offset":%d,' \
-        '"timestamp":%d%s}%s}' % (
+        '"timestamp":%d%s}%s%s}' % (
             event.token(tag),
             "null" if key is None else _quote(key),
             _json(headerObject(headers)) if headers else "{}",
@@ -163,6 +163,8 @@ def jsonItemText(event: Event, tag: bytes) -> str:
             _quote(message.topic), message.partition, message.offset, message.timestamp,
             "," + _json(dict(extra))[1:-1] if extra else "",
             ',"encoding":' + _quote(encoding) if encoding is not None else "",
+            # A delivery step failed on it (evgate.pipeline): as read, marked.
+            ',"error":' + _json(message.error.asJSON()) if message.error is not None else "",
         )
     event.frames[cacheKey] = item
     return item
@@ -202,6 +204,8 @@ def _textPage(events: List[Event], tag: bytes, nextCursor: str, gap: Optional[st
         lines.append(f"partition: {m.partition}")
         lines.append(f"offset: {m.offset}")
         lines.append(f"timestamp: {m.timestamp}")
+        if m.error is not None:
+            lines.append(f"error: {_json(m.error.asJSON())}")
         lines.append(f"content-length: {len(m.content)}")
         out.append(("\n".join(lines) + "\n\n").encode("utf-8"))
         out.append(m.content)
@@ -237,6 +241,10 @@ def _xmlPage(events: List[Event], tag: bytes, nextCursor: str, limit: int, gap: 
             out.append(f"<content encoding=\"base64\">{base64.b64encode(m.content).decode()}</content>")
         out.append(f"<metadata topic={quoteattr(m.topic)} partition=\"{m.partition}\" "
                    f"offset=\"{m.offset}\" timestamp=\"{m.timestamp}\"/>")
+        if m.error is not None:
+            error = m.error.asJSON()
+            out.append(f"<error type={quoteattr(error['type'])} step={quoteattr(m.error.step)}>"
+                       f"{escape(m.error.detail, _XML_TEXT)}</error>")
         out.append("</message>")
     out.append("</messages>\n")
     return "".join(out).encode("utf-8")
@@ -282,7 +290,8 @@ class PollSubscriber:
         # Until the endpoint says where the read starts, the poll waits at
         # most its timeout plus a grace; the timeout proper counts from there.
         self.timer = reactor.callLater(self.timeout + POSITION_GRACE, self._timedOut)
-        self.subscription = api.hub.subscribe(api.config.endpoint, api.config.topic, start, self, filter)
+        self.subscription = api.hub.subscribe(api.config.endpoint, api.config.topic, start, self, filter,
+                                              api.pipeline.hubView)
 
     def started(self, cursor: Cursor) -> None:
         self.cursor = cursor
@@ -481,6 +490,9 @@ class GroupPoll:
         try:
             tag = self.call.api.tag
             events = [Event(m, c) for m, c in cursorsAfter(batch.first, batch.messages)]
+            view = self.call.api.pipeline.hubView
+            if view is not None:
+                events = view.events(events)
             if self.filter is not None:
                 # Filtered-out messages are still read: the group moves past
                 # them with the rest.

@@ -120,10 +120,12 @@ def envelopeRecords(content: bytes) -> List[Tuple[bytes, Optional[str], Tuple[Tu
     return records
 
 
-def messageHeaders(request: Request, prefix: bytes) -> Tuple[Tuple[str, str], ...]:
+def messageHeaders(request: Request, prefix: bytes, kept: Tuple[bytes, ...] = ()) -> Tuple[Tuple[str, str], ...]:
     """
     The message headers carried by C{request}: the prefixed request headers,
-    without their prefix and lower-cased, and the Content-Type.
+    without their prefix and lower-cased, the headers whose names start
+    with one of C{kept} (lower-cased, whole: CloudEvents' C{ce-} headers
+    for an API whose publish steps read them), and the Content-Type.
 
     @raise BadRequest: for a header that is not valid UTF-8 or has an empty
         name.
@@ -139,6 +141,12 @@ def messageHeaders(request: Request, prefix: bytes) -> Tuple[Tuple[str, str], ..
             for value in values:
                 try:
                     headers.append((short.decode("ascii"), value.decode("utf-8")))
+                except UnicodeDecodeError:
+                    raise BadRequest(f"header {name.decode('latin-1')} is not UTF-8") from None
+        elif kept and lname.startswith(kept):
+            for value in values:
+                try:
+                    headers.append((lname.decode("ascii"), value.decode("utf-8")))
                 except UnicodeDecodeError:
                     raise BadRequest(f"header {name.decode('latin-1')} is not UTF-8") from None
     contentType = request.getHeader(b"content-type")
@@ -204,7 +212,7 @@ class HttpPostEntrypoint:
         if not content:
             raise BadRequest("the request body is empty: it is the message content")
         return Draft(content=content, key=messageKey(request, self.keyHeader),
-                     headers=messageHeaders(request, self.prefix))
+                     headers=messageHeaders(request, self.prefix, self.api.pipeline.requestHeaders))
 
     def drafts(self, request: Request, kind: str) -> List[Draft]:
         """
@@ -244,7 +252,14 @@ class HttpPostEntrypoint:
         started = reactor.seconds()
         # The connector owns the publish timeout (IConnector.publish): it
         # fails with EndpointTimeout, which finishWithFailure answers as 504.
-        d = api.connector.publish(api.config.topic, draft, self.timeout)
+        pipeline = api.pipeline
+        if pipeline.publishSteps:
+            # The API's publish steps (evgate.pipeline) first: a step that
+            # refuses the message answers 400 and nothing is published.
+            d: Deferred = pipeline.publish(draft, call)
+            d.addCallback(lambda ready: api.connector.publish(api.config.topic, ready, self.timeout))
+        else:
+            d = api.connector.publish(api.config.topic, draft, self.timeout)
         d.addCallback(self._acknowledged, request, len(draft.content), started)
         d.addErrback(lambda f: finishWithFailure(request, f, "publishing"))
         return NOT_DONE_YET
@@ -274,6 +289,15 @@ class HttpPostEntrypoint:
         api = call.api
         reactor = api.node.reactor
         started = reactor.seconds()
+        pipeline = api.pipeline
+        if pipeline.publishSteps:
+            d = pipeline.publishMany(drafts, call)
+
+            def publish(ready: List[Draft]) -> Deferred:
+                published = api.connector.publishMany(api.config.topic, ready, self.timeout)
+                return published.addCallback(self._batchAcknowledged, request, ready, started)
+
+            return d.addCallback(publish)
         d = api.connector.publishMany(api.config.topic, drafts, self.timeout)
         return d.addCallback(self._batchAcknowledged, request, drafts, started)
 

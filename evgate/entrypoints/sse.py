@@ -119,7 +119,11 @@ def eventFrame(event: Event, tag: bytes, format: str) -> bytes:
         return frame
     token = event.token(tag).encode("ascii")
     message = event.message
-    if format == "json":
+    if message.error is not None and format != "json":
+        # A delivery step failed on it (evgate.pipeline): its own event
+        # type, the JSON envelope (raw content and error) as data.
+        frame = b"id: " + token + b"\nevent: message-error\ndata: " + envelopeJSON(message) + b"\n\n"
+    elif format == "json":
         frame = b"id: " + token + b"\nevent: message\ndata: " + envelopeJSON(message) + b"\n\n"
     else:
         try:

@@ -299,7 +299,8 @@ class StreamSubscriber:
         expiresAt = self.call.consumer.expiresAt
         if expiresAt is not None:
             self.later("expiry", max(0.0, expiresAt - self.reactor.seconds()), self.credentialsExpired)
-        self.subscription = api.hub.subscribe(api.config.endpoint, api.config.topic, start, self, filter)
+        self.subscription = api.hub.subscribe(api.config.endpoint, api.config.topic, start, self, filter,
+                                              api.pipeline.hubView)
 
     def later(self, name: str, delay: float, f: Callable[[], None]) -> None:
         """

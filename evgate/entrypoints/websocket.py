@@ -186,6 +186,11 @@ class WebSocketFramer:
             return frame  # type: ignore[no-any-return]
         key = ("ws", "raw")
         frame = frames.get(key)
+        if frame is None and event.message.error is not None:
+            # A delivery step failed on it (evgate.pipeline): a raw stream
+            # cannot carry a field, so a text frame of the JSON envelope
+            # (raw content and error) stands for it.
+            frame = frames[key] = self._frame(envelopeJSON(event.message, event.token(self.tag)))
         if frame is None:
             content = event.message.content
             try:
@@ -378,7 +383,14 @@ class GatewayWebSocketProtocol(WebSocketServerProtocol):
         started = reactor.seconds()
         # The connector owns the timeout (IConnector.publish): an
         # EndpointTimeout comes back as this frame's answer, in its turn.
-        d: Deferred = connector.publish(api.config.topic, draft, timeout)
+        pipeline = api.pipeline
+        if pipeline.publishSteps:
+            # The API's publish steps first (evgate.pipeline); a refusal is
+            # this frame's answer.
+            d: Deferred = pipeline.publish(draft, self.call)
+            d.addCallback(lambda ready: connector.publish(api.config.topic, ready, timeout))
+        else:
+            d = connector.publish(api.config.topic, draft, timeout)
 
         def settled(result: Any) -> None:
             slot[0] = result

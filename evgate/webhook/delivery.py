@@ -53,6 +53,8 @@ from twisted.web.http import RESPONSES
 from twisted.web.http_headers import Headers
 
 from evgate.message import Cursor, Draft, Message
+from evgate.pipeline import StepError
+from evgate.pipeline.cloudevents import webhookCloudEvent
 from evgate.webhook import records
 from evgate.webhook.client import MAX_RESPONSE_BYTES, USER_AGENT, ResponseDrain, ReusedConnectionLost, describeFailure
 from evgate.webhook.headers import (
@@ -105,6 +107,9 @@ class DeliveryContext:
     @ivar epoch: the epoch of the API's endpoint (part of message ids).
     @ivar onPaused: called with the deliverer when it paused its
         subscription for good (no dead-letter destination).
+    @ivar cloudEvents: C{webhook.cloudevents}: L{None}, C{"binary"} (the
+        message's CloudEvents attributes as C{ce-} HTTP headers) or
+        C{"structured"} (an C{application/cloudevents+json} body).
     """
 
     reactor: Any
@@ -118,6 +123,7 @@ class DeliveryContext:
     dlq: Optional[DeadLetters]
     random: Any = _random
     onPaused: Callable[["Deliverer"], None] = lambda deliverer: None
+    cloudEvents: Optional[str] = None
 
 
 class Attempt:
@@ -352,8 +358,22 @@ class Deliverer(CoalescedWrites):
         if counted:
             attempt.count += 1
             attempt.resent = False
-        attempt.state = SENDING
         message = attempt.event.message
+        if message.error is not None:
+            # A delivery step failed on it (evgate.pipeline): the receiver
+            # would get what the API does not mean to show; it goes to the
+            # dead letters (as read) with the reason, or pauses delivery.
+            error = message.error
+            self._deadLetter(attempt, error.slug, None, f"step {error.step!r} (line {error.line}): {error.detail}")
+            return
+        mode = self.context.cloudEvents
+        if mode is not None:
+            try:
+                message = webhookCloudEvent(message, mode)
+            except StepError as e:
+                self._deadLetter(attempt, "not-a-cloudevent", None, e.detail)
+                return
+        attempt.state = SENDING
         messageId = self.messageId(message)
         headers = self.requestHeaders(message, messageId, int(self.reactor.seconds()))
         try:

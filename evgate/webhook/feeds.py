@@ -42,7 +42,7 @@ class HubFeed:
     """
 
     def __init__(self, deliverer: Any, hub: Any, endpoint: str, topic: str, filter: Any, start: str,
-                 high: int) -> None:
+                 high: int, view: Any = None) -> None:
         self.deliverer = deliverer
         self.hub = hub
         self.endpoint = endpoint
@@ -50,6 +50,7 @@ class HubFeed:
         self.filter = filter
         self.apiStart = start
         self.high = high
+        self.view = view
         self.subscription: Any = None
         self.detached = False
         self.closed = False
@@ -60,7 +61,8 @@ class HubFeed:
         """
         self.detached = False
         self.subscription = self.hub.subscribe(self.endpoint, self.topic,
-                                               cursor if cursor is not None else self.apiStart, self, self.filter)
+                                               cursor if cursor is not None else self.apiStart, self, self.filter,
+                                               self.view)
 
     def progress(self) -> None:
         """
@@ -132,13 +134,16 @@ def eventsOf(head: Cursor, messages: Sequence[Message]) -> List[Event]:
     return events
 
 
-def offerFiltered(deliverer: Any, events: Sequence[Event], filter: Any) -> None:
+def offerFiltered(deliverer: Any, events: Sequence[Event], filter: Any, view: Any = None) -> None:
     """
-    Offer the events that pass C{filter}, and tell the deliverer where the
+    Offer the events that pass C{filter}, transformed by the API's delivery
+    pipeline C{view} (if any) first, and tell the deliverer where the
     stream is when the last ones did not.
     """
     if not events:
         return
+    if view is not None:
+        events = view.events(events)
     passing = [e for e in events if filter(e)] if filter is not None else list(events)
     if passing:
         deliverer.offer(passing)
@@ -158,13 +163,14 @@ class ShareGroupFeed:
     """
 
     def __init__(self, deliverer: Any, connector: Any, topic: str, group: str, filter: Any,
-                 high: int) -> None:
+                 high: int, view: Any = None) -> None:
         self.deliverer = deliverer
         self.connector = connector
         self.topic = topic
         self.group = group
         self.filter = filter
         self.high = high
+        self.view = view
         self.upstream: Any = None
         self.head: Optional[Cursor] = None
         self.paused = False
@@ -206,7 +212,7 @@ class ShareGroupFeed:
         events = eventsOf(self.head, messages)
         if events:
             self.head = events[-1].cursor
-        offerFiltered(self.deliverer, events, self.filter)
+        offerFiltered(self.deliverer, events, self.filter, self.view)
         if not self.paused and self.deliverer.backlog() >= self.high:
             self.paused = True
             self.upstream.pause()

@@ -109,7 +109,10 @@ def deliveryHeaders(staticHeaders: Mapping[str, str], key: bytes, subscription: 
             if value and all(0x20 <= ord(c) < 0x7F for c in value):
                 contentType = value.strip().encode("ascii")
             continue
-        headers.addRawHeader(("evgate-header-" + headerName(name)).encode("ascii"),
+        # CloudEvents attributes in the HTTP binding (webhook.cloudevents =
+        # binary) are headers of their own; the rest are evgate-header-*.
+        prefix = "" if name.lower().startswith("ce-") else "evgate-header-"
+        headers.addRawHeader((prefix + headerName(name)).encode("ascii"),
                              headerValue(value).encode("ascii"))
     headers.setRawHeaders(b"content-type", [contentType])
     headers.setRawHeaders(b"user-agent", [USER_AGENT])

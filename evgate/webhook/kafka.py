@@ -93,13 +93,15 @@ class KafkaGroupFeed:
     log = Logger()
 
     def __init__(self, deliverer: Any, connector: Any, topic: str, api: str, filter: Any,
-                 limit: int = BATCH_LIMIT, pollTimeout: float = POLL_TIMEOUT) -> None:
+                 limit: int = BATCH_LIMIT, pollTimeout: float = POLL_TIMEOUT, view: Any = None) -> None:
         self.deliverer = deliverer
         self.connector = connector
         self.reactor = connector.reactor
         self.topic = topic
         self.group = webhookGroup(api, deliverer.id)
         self.filter = filter
+        # The API's delivery pipeline (evgate.pipeline), or None.
+        self.view = view
         self.limit = limit
         self.pollTimeout = pollTimeout
         self.head = Cursor()
@@ -179,7 +181,7 @@ class KafkaGroupFeed:
         self.batch = batch
         events = eventsOf(self.head, batch.messages)
         self.head = events[-1].cursor
-        offerFiltered(self.deliverer, events, self.filter)
+        offerFiltered(self.deliverer, events, self.filter, self.view)
         self.progress()
 
     def _pollFailed(self, failure: Failure) -> None:

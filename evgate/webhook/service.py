@@ -247,7 +247,8 @@ class WebhookService(Service):
         context = DeliveryContext(
             reactor=self.reactor, http=self.http, store=self.store, api=api.name, tag=api.tag,
             epoch=api.connector.epoch(), timeout=settings.timeout, maxInFlight=settings.maxInFlight,
-            dlq=entrypoint.deadLetters, random=self.random, onPaused=self._pausedByDeliverer)
+            dlq=entrypoint.deadLetters, random=self.random, onPaused=self._pausedByDeliverer,
+            cloudEvents=api.config.options.get("webhookCloudEvents"))
         deliverer = Deliverer(record, key, policy, position, context)
         self.deliverers[id] = deliverer
         deliverer.start(self.feedFactory(api, id, filter))
@@ -265,12 +266,15 @@ class WebhookService(Service):
         connector = api.connector
         config = api.config
         high = max(self.node.settings.subscriberQueue, 2 * self.entrypoint(api).settings.maxInFlight)
+        view = api.pipeline.hubView
         if IConsumerGroups.providedBy(connector):
-            return lambda deliverer: KafkaGroupFeed(deliverer, connector, config.topic, api.name, filter)
+            return lambda deliverer: KafkaGroupFeed(deliverer, connector, config.topic, api.name, filter,
+                                                    view=view)
         if ISharedSubscriptions.providedBy(connector):
-            return lambda deliverer: ShareGroupFeed(deliverer, connector, config.topic, f"evgate-{id}", filter, high)
+            return lambda deliverer: ShareGroupFeed(deliverer, connector, config.topic, f"evgate-{id}", filter, high,
+                                                    view)
         return lambda deliverer: HubFeed(deliverer, self.node.hub, config.endpoint, config.topic, filter,
-                                         config.start, high)
+                                         config.start, high, view)
 
     def filterFor(self, api: Any, text: Optional[str]) -> Any:
         """
