@@ -81,6 +81,7 @@ ADMIN_MODULES: Tuple[str, ...] = (
     "evgate.admin.ops",
     "evgate.admin.asyncapi",
     "evgate.admin.console",
+    "evgate.admin.samples",
 )
 
 # The largest request body the admin API reads.
