@@ -195,3 +195,263 @@ class HistoryRouteTests(SynchronousTestCase):
             self.assertEqual(status, 400, query)
             self.assertEqual(headers["content-type"], "application/problem+json")
             self.assertIn(words, document["detail"])
+
+
+KEYS_INI = """
+[gateway]
+listen = tcp:0
+store = memory
+admin = tcp:0
+admin-token = {token}
+{gateway}
+
+[endpoint:local]
+type = memory
+
+[api:orders]
+path = /orders
+endpoint = local
+topic = orders
+entrypoints = http-post webhook
+plans = api-key
+"""
+
+
+class KeyExpiryRouteTests(SynchronousTestCase):
+    """
+    C{PATCH /apis/<api>/keys/<id>}: set or clear a key's expiry.
+    """
+
+    def setUp(self) -> None:
+        self.admin = AdminHarness(ini=KEYS_INI)
+        status, _, self.key = self.admin.call("POST", "/apis/orders/keys", {"name": "billing"})
+        assert status == 201, self.key
+
+    def test_setAndClear(self) -> None:
+        """
+        The expiry is set, shown, applied by the registry, and cleared
+        with null.
+        """
+        path = f"/apis/orders/keys/{self.key['id']}"
+        status, _, document = self.admin.call("PATCH", path, {"expiresAt": "2099-01-01T00:00:00Z"})
+        self.assertEqual(status, 200, document)
+        self.assertEqual(document["expiresAt"], "2099-01-01T00:00:00Z")
+        self.assertNotIn("key", document)
+        registry = self.admin.gateway.apiKeys
+        self.assertEqual(registry.records[self.key["id"]]["expiresAt"], 4070908800.0)
+        status, _, document = self.admin.call("GET", path)
+        self.assertEqual(document["expiresAt"], "2099-01-01T00:00:00Z")
+        status, _, document = self.admin.call("PATCH", path, {"expiresAt": None})
+        self.assertEqual((status, document["expiresAt"]), (200, None))
+
+    def test_badInput(self) -> None:
+        """
+        A past time, a time without a zone, other fields, an unknown key:
+        400s and 404, as problems; no token: 401.
+        """
+        path = f"/apis/orders/keys/{self.key['id']}"
+        for body in ({"expiresAt": "2001-01-01T00:00:00Z"}, {"expiresAt": "2099-01-01T00:00:00"},
+                     {"expiresAt": "2099-01-01T00:00:00Z", "name": "x"}, [], {"expiresAt": True}):
+            status, headers, document = self.admin.call("PATCH", path, body)
+            self.assertEqual(status, 400, body)
+            self.assertEqual(headers["content-type"], "application/problem+json")
+        status, _, _ = self.admin.call("PATCH", "/apis/orders/keys/nosuchkey000", {"expiresAt": None})
+        self.assertEqual(status, 404)
+        status, _, _ = self.admin.call("PATCH", path, {"expiresAt": None}, headers={})
+        self.assertEqual(status, 401)
+
+
+class ReplayRouteTests(SynchronousTestCase):
+    """
+    C{POST /apis/<api>/subscriptions/<id>/replay}.
+    """
+
+    def setUp(self) -> None:
+        self.admin = AdminHarness()
+        self.connector = self.admin.gateway.connectors["local"]
+        for index in range(3):
+            self.publish(f"m{index}")
+            self.admin.clock.advance(10)
+        status, _, created = self.admin.call("POST", "/apis/orders/subscriptions",
+                                             {"callbackUrl": "https://hooks.example/in"})
+        assert status == 201, created
+        self.id = created["id"]
+        self.path = f"/apis/orders/subscriptions/{self.id}/replay"
+
+    def publish(self, text: str) -> None:
+        """
+        Publish one message to the orders topic.
+        """
+        from evgate.message import Draft
+        self.connector.publish("orders", Draft(text.encode()))
+
+    def position(self) -> Dict[int, int]:
+        """
+        The subscription's stored position, decoded.
+        """
+        from evgate.message import Cursor
+        status, _, document = self.admin.call("GET", f"/apis/orders/subscriptions/{self.id}")
+        api = self.admin.gateway.api("orders")
+        return Cursor.decode(document["position"], api.tag).asDict()
+
+    def test_fromCursor(self) -> None:
+        """
+        From a cursor: the position becomes it, and the deliverer restarts
+        from there.
+        """
+        from evgate.message import Cursor
+        self.assertEqual(self.position(), {0: 3})
+        api = self.admin.gateway.api("orders")
+        cursor = Cursor.fromMapping({0: 1}, self.connector.epoch()).encode(api.tag)
+        status, _, document = self.admin.call("POST", self.path, {"from": cursor})
+        self.assertEqual(status, 200, document)
+        self.assertEqual(document["id"], self.id)
+        self.assertEqual(self.position(), {0: 1})
+        # The receiver here answers 404 to everything: the restarted
+        # deliverer tried message 1 again, and paused on it (no dlq).
+        status, _, document = self.admin.call("GET", f"/apis/orders/subscriptions/{self.id}")
+        self.assertIn("orders/0@1", document["pausedReason"])
+
+    def test_atTime(self) -> None:
+        """
+        At a time: the first message published at or after it; after the
+        last one, the head.
+        """
+        import datetime
+        first = self.admin.clock.seconds() - 30
+        at = datetime.datetime.fromtimestamp(first + 5, datetime.timezone.utc).isoformat()
+        status, _, document = self.admin.call("POST", self.path, {"at": at})
+        self.assertEqual(status, 200, document)
+        self.assertEqual(self.position(), {0: 1})
+        status, _, document = self.admin.call("POST", self.path, {"at": "2999-01-01T00:00:00Z"})
+        self.assertEqual(self.position(), {0: 3})
+
+    def test_pausedStaysPaused(self) -> None:
+        """
+        A paused subscription moves, and stays paused.
+        """
+        self.admin.call("POST", f"/apis/orders/subscriptions/{self.id}/pause")
+        status, _, document = self.admin.call("POST", self.path, {"at": "2000-01-01T00:00:00Z"})
+        self.assertEqual((status, document["status"]), (200, "paused"))
+        self.assertNotIn(self.id, self.admin.gateway.webhooks.deliverers)
+        self.assertEqual(self.position(), {0: 0})
+
+    def test_badInput(self) -> None:
+        """
+        Bad bodies and cursors: 400 problems; unknown subscription: 404; no
+        token: 401.
+        """
+        for body in ({}, {"from": "x", "at": "y"}, {"from": "not-a-cursor"}, {"at": "yesterday"},
+                     {"at": "2020-01-01T00:00:00"}, {"from": 3}, {"until": "x"}):
+            status, headers, document = self.admin.call("POST", self.path, body)
+            self.assertEqual(status, 400, (body, document))
+            self.assertEqual(headers["content-type"], "application/problem+json")
+        status, _, _ = self.admin.call("POST", "/apis/orders/subscriptions/sub_00000000000000000000/replay",
+                                       {"at": "2020-01-01T00:00:00Z"})
+        self.assertEqual(status, 404)
+        status, _, _ = self.admin.call("POST", self.path, {"at": "2020-01-01T00:00:00Z"}, headers={})
+        self.assertEqual(status, 401)
+
+    def test_refusedWithoutALog(self) -> None:
+        """
+        Endpoints that keep no log, or deliver through consumer groups,
+        refuse with a problem that says why.
+        """
+        from zope.interface import directlyProvides
+
+        from evgate.admin.replay import ReplayUnsupported, replayPosition
+        from evgate.interfaces import IConsumerGroups, IRetainedLog
+
+        class Connector:
+            kind = "kafka"
+
+        class Api:
+            connector = Connector()
+
+            class config:
+                endpoint = "events"
+
+        directlyProvides(Api.connector, IRetainedLog, IConsumerGroups)
+        error = self.assertRaises(ReplayUnsupported, replayPosition, Api, {"at": "2020-01-01T00:00:00Z"})
+        self.assertIn("consumer group", str(error))
+        self.assertEqual(error.status, 409)
+        directlyProvides(Api.connector)
+        Connector.kind = "mqtt5"
+        error = self.assertRaises(ReplayUnsupported, replayPosition, Api, {"from": "x"})
+        self.assertIn("keeps no log", str(error))
+
+
+class ConsoleOpsRouteTests(SynchronousTestCase):
+    """
+    The test publish, the tail's filter and the reload plan.
+    """
+
+    def setUp(self) -> None:
+        from .test_ops import OpsHarness
+        self.ops = OpsHarness()
+
+    def test_publish(self) -> None:
+        """
+        A test message reaches the topic (and a tail) and is counted.
+        """
+        from .test_ops import AUTH as OPS_AUTH
+        ops = self.ops
+        stream = ops.stream("/apis/demo/tail", OPS_AUTH, admin=True)
+        status, document = ops.json("POST", "/apis/demo/messages",
+                                    {"content": "hello", "key": "k", "headers": {"h": "v"}},
+                                    headers=dict(OPS_AUTH, **{"Content-Type": "application/json"}))
+        self.assertEqual(status, 202, document)
+        self.assertEqual((document["topic"], document["offset"]), ("demo", 0))
+        import json
+        lines = [json.loads(line) for line in stream.body.split(b"\n") if line.strip()]
+        self.assertEqual((lines[1]["content"], lines[1]["key"], lines[1]["headers"]), ("hello", "k", {"h": "v"}))
+        self.assertEqual(ops.gateway.metrics.totals("demo")["messagesIn"], 1)
+
+    def test_publishBadInput(self) -> None:
+        """
+        Bodies that are not a message: 400; no token: 401.
+        """
+        from .test_ops import AUTH as OPS_AUTH
+        for body in ({}, {"content": 1}, {"content": "x", "key": ""}, {"content": "x", "headers": {"a": 1}},
+                     {"content": "x", "extra": 1}):
+            status, document = self.ops.json("POST", "/apis/demo/messages", body, headers=OPS_AUTH)
+            self.assertEqual(status, 400, body)
+        status, _ = self.ops.json("POST", "/apis/demo/messages", {"content": "x"}, headers={})
+        self.assertEqual(status, 401)
+
+    def test_tailFilter(self) -> None:
+        """
+        A tail with a filter shows only the messages that pass it; a bad
+        filter is a 400 that says where.
+        """
+        from .test_ops import AUTH as OPS_AUTH
+        ops = self.ops
+        stream = ops.stream('/apis/demo/tail?filter=key%20%3D%3D%20%22b%22', OPS_AUTH, admin=True)
+        ops.publish("/demo", b"one", key="a")
+        ops.publish("/demo", b"two", key="b")
+        import json
+        lines = [json.loads(line) for line in stream.body.split(b"\n") if line.strip()]
+        self.assertEqual([line["content"] for line in lines[1:]], ["two"])
+        status, document = ops.json("GET", "/apis/demo/tail?filter=key%20%3D%3D", headers=OPS_AUTH)
+        self.assertEqual(status, 400)
+        self.assertIn("column", document)
+
+    def test_reloadPlan(self) -> None:
+        """
+        The plan says what a reload would change, and changes nothing; a
+        mistake is a 400 naming the key; no token: 401.
+        """
+        ops = self.ops
+        status, document = ops.json("GET", "/reload/plan")
+        self.assertEqual(status, 200, document)
+        self.assertEqual((document["empty"], document["applied"]), (True, False))
+        ops.rewrite(extra="\n[api:more]\npath = /more\nendpoint = local\ntopic = more\nentrypoints = sse\n")
+        status, document = ops.json("GET", "/reload/plan")
+        self.assertEqual(document["apis"]["added"], ["more"])
+        self.assertEqual(document["apis"]["unchanged"], ["demo"])
+        self.assertIsNone(ops.gateway.api("more"))
+        ops.rewrite(extra="bogus = 1\n")
+        status, document = ops.json("GET", "/reload/plan")
+        self.assertEqual((status, document["key"]), (400, "bogus"))
+        status, _ = ops.json("GET", "/reload/plan", headers={})
+        self.assertEqual(status, 401)

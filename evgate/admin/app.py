@@ -82,6 +82,9 @@ ADMIN_MODULES: Tuple[str, ...] = (
     "evgate.admin.asyncapi",
     "evgate.admin.console",
     "evgate.admin.samples",
+    "evgate.admin.replay",
+    "evgate.admin.messages",
+    "evgate.admin.reloadplan",
 )
 
 # The largest request body the admin API reads.
