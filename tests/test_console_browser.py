@@ -232,3 +232,137 @@ class ConsoleBrowserTests(SynchronousTestCase):
             f.write(base64.b64decode(shot["data"]))
         print(f"console screenshot: {path}")
         self.assertGreater(os.path.getsize(path), 10000)
+
+
+class ConsoleManagementBrowserTests(ConsoleBrowserTests):
+    """
+    The console's charts, keys, webhook subscriptions (with replay), tail
+    filter, test publish and reload preview, in a real browser.
+    """
+
+    def signedIn(self) -> DevTools:
+        """
+        A browser on the console, signed in.
+        """
+        devtools = self.browser()
+        devtools.send("Page.navigate", url=self.gateway.adminUrl("/"))
+        self.waitForPage(devtools, "!document.getElementById('login').hidden", "the token prompt")
+        devtools.evaluate(f"document.getElementById('token').value = {json.dumps(TOKEN)};"
+                          "document.getElementById('login-form').requestSubmit(); true")
+        self.waitForPage(devtools, "document.querySelector('tr[data-api=\"telemetry\"]') !== null", "the APIs")
+        return devtools
+
+    def test_console(self) -> None:
+        """
+        (The page as a whole is tested by the parent class.)
+        """
+
+    def test_chartsDrawAndUpdate(self) -> None:
+        """
+        The charts draw the sampled series, and the messages-in line of
+        API orders rises, on a later poll, once messages are published.
+        """
+        devtools = self.signedIn()
+        self.waitForPage(devtools, "document.querySelector('#chart-messagesIn polyline[data-series=\"orders\"]')"
+                                   " !== null", "the first chart line")
+        self.assertTrue(devtools.evaluate("document.querySelector('#chart-subscribers svg.chart') !== null"))
+        for index in range(20):
+            status, _, body = httpRequest("POST", self.gateway.url("/orders"), f"m{index}".encode(),
+                                          {"Content-Type": "text/plain"})
+            self.assertEqual(status, 202, body)
+        self.waitForPage(devtools, "document.querySelector('#chart-messagesIn .legend').innerText"
+                                   ".match(/orders · [1-9]/) !== null", "the rate of orders in the legend")
+        points = devtools.evaluate("Number(document.querySelector('#chart-messagesIn polyline[data-series=\"orders\"]')"
+                                   ".dataset.points)")
+        self.assertGreaterEqual(points, 2)
+        self.waitForPage(devtools, "document.querySelector('#chart-publishLatency polyline') !== null",
+                         "the latency line")
+        self.assertEqual(devtools.evaluate("document.querySelectorAll('[style]').length"), 0)
+
+    def test_keys(self) -> None:
+        """
+        Issue a key (shown once), set its expiry, revoke it.
+        """
+        devtools = self.signedIn()
+        devtools.evaluate("window.confirm = () => true; true")
+        self.waitForPage(devtools, "document.getElementById('key-api').value === 'telemetry'", "the key API")
+        devtools.evaluate("document.getElementById('key-name').value = 'billing';"
+                          "document.getElementById('key-form').requestSubmit(); true")
+        self.waitForPage(devtools, "!document.getElementById('key-issued').hidden", "the issued key")
+        key = devtools.evaluate("document.getElementById('key-issued-value').textContent")
+        keyId = devtools.evaluate("document.getElementById('key-issued-id').textContent")
+        self.assertTrue(key.startswith("evg_"), key)
+        status, _, _ = httpRequest("POST", self.gateway.url("/telemetry"), b"x", {"X-Api-Key": key})
+        self.assertEqual(status, 202)
+        row = f"document.querySelector('tr[data-key=\"{keyId}\"]')"
+        self.waitForPage(devtools, f"{row} !== null", "the key's row")
+        self.assertNotIn(key, devtools.evaluate("document.getElementById('keys').innerText"))
+        devtools.evaluate(f"{row}.querySelector('input.expiry').value = '2099-01-02T03:04:05';"
+                          f"{row}.querySelector('[data-action=\"set expiry\"]').click(); true")
+        self.waitForPage(devtools, f"{row}.innerText.includes('2099')", "the new expiry")
+        devtools.evaluate(f"{row}.querySelector('[data-action=\"revoke\"]').click(); true")
+        self.waitForPage(devtools, f"{row} === null", "the key to go")
+        status, _, _ = httpRequest("POST", self.gateway.url("/telemetry"), b"x", {"X-Api-Key": key})
+        self.assertEqual(status, 401)
+
+    def test_subscriptions(self) -> None:
+        """
+        Create a subscription (the secret shown once), see deliveries,
+        pause, replay from an hour ago while paused, resume (the messages
+        are delivered again), delete.
+        """
+        devtools = self.signedIn()
+        devtools.evaluate("window.confirm = () => true; true")
+        callback = f"http://127.0.0.1:{self.receiver.server_address[1]}/hook"
+        devtools.evaluate(f"document.getElementById('subscription-url').value = {json.dumps(callback)};"
+                          "document.getElementById('subscription-form').requestSubmit(); true")
+        self.waitForPage(devtools, "!document.getElementById('subscription-secret').hidden", "the secret")
+        secret = devtools.evaluate("document.getElementById('subscription-secret-value').textContent")
+        id = devtools.evaluate("document.getElementById('subscription-secret-id').textContent")
+        self.assertTrue(secret.startswith("whsec_"), secret)
+        row = f"document.querySelector('tr[data-subscription=\"{id}\"]')"
+        self.waitForPage(devtools, f"{row} !== null", "the subscription's row")
+        for index in range(3):
+            httpRequest("POST", self.gateway.url("/orders"), f"m{index}".encode(), {"Content-Type": "text/plain"})
+        self.waitForPage(devtools, f"{row}.innerText.includes('\\t3\\t')", "three deliveries")
+        devtools.evaluate(f"{row}.querySelector('[data-action=\"pause\"]').click(); true")
+        self.waitForPage(devtools, f"{row}.innerText.includes('paused')", "the pause")
+        devtools.evaluate(f"{row}.querySelector('[data-action=\"replay\"]').click(); true")
+        self.waitForPage(devtools, "!document.getElementById('replay-form').hidden", "the replay form")
+        devtools.evaluate("document.getElementById('replay-form').requestSubmit(); true")
+        self.waitForPage(devtools, "document.getElementById('subscription-message').innerText"
+                                   ".includes('replaying from')", "the replay")
+        devtools.evaluate(f"{row}.querySelector('[data-action=\"resume\"]').click(); true")
+        self.waitForPage(devtools, f"{row}.innerText.includes('\\t6\\t')", "the messages delivered again")
+        devtools.evaluate(f"{row}.querySelector('[data-action=\"delete\"]').click(); true")
+        self.waitForPage(devtools, f"{row} === null", "the subscription to go")
+
+    def test_tailPublishAndReload(self) -> None:
+        """
+        A filtered tail shows only matching messages published from the
+        page; the reload preview shows an added API before it is applied.
+        """
+        devtools = self.signedIn()
+        devtools.evaluate("document.getElementById('tail-api').value = 'orders';"
+                          "document.getElementById('tail-filter').value = 'key == \"wanted\"';"
+                          "document.getElementById('tail-form').requestSubmit(); true")
+        self.waitForPage(devtools, "document.getElementById('tail-lines').innerText.includes('tailing orders')",
+                         "the tail")
+        for key, content in (("other", "not shown"), ("wanted", "shown")):
+            devtools.evaluate(f"document.getElementById('publish-api').value = 'orders';"
+                              f"document.getElementById('publish-key').value = {json.dumps(key)};"
+                              f"document.getElementById('publish-content').value = {json.dumps(content)};"
+                              "document.getElementById('publish-form').requestSubmit(); true")
+            self.waitForPage(devtools, "document.getElementById('publish-result').innerText.includes('offset')",
+                             "the publish")
+            devtools.evaluate("document.getElementById('publish-result').textContent = ''; true")
+        self.waitForPage(devtools, "document.getElementById('tail-lines').innerText.includes('shown')", "the message")
+        self.assertNotIn("not shown", devtools.evaluate("document.getElementById('tail-lines').innerText"))
+        with open(self.gateway.ini, "a") as f:
+            f.write("\n[api:extra]\npath = /extra\nendpoint = local\ntopic = extra\nentrypoints = sse\n")
+        devtools.evaluate("document.getElementById('reload-preview').click(); true")
+        self.waitForPage(devtools, "document.getElementById('reload-plan').innerText.includes('API extra: added')",
+                         "the reload plan")
+        self.assertIsNone(devtools.evaluate("document.querySelector('tr[data-api=\"extra\"]')"))
+        devtools.evaluate("document.getElementById('reload-apply').click(); true")
+        self.waitForPage(devtools, "document.querySelector('tr[data-api=\"extra\"]') !== null", "the added API")
