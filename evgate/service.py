@@ -29,6 +29,7 @@ from evgate.interfaces import IConnector, IStore
 from evgate.logs import RequestLog, offerLogObserver
 from evgate.metrics import CountingStore, GatewayMetrics, RateSampler
 from evgate.node import NodeContext, buildApis
+from evgate.portal import portalFor
 from evgate.reload import Reloader, ReloadService, checkConfig, reconfigService
 from evgate.security.apikey import KeyRegistry
 from evgate.security.limits import Limits, buildLimits
@@ -358,6 +359,7 @@ class GatewayService(MultiService):
             node.apiKeys.setServiceParent(self)
         node.apis = buildApis(config, node.connectors, node)
         self.resource = GatewayResource(node.apis)
+        self.resource.portal = portalFor(self)
         self.site = GatewaySite(self.resource, settings.maxMessageBytes, requestLog=node.requestLog,
                                 metrics=node.metrics, reactor=reactor,
                                 limits=connectionLimits(settings.options))

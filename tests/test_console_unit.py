@@ -455,3 +455,116 @@ class ConsoleOpsRouteTests(SynchronousTestCase):
         self.assertEqual((status, document["key"]), (400, "bogus"))
         status, _ = ops.json("GET", "/reload/plan", headers={})
         self.assertEqual(status, 401)
+
+
+PORTAL_INI = """
+[gateway]
+listen = tcp:0
+store = memory
+portal = /portal
+
+[endpoint:local]
+type = memory
+
+[api:orders]
+path = /orders
+endpoint = local
+topic = orders
+entrypoints = http-post sse websocket
+plans = api-key
+portal = true
+
+[api:internal]
+path = /internal
+endpoint = local
+topic = internal
+entrypoints = http-post
+"""
+
+
+class PortalTests(SynchronousTestCase):
+    """
+    The portal's configuration and what it serves, through StubTreq on the
+    gateway's own resource.
+    """
+
+    def setUp(self) -> None:
+        from treq.testing import StubTreq
+        from twisted.internet.task import Clock
+
+        from evgate.config import parseConfig
+        from evgate.service import GatewayService
+        self.gateway = GatewayService(parseConfig(PORTAL_INI, "portal.ini"), Clock())
+        self.treq = StubTreq(self.gateway.resource)
+
+    def get(self, path: str, method: str = "GET") -> Any:
+        """
+        Status, headers and body of one request to the data plane.
+        """
+        results: list = []
+        d = self.treq.request(method, "http://gateway" + path)
+        d.addCallback(lambda response: self.treq.content(response).addCallback(
+            lambda body: results.append((response.code, response.headers, body))))
+        self.treq.flush()
+        return results[0]
+
+    def test_listsOnlyOptedIn(self) -> None:
+        """
+        The list has the APIs with portal = true only, without credentials.
+        """
+        import json
+        status, headers, body = self.get("/portal/apis.json")
+        self.assertEqual(status, 200)
+        self.assertEqual([api["name"] for api in json.loads(body)["apis"]], ["orders"])
+        status, _, _ = self.get("/portal/apis/internal.json")
+        self.assertEqual(status, 404)
+        status, _, _ = self.get("/portal/apis/internal")
+        self.assertEqual(status, 404)
+
+    def test_apiDocument(self) -> None:
+        """
+        An API's document: its AsyncAPI document and where credentials go,
+        by name only.
+        """
+        import json
+        status, _, body = self.get("/portal/apis/orders.json")
+        self.assertEqual(status, 200)
+        document = json.loads(body)
+        self.assertEqual(document["auth"]["plans"],
+                         [{"plan": "api-key", "header": "X-Api-Key", "query": "api-key",
+                           "description": "An API key, issued by the API's operators."}])
+        self.assertEqual(document["asyncapi"]["asyncapi"], "3.0.0")
+        self.assertTrue(document["websocketPublish"])
+
+    def test_pages(self) -> None:
+        """
+        The pages carry the strict CSP and name their files by the
+        portal's path; other methods are refused; APIs are still served.
+        """
+        for path in ("/portal", "/portal/", "/portal/apis/orders"):
+            status, headers, body = self.get(path)
+            self.assertEqual(status, 200, path)
+            self.assertIn(b'src="/portal/portal.js"', body)
+            self.assertIn(b"script-src 'self'", headers.getRawHeaders(b"content-security-policy")[0])
+        status, headers, body = self.get("/portal/portal.js")
+        self.assertEqual((status, headers.getRawHeaders(b"content-type")[0]),
+                         (200, b"text/javascript; charset=utf-8"))
+        self.assertEqual(self.get("/portal/nothing")[0], 404)
+        self.assertEqual(self.get("/portal", "POST")[0], 405)
+        self.assertEqual(self.get("/nothing")[0], 404)
+        self.assertEqual(self.get("/orders", "POST")[0], 401)
+
+    def test_configErrors(self) -> None:
+        """
+        A portal path colliding with an API's, a bad portal path, or an API
+        opting in without a portal: errors naming section and key.
+        """
+        from evgate.config import ConfigError, parseConfig
+        for old, new, section, key in (
+                ("portal = /portal", "portal = /orders", "api:orders", "path"),
+                ("portal = /portal", "portal = /orders/docs", "api:orders", "path"),
+                ("portal = /portal", "portal = /", "gateway", "portal"),
+                ("portal = /portal", "", "api:orders", "portal")):
+            error = self.assertRaises(ConfigError, parseConfig, PORTAL_INI.replace(old, new, 1), "portal.ini")
+            self.assertEqual((error.section, error.key), (section, key), str(error))
+            self.assertIn("portal.ini", str(error))
