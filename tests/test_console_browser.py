@@ -35,6 +35,7 @@ admin-token = {token}
 store = memory
 webhook-allow-private = true
 webhook-allow-http = true
+portal = /portal
 
 [endpoint:local]
 type = memory
@@ -52,8 +53,9 @@ entrypoints = http-post sse webhook
 path = /telemetry
 endpoint = spare
 topic = telemetry
-entrypoints = http-post http-get websocket
+entrypoints = http-post http-get websocket sse
 plans = api-key
+portal = true
 """
 
 
@@ -278,6 +280,7 @@ class ConsoleManagementBrowserTests(ConsoleBrowserTests):
         self.waitForPage(devtools, "document.querySelector('#chart-publishLatency polyline') !== null",
                          "the latency line")
         self.assertEqual(devtools.evaluate("document.querySelectorAll('[style]').length"), 0)
+        screenshot(devtools, "console-charts.png")
 
     def test_keys(self) -> None:
         """
@@ -366,3 +369,77 @@ class ConsoleManagementBrowserTests(ConsoleBrowserTests):
         self.assertIsNone(devtools.evaluate("document.querySelector('tr[data-api=\"extra\"]')"))
         devtools.evaluate("document.getElementById('reload-apply').click(); true")
         self.waitForPage(devtools, "document.querySelector('tr[data-api=\"extra\"]') !== null", "the added API")
+
+
+def screenshot(devtools: DevTools, name: str) -> str:
+    """
+    Save a full-page screenshot as C{name} in the test's directory; its
+    path (printed in the test log).
+    """
+    import base64
+
+    shot = devtools.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    path = os.path.abspath(name)
+    with open(path, "wb") as f:
+        f.write(base64.b64decode(shot["data"]))
+    print(f"screenshot: {path}")
+    return path
+
+
+class PortalBrowserTests(ConsoleBrowserTests):
+    """
+    The developer portal on the gateway listener, in a real browser.
+    """
+
+    def test_console(self) -> None:
+        """
+        (The console is tested by the parent class.)
+        """
+
+    def test_portal(self) -> None:
+        """
+        The list shows the opted-in API only; its page shows how to
+        authenticate and examples; "try it" with an issued key subscribes,
+        publishes, and shows the message arrive; without the key the
+        publish is refused with the problem's words.  Screenshots are
+        saved.
+        """
+        status, _, body = httpRequest("POST", self.gateway.adminUrl("/apis/telemetry/keys"),
+                                      json.dumps({"name": "portal"}).encode(),
+                                      {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        self.assertEqual(status, 201, body)
+        key = json.loads(body)["key"]
+        devtools = self.browser()
+        devtools.send("Page.navigate", url=self.gateway.url("/portal"))
+        self.waitForPage(devtools, "document.querySelector('li[data-api=\"telemetry\"]') !== null", "the list")
+        self.assertEqual(devtools.evaluate("document.querySelectorAll('#api-list li').length"), 1)
+        devtools.evaluate("document.querySelector('li[data-api=\"telemetry\"] a').click(); true")
+        self.waitForPage(devtools, "document.getElementById('api-name').textContent === 'telemetry'", "the page")
+        auth = devtools.evaluate("document.getElementById('api-auth').innerText")
+        self.assertIn("X-Api-Key", auth)
+        self.assertIn("?api-key=", auth)
+        examples = devtools.evaluate("Array.from(document.querySelectorAll('[data-example]'))"
+                                     ".map(e => e.dataset.example)")
+        self.assertIn("curl: publish", examples)
+        self.assertIn("Browser: EventSource", examples)
+        self.assertIn("Browser: WebSocket", examples)
+        self.assertIn("Python: subscribe", examples)
+        text = devtools.evaluate("document.getElementById('examples').innerText")
+        self.assertIn(self.gateway.url("/telemetry"), text)
+        self.assertNotIn(key, devtools.evaluate("document.body.innerText"))
+
+        devtools.evaluate("document.getElementById('try-content').value = 'no key';"
+                          "document.getElementById('try-publish').requestSubmit(); true")
+        self.waitForPage(devtools, "document.getElementById('try-result').innerText.includes('401')",
+                         "the refusal")
+        devtools.evaluate(f"document.getElementById('try-credential').value = {json.dumps(key)};"
+                          "document.getElementById('try-subscribe').click(); true")
+        self.waitForPage(devtools, "document.getElementById('try-state').innerText === 'subscribed'",
+                         "the subscription")
+        devtools.evaluate("document.getElementById('try-content').value = '{\"reading\": 21.5}';"
+                          "document.getElementById('try-publish').requestSubmit(); true")
+        self.waitForPage(devtools, "document.getElementById('try-messages').innerText.includes('21.5')",
+                         "the message to arrive")
+        self.assertEqual(devtools.evaluate("document.getElementById('try-result').innerText"), "published")
+        self.assertEqual(devtools.evaluate("document.querySelectorAll('[style]').length"), 0)
+        screenshot(devtools, "portal.png")
