@@ -9,9 +9,12 @@ setup(
         "evgate.admin",
         "evgate.connectors",
         "evgate.entrypoints",
+        "evgate.portal",
+        "evgate.proxy",
         "evgate.security",
         "evgate.store",
+        "evgate.webhook",
         "twisted.plugins",
     ],
-    package_data={"evgate.admin": ["static/*"]},
+    package_data={"evgate.admin": ["static/*"], "evgate.portal": ["static/*"]},
 )

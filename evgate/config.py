@@ -117,6 +117,7 @@ EXTENSION_MODULES: Tuple[str, ...] = (
     "evgate.entrypoints.webhook",
     "evgate.webhook.client",
     "evgate.admin.app",
+    "evgate.portal",
     "evgate.logs",
     "evgate.proxy.entrypoint",
     "evgate.schemas.config",

@@ -118,6 +118,9 @@ class GatewayResource(Resource):
         super().__init__()
         self.byPath: Dict[bytes, ApiRuntime] = {}
         self.bySubtree: Dict[bytes, ApiRuntime] = {}
+        # The developer portal (evgate.portal), if [gateway] has one: it
+        # gets what no API serves (the configuration keeps them apart).
+        self.portal: Optional[Any] = None
         self.setApis(apis)
 
     def setApis(self, apis: Sequence[ApiRuntime]) -> None:
@@ -163,6 +166,8 @@ class GatewayResource(Resource):
     def render(self, request: Request) -> Any:
         api = self.route(request.path)
         if api is None:
+            if self.portal is not None and self.portal.serves(request.path):
+                return self.portal.render(request)
             return writeProblem(request, NotFound(f"no API is served at {request.path.decode('latin-1')}"))
         # What the access log and the request counts need (evgate.logs).
         request.evgateTally = api.tally  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 
 from evgate.admin.app import AdminApp, adminSite
 from evgate.admin.ops import Tails
+from evgate.admin.samples import MetricsHistory
 from evgate.config import Config, ConfigError, GatewayConfig
 from evgate.connectors import buildConnector
 from evgate.gateway import ApiRuntime, GatewayResource, GatewaySite
@@ -28,6 +29,7 @@ from evgate.interfaces import IConnector, IStore
 from evgate.logs import RequestLog, offerLogObserver
 from evgate.metrics import CountingStore, GatewayMetrics, RateSampler
 from evgate.node import NodeContext, buildApis
+from evgate.portal import portalFor
 from evgate.reload import Reloader, ReloadService, checkConfig, reconfigService
 from evgate.security.apikey import KeyRegistry
 from evgate.security.limits import Limits, buildLimits
@@ -357,6 +359,7 @@ class GatewayService(MultiService):
             node.apiKeys.setServiceParent(self)
         node.apis = buildApis(config, node.connectors, node)
         self.resource = GatewayResource(node.apis)
+        self.resource.portal = portalFor(self)
         self.site = GatewaySite(self.resource, settings.maxMessageBytes, requestLog=node.requestLog,
                                 metrics=node.metrics, reactor=reactor,
                                 limits=connectionLimits(settings.options))
@@ -392,12 +395,16 @@ class GatewayService(MultiService):
         node.metrics.lastReload = reactor.seconds()
         self.admin: Optional[AdminApp] = None
         self.tails: Optional[Tails] = None
+        self.history: Optional[MetricsHistory] = None
         adminSettings = settings.options.get("admin")
         if adminSettings is not None and worker is None:
             self.admin = AdminApp(self, adminSettings.token)
             # The admin API's live tails end when the node stops.
             self.tails = Tails()
             self.tails.setServiceParent(self)
+            # The last hour of figures, for the console's charts.
+            self.history = MetricsHistory(node, reactor)
+            self.history.setServiceParent(self)
             self.adminListener = ListenerService(adminSettings.listen, adminSite(self.admin, reactor), reactor,
                                                  "admin", config.path)
             self.adminListener.setServiceParent(self)

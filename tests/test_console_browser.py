@@ -28,12 +28,14 @@ TOKEN = "console-token-0123456789abcdef"
 def consoleIni() -> GatewayIni:
     """
     Two memory endpoints; /orders with streams and webhooks to 127.0.0.1,
-    /telemetry behind API keys; an admin API with a memory store.
+    /telemetry behind API keys and on the portal; an admin API with a
+    memory store.
     """
-    return (GatewayIni(listen="tcp:0:interface=127.0.0.1").admin(TOKEN).gateway(store="memory")
+    return (GatewayIni(listen="tcp:0:interface=127.0.0.1").admin(TOKEN).gateway(store="memory", portal="/portal")
             .loopbackWebhooks().memory().memory("spare")
             .api("orders", entrypoints="http-post sse webhook")
-            .api("telemetry", endpoint="spare", entrypoints="http-post http-get websocket", plans="api-key"))
+            .api("telemetry", endpoint="spare", entrypoints="http-post http-get websocket sse", plans="api-key",
+                 portal=True))
 
 
 class DevTools:
@@ -192,3 +194,212 @@ class ConsoleBrowserTests(SynchronousTestCase):
             f.write(base64.b64decode(shot["data"]))
         print(f"console screenshot: {path}")
         self.assertGreater(os.path.getsize(path), 10000)
+
+
+class ConsoleManagementBrowserTests(ConsoleBrowserTests):
+    """
+    The console's charts, keys, webhook subscriptions (with replay), tail
+    filter, test publish and reload preview, in a real browser.
+    """
+
+    def signedIn(self) -> DevTools:
+        """
+        A browser on the console, signed in.
+        """
+        devtools = self.browser()
+        devtools.send("Page.navigate", url=self.gateway.adminUrl("/"))
+        self.waitForPage(devtools, "!document.getElementById('login').hidden", "the token prompt")
+        devtools.evaluate(f"document.getElementById('token').value = {json.dumps(TOKEN)};"
+                          "document.getElementById('login-form').requestSubmit(); true")
+        self.waitForPage(devtools, "document.querySelector('tr[data-api=\"telemetry\"]') !== null", "the APIs")
+        return devtools
+
+    def test_console(self) -> None:
+        """
+        (The page as a whole is tested by the parent class.)
+        """
+
+    def test_chartsDrawAndUpdate(self) -> None:
+        """
+        The charts draw the sampled series, and the messages-in line of
+        API orders rises, on a later poll, once messages are published.
+        """
+        devtools = self.signedIn()
+        self.waitForPage(devtools, "document.querySelector('#chart-messagesIn polyline[data-series=\"orders\"]')"
+                                   " !== null", "the first chart line")
+        self.assertTrue(devtools.evaluate("document.querySelector('#chart-subscribers svg.chart') !== null"))
+        for index in range(20):
+            status, _, body = httpRequest("POST", self.gateway.url("/orders"), f"m{index}".encode(),
+                                          {"Content-Type": "text/plain"})
+            self.assertEqual(status, 202, body)
+        self.waitForPage(devtools, "document.querySelector('#chart-messagesIn .legend').innerText"
+                                   ".match(/orders · [1-9]/) !== null", "the rate of orders in the legend")
+        points = devtools.evaluate("Number(document.querySelector('#chart-messagesIn polyline[data-series=\"orders\"]')"
+                                   ".dataset.points)")
+        self.assertGreaterEqual(points, 2)
+        self.waitForPage(devtools, "document.querySelector('#chart-publishLatency polyline') !== null",
+                         "the latency line")
+        self.assertEqual(devtools.evaluate("document.querySelectorAll('[style]').length"), 0)
+        screenshot(devtools, "console-charts.png")
+
+    def test_keys(self) -> None:
+        """
+        Issue a key (shown once), set its expiry, revoke it.
+        """
+        devtools = self.signedIn()
+        devtools.evaluate("window.confirm = () => true; true")
+        self.waitForPage(devtools, "document.getElementById('key-api').value === 'telemetry'", "the key API")
+        devtools.evaluate("document.getElementById('key-name').value = 'billing';"
+                          "document.getElementById('key-form').requestSubmit(); true")
+        self.waitForPage(devtools, "!document.getElementById('key-issued').hidden", "the issued key")
+        key = devtools.evaluate("document.getElementById('key-issued-value').textContent")
+        keyId = devtools.evaluate("document.getElementById('key-issued-id').textContent")
+        self.assertTrue(key.startswith("evg_"), key)
+        status, _, _ = httpRequest("POST", self.gateway.url("/telemetry"), b"x", {"X-Api-Key": key})
+        self.assertEqual(status, 202)
+        row = f"document.querySelector('tr[data-key=\"{keyId}\"]')"
+        self.waitForPage(devtools, f"{row} !== null", "the key's row")
+        self.assertNotIn(key, devtools.evaluate("document.getElementById('keys').innerText"))
+        devtools.evaluate(f"{row}.querySelector('input.expiry').value = '2099-01-02T03:04:05';"
+                          f"{row}.querySelector('[data-action=\"set expiry\"]').click(); true")
+        self.waitForPage(devtools, f"{row}.innerText.includes('2099')", "the new expiry")
+        devtools.evaluate(f"{row}.querySelector('[data-action=\"revoke\"]').click(); true")
+        self.waitForPage(devtools, f"{row} === null", "the key to go")
+        status, _, _ = httpRequest("POST", self.gateway.url("/telemetry"), b"x", {"X-Api-Key": key})
+        self.assertEqual(status, 401)
+
+    def test_subscriptions(self) -> None:
+        """
+        Create a subscription (the secret shown once), see deliveries,
+        pause, replay from an hour ago while paused, resume (the messages
+        are delivered again), delete.
+        """
+        devtools = self.signedIn()
+        devtools.evaluate("window.confirm = () => true; true")
+        callback = f"http://127.0.0.1:{self.receiver.server_address[1]}/hook"
+        devtools.evaluate(f"document.getElementById('subscription-url').value = {json.dumps(callback)};"
+                          "document.getElementById('subscription-form').requestSubmit(); true")
+        self.waitForPage(devtools, "!document.getElementById('subscription-secret').hidden", "the secret")
+        secret = devtools.evaluate("document.getElementById('subscription-secret-value').textContent")
+        id = devtools.evaluate("document.getElementById('subscription-secret-id').textContent")
+        self.assertTrue(secret.startswith("whsec_"), secret)
+        row = f"document.querySelector('tr[data-subscription=\"{id}\"]')"
+        self.waitForPage(devtools, f"{row} !== null", "the subscription's row")
+        for index in range(3):
+            httpRequest("POST", self.gateway.url("/orders"), f"m{index}".encode(), {"Content-Type": "text/plain"})
+        self.waitForPage(devtools, f"{row}.innerText.includes('\\t3\\t')", "three deliveries")
+        devtools.evaluate(f"{row}.querySelector('[data-action=\"pause\"]').click(); true")
+        self.waitForPage(devtools, f"{row}.innerText.includes('paused')", "the pause")
+        devtools.evaluate(f"{row}.querySelector('[data-action=\"replay\"]').click(); true")
+        self.waitForPage(devtools, "!document.getElementById('replay-form').hidden", "the replay form")
+        devtools.evaluate("document.getElementById('replay-form').requestSubmit(); true")
+        self.waitForPage(devtools, "document.getElementById('subscription-message').innerText"
+                                   ".includes('replaying from')", "the replay")
+        devtools.evaluate(f"{row}.querySelector('[data-action=\"resume\"]').click(); true")
+        self.waitForPage(devtools, f"{row}.innerText.includes('\\t6\\t')", "the messages delivered again")
+        devtools.evaluate(f"{row}.querySelector('[data-action=\"delete\"]').click(); true")
+        self.waitForPage(devtools, f"{row} === null", "the subscription to go")
+
+    def test_tailPublishAndReload(self) -> None:
+        """
+        A filtered tail shows only matching messages published from the
+        page; the reload preview shows an added API before it is applied.
+        """
+        devtools = self.signedIn()
+        devtools.evaluate("document.getElementById('tail-api').value = 'orders';"
+                          "document.getElementById('tail-filter').value = 'key == \"wanted\"';"
+                          "document.getElementById('tail-form').requestSubmit(); true")
+        self.waitForPage(devtools, "document.getElementById('tail-lines').innerText.includes('tailing orders')",
+                         "the tail")
+        for key, content in (("other", "not shown"), ("wanted", "shown")):
+            devtools.evaluate(f"document.getElementById('publish-api').value = 'orders';"
+                              f"document.getElementById('publish-key').value = {json.dumps(key)};"
+                              f"document.getElementById('publish-content').value = {json.dumps(content)};"
+                              "document.getElementById('publish-form').requestSubmit(); true")
+            self.waitForPage(devtools, "document.getElementById('publish-result').innerText.includes('offset')",
+                             "the publish")
+            devtools.evaluate("document.getElementById('publish-result').textContent = ''; true")
+        self.waitForPage(devtools, "document.getElementById('tail-lines').innerText.includes('shown')", "the message")
+        self.assertNotIn("not shown", devtools.evaluate("document.getElementById('tail-lines').innerText"))
+        with open(self.gateway.ini, "a") as f:
+            f.write("\n[api:extra]\npath = /extra\nendpoint = local\ntopic = extra\nentrypoints = sse\n")
+        devtools.evaluate("document.getElementById('reload-preview').click(); true")
+        self.waitForPage(devtools, "document.getElementById('reload-plan').innerText.includes('API extra: added')",
+                         "the reload plan")
+        self.assertIsNone(devtools.evaluate("document.querySelector('tr[data-api=\"extra\"]')"))
+        devtools.evaluate("document.getElementById('reload-apply').click(); true")
+        self.waitForPage(devtools, "document.querySelector('tr[data-api=\"extra\"]') !== null", "the added API")
+
+
+def screenshot(devtools: DevTools, name: str) -> str:
+    """
+    Save a full-page screenshot as C{name} in the test's directory; its
+    path (printed in the test log).
+    """
+    import base64
+
+    shot = devtools.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    path = os.path.abspath(name)
+    with open(path, "wb") as f:
+        f.write(base64.b64decode(shot["data"]))
+    print(f"screenshot: {path}")
+    return path
+
+
+class PortalBrowserTests(ConsoleBrowserTests):
+    """
+    The developer portal on the gateway listener, in a real browser.
+    """
+
+    def test_console(self) -> None:
+        """
+        (The console is tested by the parent class.)
+        """
+
+    def test_portal(self) -> None:
+        """
+        The list shows the opted-in API only; its page shows how to
+        authenticate and examples; "try it" with an issued key subscribes,
+        publishes, and shows the message arrive; without the key the
+        publish is refused with the problem's words.  Screenshots are
+        saved.
+        """
+        status, _, body = httpRequest("POST", self.gateway.adminUrl("/apis/telemetry/keys"),
+                                      json.dumps({"name": "portal"}).encode(),
+                                      {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        self.assertEqual(status, 201, body)
+        key = json.loads(body)["key"]
+        devtools = self.browser()
+        devtools.send("Page.navigate", url=self.gateway.url("/portal"))
+        self.waitForPage(devtools, "document.querySelector('li[data-api=\"telemetry\"]') !== null", "the list")
+        self.assertEqual(devtools.evaluate("document.querySelectorAll('#api-list li').length"), 1)
+        devtools.evaluate("document.querySelector('li[data-api=\"telemetry\"] a').click(); true")
+        self.waitForPage(devtools, "document.getElementById('api-name').textContent === 'telemetry'", "the page")
+        auth = devtools.evaluate("document.getElementById('api-auth').innerText")
+        self.assertIn("X-Api-Key", auth)
+        self.assertIn("?api-key=", auth)
+        examples = devtools.evaluate("Array.from(document.querySelectorAll('[data-example]'))"
+                                     ".map(e => e.dataset.example)")
+        self.assertIn("curl: publish", examples)
+        self.assertIn("Browser: EventSource", examples)
+        self.assertIn("Browser: WebSocket", examples)
+        self.assertIn("Python: subscribe", examples)
+        text = devtools.evaluate("document.getElementById('examples').innerText")
+        self.assertIn(self.gateway.url("/telemetry"), text)
+        self.assertNotIn(key, devtools.evaluate("document.body.innerText"))
+
+        devtools.evaluate("document.getElementById('try-content').value = 'no key';"
+                          "document.getElementById('try-publish').requestSubmit(); true")
+        self.waitForPage(devtools, "document.getElementById('try-result').innerText.includes('401')",
+                         "the refusal")
+        devtools.evaluate(f"document.getElementById('try-credential').value = {json.dumps(key)};"
+                          "document.getElementById('try-subscribe').click(); true")
+        self.waitForPage(devtools, "document.getElementById('try-state').innerText === 'subscribed'",
+                         "the subscription")
+        devtools.evaluate("document.getElementById('try-content').value = '{\"reading\": 21.5}';"
+                          "document.getElementById('try-publish').requestSubmit(); true")
+        self.waitForPage(devtools, "document.getElementById('try-messages').innerText.includes('21.5')",
+                         "the message to arrive")
+        self.assertEqual(devtools.evaluate("document.getElementById('try-result').innerText"), "published")
+        self.assertEqual(devtools.evaluate("document.querySelectorAll('[style]').length"), 0)
+        screenshot(devtools, "portal.png")

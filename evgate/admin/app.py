@@ -81,6 +81,10 @@ ADMIN_MODULES: Tuple[str, ...] = (
     "evgate.admin.ops",
     "evgate.admin.asyncapi",
     "evgate.admin.console",
+    "evgate.admin.samples",
+    "evgate.admin.replay",
+    "evgate.admin.messages",
+    "evgate.admin.reloadplan",
 )
 
 # The largest request body the admin API reads.

@@ -33,6 +33,7 @@ FILES: Dict[str, Tuple[str, str]] = {
     "/": ("console.html", "text/html; charset=utf-8"),
     "/console.js": ("console.js", "text/javascript; charset=utf-8"),
     "/console.css": ("console.css", "text/css; charset=utf-8"),
+    "/charts.js": ("charts.js", "text/javascript; charset=utf-8"),
 }
 
 
@@ -68,3 +69,11 @@ def consoleStyle(admin: AdminApp, request: Request) -> Answer:
     The console's style sheet.
     """
     return staticAnswer("/console.css")
+
+
+@adminRoute("/charts.js", methods=["GET"], public=True)
+def consoleCharts(admin: AdminApp, request: Request) -> Answer:
+    """
+    The console's charts (SVG, drawn by the page).
+    """
+    return staticAnswer("/charts.js")

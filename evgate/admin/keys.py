@@ -4,6 +4,7 @@ Admin routes of API keys (see docs/security.md):
     POST   /apis/<api>/keys          issue: {"name", "expiresAt"?} -> 201 {"id", "key", ...}
     GET    /apis/<api>/keys          list, without secrets
     GET    /apis/<api>/keys/<id>     one, without its secret
+    PATCH  /apis/<api>/keys/<id>     set or clear its expiry: {"expiresAt": ... | null}
     DELETE /apis/<api>/keys/<id>     revoke at once (204)
 
 C{expiresAt} is an RFC 3339 time (C{2027-01-01T00:00:00Z}) or POSIX
@@ -162,3 +163,36 @@ def revokeKey(admin: AdminApp, request: Request, api: str, keyId: str) -> Deferr
             raise NotFound(f"API {api} has no key {keyId}")
 
     return registry.revoke(api, keyId).addCallback(revoked)  # type: ignore[no-any-return]
+
+
+@adminRoute("/apis/<api>/keys/<keyId>", methods=["PATCH"])
+def setKeyExpiry(admin: AdminApp, request: Request, api: str, keyId: str) -> Deferred:
+    """
+    Set (or, with C{null}, clear) the expiry of a key of C{api}.  Requests
+    from then on see it; streams opened before keep the expiry they were
+    opened with (revoke the key to end them now).
+    """
+    registry = registryFor(admin, api)
+    document = readJson(request)
+    if not isinstance(document, dict) or set(document) != {"expiresAt"}:
+        raise BadRequest('the body is {"expiresAt": <RFC 3339 time, POSIX seconds or null>}')
+    expiresAt = document["expiresAt"]
+    if expiresAt is not None:
+        expiresAt = parseTime(expiresAt, admin.gateway.reactor.seconds())
+    d = registry.store.get(KIND, keyId)
+
+    def found(record: Optional[Dict[str, Any]]) -> Deferred:
+        if record is None or record.get("api") != api:
+            raise NotFound(f"API {api} has no key {keyId}")
+        return registry.store.update(KIND, keyId, {"expiresAt": expiresAt})  # type: ignore[no-any-return]
+
+    def updated(record: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+        if record is None:
+            raise NotFound(f"API {api} has no key {keyId}")
+        if keyId in registry.records:
+            registry.records[keyId] = record
+        registry.log.info("set the expiry of API key {id} of {api} to {expiresAt}", id=keyId, api=api,
+                          expiresAt=rfc3339(expiresAt) or "never")
+        return view(keyId, record)
+
+    return d.addCallback(found).addCallback(updated)  # type: ignore[no-any-return]

@@ -32,7 +32,8 @@ from zope.interface import implementer
 from evgate.admin.app import AdminApp, Answer, adminRoute
 from evgate.answers import clientLeft, watchDeparture
 from evgate.config import ConfigError
-from evgate.errors import EndpointUnavailable, NotFound, Problem
+from evgate.errors import BadFilter, EndpointUnavailable, NotFound, Problem
+from evgate.filters import FilterSyntaxError, SubscriptionFilter, clientFilterText, compileFilter
 from evgate.hub import Event, HubSubscription
 from evgate.interfaces import ISubscriber
 from evgate.message import Cursor
@@ -258,8 +259,29 @@ def tail(admin: AdminApp, request: Request, api: str) -> Resource:
     """
     The messages of API C{api} as they pass, one JSON document per line
     (C{application/x-ndjson}), from now on: for the console's live tail.
+    C{?filter=} is a filter expression, as subscribers give it
+    (docs/filters.md); the API's own C{filter} is not applied, so that the
+    console sees every message unless asked.
     """
-    return TailResource(tailsOf(admin.gateway), runtimeOf(admin, api))
+    runtime = runtimeOf(admin, api)
+    return TailResource(tailsOf(admin.gateway), runtime, tailFilter(request))
+
+
+def tailFilter(request: Request) -> Optional[SubscriptionFilter]:
+    """
+    The filter of a tail: its C{filter} query parameter, compiled.
+
+    @raise BadFilter: if it does not compile; the problem says where.
+    """
+    text = clientFilterText(request)
+    if text is None:
+        return None
+    try:
+        program = compileFilter(text)
+    except FilterSyntaxError as e:
+        raise BadFilter(f"the filter query parameter is not a valid filter: {e}",
+                        extra={"line": e.line, "column": e.column}) from None
+    return SubscriptionFilter(None, program, {})
 
 
 class Tails(Service):
@@ -293,16 +315,17 @@ class TailResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, tails: Tails, api: Any) -> None:
+    def __init__(self, tails: Tails, api: Any, filter: Optional[SubscriptionFilter] = None) -> None:
         super().__init__()
         self.tails = tails
         self.api = api
+        self.filter = filter
 
     def render_GET(self, request: Request) -> Any:
         request.setHeader(b"Content-Type", b"application/x-ndjson")
         request.setHeader(b"X-Accel-Buffering", b"no")
         watchDeparture(request)
-        TailSubscriber(self.tails, self.api, request).subscribe()
+        TailSubscriber(self.tails, self.api, request, self.filter).subscribe()
         return NOT_DONE_YET
 
 
@@ -318,7 +341,8 @@ class TailSubscriber:
 
     log = Logger()
 
-    def __init__(self, tails: Tails, api: Any, request: Request) -> None:
+    def __init__(self, tails: Tails, api: Any, request: Request, filter: Optional[SubscriptionFilter] = None) -> None:
+        self.filter = filter
         self.tails = tails
         self.api = api
         self.request = request
@@ -337,7 +361,8 @@ class TailSubscriber:
         self.tails.live.add(self)
         self.request.notifyFinish().addBoth(self._gone)
         self.request.registerProducer(self, True)
-        self.subscription = api.hub.subscribe(api.config.endpoint, api.config.topic, "latest", self)
+        self.subscription = api.hub.subscribe(api.config.endpoint, api.config.topic, "latest", self,
+                                           self.filter)
         self.heartbeat = self.reactor.callLater(TAIL_HEARTBEAT, self._beat)
 
     def _gone(self, result: Any) -> None:

@@ -522,6 +522,30 @@ class WebhookService(Service):
         d.addCallback(self._logged, "resumed", apiName)
         return d
 
+    def replay(self, apiName: str, id: str, position: Cursor) -> Deferred:
+        """
+        Deliver subscription C{id} again from C{position}: its deliverer
+        stops (storing where it was), the position is replaced, and, unless
+        the subscription is paused, it starts again from there.  The
+        endpoint must read from the subscription's stored position (the
+        hub's feed): see L{evgate.admin.replay} for which can.
+        """
+        api = self.apiFor(apiName)
+        d = self.get(apiName, id)
+        d.addCallback(lambda _: self._stopDeliverer(id))
+        d.addCallback(lambda _: self.store.update(records.KIND, id, {
+            "position": position.encode(api.tag), "state": records.ACTIVE, "lastError": None}))
+        d.addCallback(self._existing, apiName, id)
+
+        def restart(record: Mapping[str, Any]) -> Mapping[str, Any]:
+            if self.running and not record.get("paused") and id not in self.deliverers:
+                self._startDeliverer(self.apiFor(apiName), record)
+            return record
+
+        d.addCallback(restart)
+        d.addCallback(self._logged, f"replayed from {position.encode(api.tag)}", apiName)
+        return d
+
     def _existing(self, record: Optional[Mapping[str, Any]], apiName: str, id: str) -> Mapping[str, Any]:
         if record is None:
             raise NotFound(f"API {apiName} has no webhook subscription {id}")

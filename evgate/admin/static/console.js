@@ -57,6 +57,7 @@ async function adminJson(path) {
 function showLogin(message) {
   stopTail();
   clearTimeout(refreshTimer);
+  clearTimeout(chartTimer);
   $("console").hidden = true;
   $("sign-out").hidden = true;
   $("login").hidden = false;
@@ -76,7 +77,9 @@ async function signIn(value) {
   $("login").hidden = true;
   $("console").hidden = false;
   $("sign-out").hidden = false;
+  history = {series: new Map(), since: null, now: 0};
   await refresh();
+  refreshCharts();
 }
 
 // -- the tables
@@ -125,7 +128,14 @@ function renderApis(items) {
       el("td", {className: "num"}, number(live.messagesOut)),
       el("td", null, tailButton, " ", specButton));
   }));
-  const select = $("tail-api");
+  fillSelect("tail-api", items);
+  fillSelect("publish-api", items.filter((api) => api.topic));
+  fillSelect("subscription-api", items.filter((api) => api.entrypoints.includes("webhook")));
+  fillSelect("key-api", items.filter((api) => api.plans.includes("api-key")));
+}
+
+function fillSelect(id, items) {
+  const select = $(id);
   const chosen = select.value;
   select.replaceChildren(...items.map((api) => el("option", {value: api.name}, api.name)));
   if (items.some((api) => api.name === chosen)) select.value = chosen;
@@ -141,7 +151,246 @@ function renderSubscriptions(items) {
     el("td", {className: "num"}, number((s.counts || {}).delivered)),
     el("td", {className: "num"}, number((s.counts || {}).failedAttempts)),
     el("td", {className: "num"}, number((s.counts || {}).deadLettered)),
-    el("td", null, s.lastError ? s.lastError.message : "–"))));
+    el("td", null, s.lastError ? s.lastError.message : (s.pausedReason || "–")),
+    el("td", {className: "actions"},
+      s.status === "paused" ? action("Resume", () => subscriptionAction(s, "POST", "/resume"))
+        : action("Pause", () => subscriptionAction(s, "POST", "/pause")),
+      action("Replay", () => showReplay(s)),
+      action("Delete", () => {
+        if (confirm(`Delete subscription ${s.id}?`)) subscriptionAction(s, "DELETE", "");
+      })))));
+}
+
+function action(label, onClick) {
+  const button = el("button", {className: "link", type: "button", "data-action": label.toLowerCase()}, label);
+  button.addEventListener("click", onClick);
+  return button;
+}
+
+async function send(method, path, body) {
+  const options = {method};
+  if (body !== undefined) {
+    options.headers = {"Content-Type": "application/json"};
+    options.body = JSON.stringify(body);
+  }
+  const response = await admin(path, options);
+  const document = response.status === 204 ? null : await response.json();
+  if (!response.ok) throw new Error((document && document.detail) || response.statusText);
+  return document;
+}
+
+function subscriptionPath(s) {
+  return `/apis/${encodeURIComponent(s.api)}/subscriptions/${encodeURIComponent(s.id)}`;
+}
+
+async function subscriptionAction(s, method, suffix) {
+  try {
+    await send(method, subscriptionPath(s) + suffix);
+    $("subscription-message").textContent = `${s.id}: ${method === "DELETE" ? "deleted" : suffix.slice(1) + "d"}`;
+  } catch (error) {
+    $("subscription-message").textContent = `${s.id}: ${error.message}`;
+  }
+  refresh();
+}
+
+let replaying = null;
+
+function showReplay(s) {
+  replaying = s;
+  $("replay-id").textContent = s.id;
+  $("replay-form").hidden = false;
+  const hourAgo = new Date(Date.now() - 3600 * 1000 - new Date().getTimezoneOffset() * 60000);
+  if (!$("replay-at").value) $("replay-at").value = hourAgo.toISOString().slice(0, 19);
+}
+
+async function replay() {
+  const s = replaying;
+  if (!s) return;
+  const body = $("replay-kind").value === "from" ? {from: $("replay-from").value.trim()}
+    : {at: new Date($("replay-at").value).toISOString()};
+  try {
+    const document = await send("POST", subscriptionPath(s) + "/replay", body);
+    $("subscription-message").textContent = `${s.id}: replaying from ${document.position}`;
+    $("replay-form").hidden = true;
+    replaying = null;
+  } catch (error) {
+    $("subscription-message").textContent = `${s.id}: replay refused: ${error.message}`;
+  }
+  refresh();
+}
+
+async function createSubscription() {
+  const api = $("subscription-api").value;
+  const body = {callbackUrl: $("subscription-url").value.trim()};
+  if ($("subscription-filter").value.trim()) body.filter = $("subscription-filter").value.trim();
+  try {
+    const document = await send("POST", `/apis/${encodeURIComponent(api)}/subscriptions`, body);
+    $("subscription-secret-id").textContent = document.id;
+    $("subscription-secret-value").textContent = document.secret;
+    $("subscription-secret").hidden = false;
+    $("subscription-message").textContent = "";
+    $("subscription-form").reset();
+  } catch (error) {
+    $("subscription-message").textContent = "not created: " + error.message;
+  }
+  refresh();
+}
+
+// -- keys
+
+function when(text) { return text ? new Date(text).toLocaleString() : "never"; }
+
+async function refreshKeys() {
+  const api = $("key-api").value;
+  if (!api) { $("keys").replaceChildren(); $("no-keys").hidden = false; return; }
+  const document = await adminJson(`/apis/${encodeURIComponent(api)}/keys`);
+  $("no-keys").hidden = document.keys.length > 0;
+  $("keys").replaceChildren(...document.keys.map((key) => {
+    const path = `/apis/${encodeURIComponent(api)}/keys/${encodeURIComponent(key.id)}`;
+    const expiry = el("input", {type: "datetime-local", step: 1, className: "expiry"});
+    return el("tr", {"data-key": key.id},
+      el("td", {className: "mono"}, key.id),
+      el("td", null, key.name),
+      el("td", null, when(key.createdAt)),
+      el("td", null, when(key.expiresAt)),
+      el("td", {className: "actions"}, expiry,
+        action("Set expiry", () => keyAction(key, "PATCH", path,
+          {expiresAt: expiry.value ? new Date(expiry.value).toISOString() : null})),
+        action("Revoke", () => {
+          if (confirm(`Revoke key ${key.id} (${key.name})? It stops working at once.`)) {
+            keyAction(key, "DELETE", path);
+          }
+        })));
+  }));
+}
+
+async function keyAction(key, method, path, body) {
+  try {
+    await send(method, path, body);
+    $("key-message").textContent = `${key.id}: ${method === "DELETE" ? "revoked" : "expiry set"}`;
+  } catch (error) {
+    $("key-message").textContent = `${key.id}: ${error.message}`;
+  }
+  refresh();
+}
+
+async function issueKey() {
+  const api = $("key-api").value;
+  const body = {name: $("key-name").value.trim()};
+  if ($("key-expires").value) body.expiresAt = new Date($("key-expires").value).toISOString();
+  try {
+    const document = await send("POST", `/apis/${encodeURIComponent(api)}/keys`, body);
+    $("key-issued-id").textContent = document.id;
+    $("key-issued-value").textContent = document.key;
+    $("key-issued").hidden = false;
+    $("key-message").textContent = "";
+    $("key-form").reset();
+  } catch (error) {
+    $("key-message").textContent = "not issued: " + error.message;
+  }
+  refresh();
+}
+
+// -- charts: GET /metrics/history every 5 s, merged into what the page has
+
+const CHART_KINDS = {
+  messagesIn: "messages/s", messagesOut: "messages/s", publishLatency: "seconds",
+  subscribers: "subscribers", consumerLag: "messages", errors: "errors/s",
+};
+const CHART_POINTS = 720;
+let history = {series: new Map(), since: null, now: 0};
+let chartTimer = null;
+
+function seriesName(kind, labels) {
+  if (kind === "subscribers") return `${labels.api} ${labels.entrypoint}`;
+  if (kind === "consumerLag") return `${labels.api} ${labels.subscription}`;
+  if (kind === "errors") return `${labels.api} ${labels.type}`;
+  return labels.api;
+}
+
+async function refreshCharts() {
+  clearTimeout(chartTimer);
+  try {
+    const query = "/metrics/history?series=" + Object.keys(CHART_KINDS).join(",") +
+      (history.since === null ? "" : "&since=" + history.since);
+    const document = await adminJson(query);
+    for (const s of document.series) {
+      if (s.kind === "publishLatency" && s.labels.stat !== "p95") continue;
+      const id = s.kind + "\u0000" + JSON.stringify(s.labels);
+      let known = history.series.get(id);
+      if (!known) history.series.set(id, known = {kind: s.kind, name: seriesName(s.kind, s.labels), points: []});
+      known.points.push(...s.points);
+      if (known.points.length > CHART_POINTS) known.points.splice(0, known.points.length - CHART_POINTS);
+      for (const [t] of s.points) if (history.since === null || t > history.since) history.since = t;
+    }
+    history.now = document.now;
+    drawCharts();
+  } catch (error) {
+    if (error instanceof Unauthorized) return;
+  }
+  chartTimer = setTimeout(refreshCharts, 5000);
+}
+
+function drawCharts() {
+  for (const [kind, unit] of Object.entries(CHART_KINDS)) {
+    let series = [...history.series.values()].filter((s) => s.kind === kind);
+    // Errors: only the types that happened.
+    if (kind === "errors") series = series.filter((s) => s.points.some(([, v]) => v > 0));
+    series.sort((a, b) => a.name.localeCompare(b.name));
+    Charts.draw($("chart-" + kind), series, history.now, unit);
+  }
+}
+
+// -- test publish and reload
+
+async function publish() {
+  const api = $("publish-api").value;
+  const body = {content: $("publish-content").value};
+  if ($("publish-key").value.trim()) body.key = $("publish-key").value.trim();
+  try {
+    const document = await send("POST", `/apis/${encodeURIComponent(api)}/messages`, body);
+    $("publish-result").textContent = `published to ${document.topic} at offset ${document.offset}`;
+  } catch (error) {
+    $("publish-result").textContent = "not published: " + error.message;
+  }
+}
+
+function planLines(plan) {
+  const lines = [];
+  for (const what of ["added", "changed", "removed"]) {
+    for (const name of plan.apis[what]) lines.push(el("li", {className: what}, `API ${name}: ${what}`));
+  }
+  for (const what of ["added", "removed"]) {
+    for (const name of plan.endpoints[what]) lines.push(el("li", {className: what}, `endpoint ${name}: ${what}`));
+  }
+  for (const key of plan.gateway.changed) lines.push(el("li", {className: "changed"}, `[gateway] ${key}: changed`));
+  if (!lines.length) lines.push(el("li", null, "no change"));
+  return lines;
+}
+
+async function previewReload() {
+  const box = $("reload-plan");
+  box.hidden = false;
+  const response = await admin("/reload/plan");
+  const document = await response.json();
+  if (!response.ok) {
+    $("reload-apply").hidden = true;
+    box.replaceChildren(el("p", {className: "error"}, document.detail));
+    return;
+  }
+  $("reload-apply").hidden = document.empty;
+  box.replaceChildren(el("ul", {id: "reload-changes"}, ...planLines(document)),
+    el("p", {className: "muted"}, `unchanged: ${document.apis.unchanged.join(", ") || "none"}`));
+}
+
+async function applyReload() {
+  const box = $("reload-plan");
+  const response = await admin("/reload", {method: "POST"});
+  const document = await response.json();
+  $("reload-apply").hidden = true;
+  box.replaceChildren(el("p", {className: response.ok ? "" : "error"},
+    response.ok ? "applied: " + (document.detail || "see the APIs above") : document.detail));
+  refresh();
 }
 
 async function subscriptionsOf(apis) {
@@ -159,6 +408,7 @@ async function refresh() {
     renderEndpoints(endpoints.items);
     renderApis(apis.items);
     renderSubscriptions(await subscriptionsOf(apis.items));
+    await refreshKeys();
     setStatus("updated " + new Date().toLocaleTimeString());
   } catch (error) {
     if (error instanceof Unauthorized) {
@@ -226,7 +476,9 @@ async function startTail(name) {
   $("tail-state").textContent = "tailing " + name;
   $("tail-lines").replaceChildren();
   try {
-    const response = await admin(`/apis/${encodeURIComponent(name)}/tail`, {signal: controller.signal});
+    const filter = $("tail-filter").value.trim();
+    const query = filter ? "?filter=" + encodeURIComponent(filter) : "";
+    const response = await admin(`/apis/${encodeURIComponent(name)}/tail${query}`, {signal: controller.signal});
     if (!response.ok) throw new Error((await response.json()).detail || response.statusText);
     const reader = response.body.getReader();
     const decoder = new TextDecoder();
@@ -259,6 +511,26 @@ document.addEventListener("DOMContentLoaded", () => {
     signIn($("token").value.trim());
   });
   $("sign-out").addEventListener("click", () => signOut());
+  const submit = (id, f) => $(id).addEventListener("submit", (event) => { event.preventDefault(); f(); });
+  submit("subscription-form", createSubscription);
+  submit("replay-form", replay);
+  submit("key-form", issueKey);
+  submit("publish-form", publish);
+  $("replay-cancel").addEventListener("click", () => { $("replay-form").hidden = true; replaying = null; });
+  $("replay-kind").addEventListener("change", () => {
+    const byCursor = $("replay-kind").value === "from";
+    $("replay-from").hidden = !byCursor;
+    $("replay-at").hidden = byCursor;
+  });
+  $("key-api").addEventListener("change", () => refreshKeys());
+  $("reload-preview").addEventListener("click", previewReload);
+  $("reload-apply").addEventListener("click", applyReload);
+  for (const button of document.querySelectorAll("[data-copy]")) {
+    button.addEventListener("click", () => {
+      navigator.clipboard.writeText($(button.dataset.copy).textContent)
+        .then(() => { button.textContent = "Copied"; }, () => { button.textContent = "Select and copy"; });
+    });
+  }
   $("tail-form").addEventListener("submit", (event) => {
     event.preventDefault();
     if (tail) stopTail();
