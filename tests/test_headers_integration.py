@@ -20,8 +20,7 @@ from typing import Any, Dict, List, Tuple
 from twisted.trial.unittest import SynchronousTestCase
 
 from .helpers import GatewayProcess, httpRequest, jsonOf, waitFor
-from .test_kafka_integration import INI as KAFKA_INI
-from .test_kafka_integration import KAFKA, KafkaGatewayTestCase, freshTopic, kcat, kcatProduce
+from .test_kafka_integration import KafkaGatewayTestCase, freshTopic, kcat, kcatProduce
 from .test_mqtt_integration import GatewayMixin, MosquittoSub, SseReader, mosquittoPub
 
 
@@ -77,12 +76,7 @@ class KafkaRepeatedHeaderTests(KafkaGatewayTestCase):
         """
         A gateway on C{topic} whose API also streams (SSE, WebSocket).
         """
-        ini = KAFKA_INI.format(kafka=KAFKA, topic=topic, start="earliest", messageTimeout=self.messageTimeout,
-                               extra="").replace("entrypoints = http-post http-get",
-                                                 "entrypoints = http-post http-get sse websocket")
-        process = GatewayProcess(ini, name="kafka")
-        self.addCleanup(self.stopGateway, process)
-        return process.start()
+        return super().gateway(topic, entrypoints="http-post http-get sse websocket", **kwargs)
 
     def test_kcatHeadersReadThroughEvgate(self) -> None:
         """

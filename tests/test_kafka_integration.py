@@ -163,7 +163,8 @@ class KafkaGatewayTestCase(TestCase):
         ini = (GatewayIni(publish_timeout=10)
                .kafka(settings=settings, bootstrap=kwargs.get("kafka", KAFKA), request_timeout=3, group_idle_timeout=30,
                       **kwargs.get("endpoint", {}))
-               .api("orders", endpoint="kafka", topic=topic, entrypoints="http-post http-get",
+               .api("orders", endpoint="kafka", topic=topic,
+                    entrypoints=kwargs.get("entrypoints", "http-post http-get"),
                     start=kwargs.get("start", self.start)))
         process = GatewayProcess(ini, name="kafka")
         self.addCleanup(self.stopGateway, process)
