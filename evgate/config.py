@@ -106,6 +106,7 @@ def endpointParsers() -> Dict[str, EndpointParser]:
 EXTENSION_MODULES: Tuple[str, ...] = (
     "evgate.filters",
     "evgate.entrypoints.streaming",
+    "evgate.entrypoints.queues",
     "evgate.cors",
     "evgate.entrypoints.http_post",
     "evgate.connectors.mqtt",
