@@ -107,6 +107,7 @@ EXTENSION_MODULES: Tuple[str, ...] = (
     "evgate.filters",
     "evgate.entrypoints.streaming",
     "evgate.entrypoints.queues",
+    "evgate.connections",
     "evgate.cors",
     "evgate.entrypoints.http_post",
     "evgate.connectors.mqtt",
