@@ -106,6 +106,8 @@ def endpointParsers() -> Dict[str, EndpointParser]:
 EXTENSION_MODULES: Tuple[str, ...] = (
     "evgate.filters",
     "evgate.entrypoints.streaming",
+    "evgate.entrypoints.queues",
+    "evgate.connections",
     "evgate.cors",
     "evgate.entrypoints.http_post",
     "evgate.connectors.mqtt",

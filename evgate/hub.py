@@ -510,7 +510,7 @@ class Hub:
         self.maxParked = maxParked
         self.parked: "OrderedDict[Tuple[int, str, Cursor], PrivateStream]" = OrderedDict()
         # The node's ledger of queued stream frames
-        # (evgate.entrypoints.streaming.QueueLedger), made by the first stream.
+        # (evgate.entrypoints.queues.QueueLedger), made by the first stream.
         self.streamQueues: Any = None
 
     def subscribe(self, endpoint: str, topic: str, start: Start, subscriber: ISubscriber,

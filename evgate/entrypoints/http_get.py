@@ -186,6 +186,19 @@ def renderPage(media: str, events: List[Event], tag: bytes, nextCursor: str, lim
     return _xmlPage(events, tag, nextCursor, limit, gap)
 
 
+def writePage(request: Request, media: str, body: bytes) -> None:
+    """
+    Answer C{request} with a rendered page (L{renderPage}) of type C{media}
+    and finish it.  A page is never cached: the same URL reads on.
+    """
+    request.setResponseCode(200)
+    request.setHeader(b"Content-Type", (media + "; charset=utf-8").encode("ascii"))
+    request.setHeader(b"Cache-Control", b"no-store")
+    request.setHeader(b"Content-Length", b"%d" % (len(body),))
+    request.write(body)
+    request.finish()
+
+
 def _textPage(events: List[Event], tag: bytes, nextCursor: str, gap: Optional[str]) -> bytes:
     # A header block per message, then exactly content-length bytes of
     # content and a blank line: readable by eye, parseable by a program.
@@ -405,12 +418,7 @@ class PollSubscriber:
         tag = self.call.api.tag
         body = renderPage(self.media, self.events, tag, self.cursor.encode(tag), self.limit, self.gapReason)
         countPage(self.tally, request, len(self.events), len(body))
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", (self.media + "; charset=utf-8").encode("ascii"))
-        request.setHeader(b"Cache-Control", b"no-store")
-        request.setHeader(b"Content-Length", b"%d" % (len(body),))
-        request.write(body)
-        request.finish()
+        writePage(request, self.media, body)
 
 
 _CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,100}")
@@ -502,12 +510,7 @@ class GroupPoll:
             batch.putBack()
             raise
         countPage(tallyOf(request, self.call.api, "http-get"), request, len(events), len(body))
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", (self.media + "; charset=utf-8").encode("ascii"))
-        request.setHeader(b"Cache-Control", b"no-store")
-        request.setHeader(b"Content-Length", b"%d" % (len(body),))
-        request.write(body)
-        request.finish()
+        writePage(request, self.media, body)
         batch.commit()
 
 

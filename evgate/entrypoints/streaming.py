@@ -40,7 +40,7 @@ per connection:
    what was queued was never written: the position the client holds is
    the last one that reached its transport;
  - the node as a whole holds at most C{max-queued-bytes} of queued frames
-   (L{QueueLedger}, counting a frame shared by several queues once, as it
+   (L{evgate.entrypoints.queues.QueueLedger}, counting a frame shared by several queues once, as it
    is in memory).  Past that, the subscribers with the most bytes queued
    are cut first (counted as shed), the same way, until the node is back
    under the bound: those are the clients that pin the most memory and are
@@ -60,7 +60,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from evgate.config import ApiContext, SectionReader, apiOptionParser, gatewayKeys
+from evgate.config import ApiContext, SectionReader, apiOptionParser
+from evgate.entrypoints.queues import ADVANCE, DEFAULT_QUEUE_BYTES, MESSAGE, NOTICE, QueueEntry, ledgerFor
 from evgate.hub import Event, HubSubscription
 from evgate.interfaces import IStreamFramer, ISubscriber
 from evgate.message import Cursor
@@ -77,27 +78,6 @@ DEFAULT_HEARTBEAT = 15.0
 # longer wait (a quota used up) ends the stream instead.
 THROTTLE_MAX = 60.0
 DEFAULT_SSE_RETRY = 3000
-
-DEFAULT_QUEUE_BYTES = 8 * 1024 * 1024
-DEFAULT_MAX_QUEUED_BYTES = 256 * 1024 * 1024
-
-# Queue entry kinds.
-MESSAGE, ADVANCE, NOTICE = "message", "advance", "notice"
-
-
-@gatewayKeys
-def parseStreamQueueKeys(section: SectionReader) -> Mapping[str, Any]:
-    """
-    C{subscriber-queue-bytes} (bytes one stream may queue) and
-    C{max-queued-bytes} (bytes every stream of the node may queue in all).
-    """
-    return {
-        "subscriberQueueBytes": section.getInt("subscriber-queue-bytes", DEFAULT_QUEUE_BYTES, minimum=1024,
-                                               maximum=2**40),
-        "maxQueuedBytes": section.getInt("max-queued-bytes", DEFAULT_MAX_QUEUED_BYTES, minimum=1024,
-                                         maximum=2**44),
-    }
-
 
 class Goodbye:
     """
@@ -126,111 +106,6 @@ class Goodbye:
         self.failure = failure
         self.retryAfter = retryAfter
         self.midFrame = False
-
-
-class QueueEntry:
-    """
-    One frame waiting for its transport.
-
-    @ivar cursor: the position a client holds once the frame reached it, or
-        L{None} for frames that do not move it.
-    """
-
-    __slots__ = ("frame", "cursor", "kind", "size")
-
-    def __init__(self, frame: bytes, cursor: Optional[Cursor], kind: str, size: int) -> None:
-        self.frame = frame
-        self.cursor = cursor
-        self.kind = kind
-        self.size = size
-
-
-class QueueLedger:
-    """
-    The bytes of frames queued by every stream of a node, each frame
-    counted once however many queues hold it (they hold the same object),
-    and the streams holding them, to shed the slowest when there are too
-    many.
-
-    @ivar limit: C{max-queued-bytes}.
-    @ivar total: bytes of distinct frames queued now.
-    """
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.total = 0
-        self.holders: Dict[int, List[int]] = {}
-        self.members: Set["StreamSubscriber"] = set()
-        self.shedding = False
-
-    def hold(self, subscriber: "StreamSubscriber", entries: List[QueueEntry]) -> None:
-        """
-        C{subscriber} queued C{entries}.
-        """
-        holders = self.holders
-        for entry in entries:
-            key = id(entry.frame)
-            held = holders.get(key)
-            if held is None:
-                holders[key] = [entry.size, 1]
-                self.total += entry.size
-            else:
-                held[1] += 1
-        self.members.add(subscriber)
-
-    def release(self, entry: QueueEntry) -> None:
-        """
-        One queue let go of C{entry} (written or dropped).
-        """
-        key = id(entry.frame)
-        held = self.holders.get(key)
-        if held is None:
-            return
-        held[1] -= 1
-        if held[1] <= 0:
-            del self.holders[key]
-            self.total -= held[0]
-
-    def leave(self, subscriber: "StreamSubscriber", entries: Any) -> None:
-        """
-        C{subscriber} dropped its queue, C{entries}.
-        """
-        for entry in entries:
-            self.release(entry)
-        self.members.discard(subscriber)
-
-    def shedIfOver(self) -> None:
-        """
-        While the node holds more than L{limit}, cut the stream with the
-        most bytes queued.
-        """
-        if self.shedding or self.total <= self.limit:
-            return
-        self.shedding = True
-        try:
-            while self.total > self.limit and self.members:
-                slowest = max(self.members, key=lambda s: s.queuedBytes)
-                if slowest.queuedBytes == 0:
-                    break
-                slowest.shed()
-                self.members.discard(slowest)
-        finally:
-            self.shedding = False
-
-
-def ledgerFor(api: Any) -> QueueLedger:
-    """
-    The node's L{QueueLedger} (kept on its hub), its limit as configured
-    now.
-    """
-    hub = api.hub
-    options = api.node.settings.options or {}
-    limit = options.get("maxQueuedBytes", DEFAULT_MAX_QUEUED_BYTES)
-    ledger: Optional[QueueLedger] = getattr(hub, "streamQueues", None)
-    if ledger is None:
-        ledger = hub.streamQueues = QueueLedger(limit)
-    ledger.limit = limit
-    return ledger
 
 
 @implementer(ISubscriber, IPushProducer)

@@ -29,6 +29,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from evgate.deadlines import atDeadline
 from evgate.entrypoints.webhook import WebhookGatewaySettings
 from evgate.errors import BadCursor, BadFilter, BadRequest, Conflict, EndpointUnavailable, NotFound
 from evgate.filters import FilterSyntaxError, SubscriptionFilter, compileFilter
@@ -103,20 +104,11 @@ def resolveStart(connector: Any, topic: str, start: Any, reactor: Any, timeout: 
     probe.subscription = connector.subscribe(topic, start, probe)
 
     def tooLate() -> None:
-        if not d.called:
-            probe._end()
-            d.errback(EndpointUnavailable(f"endpoint {connector.name} did not say where topic {topic} starts "
-                                          f"within {timeout:g} s; try again"))
+        probe._end()
+        d.errback(EndpointUnavailable(f"endpoint {connector.name} did not say where topic {topic} starts "
+                                      f"within {timeout:g} s; try again"))
 
-    timer = reactor.callLater(timeout, tooLate)
-
-    def done(result: Any) -> Any:
-        if timer.active():
-            timer.cancel()
-        return result
-
-    d.addBoth(done)
-    return d
+    return atDeadline(reactor, timeout, d, tooLate)
 
 
 class WebhookService(Service):

@@ -15,6 +15,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from evgate import jsonlimits
+from evgate.deadlines import atDeadline
 from evgate.errors import EndpointUnavailable
 from evgate.interfaces import IWatchableStore
 from evgate.message import Draft
@@ -295,19 +296,10 @@ class KafkaStore(Service):
         self._openWaiters.append(d)
 
         def tooLong() -> None:
-            if not d.called:
-                self._openWaiters.remove(d)
-                d.errback(self._unavailable(f"not open after {self.openWait:g} s: {self._status()}"))
+            self._openWaiters.remove(d)
+            d.errback(self._unavailable(f"not open after {self.openWait:g} s: {self._status()}"))
 
-        timer = self.reactor.callLater(self.openWait, tooLong)
-
-        def done(result: Any) -> Any:
-            if timer.active():
-                timer.cancel()
-            return result
-
-        d.addBoth(done)
-        return d
+        return atDeadline(self.reactor, self.openWait, d, tooLong)
 
     # -- IStore: reads
 
