@@ -59,8 +59,14 @@ class HubFeed:
         Subscribe from C{cursor}, or from the API's start.
         """
         self.detached = False
-        self.subscription = self.hub.subscribe(self.endpoint, self.topic,
-                                               cursor if cursor is not None else self.apiStart, self, self.filter)
+        subscription = self.hub.subscribe(self.endpoint, self.topic,
+                                          cursor if cursor is not None else self.apiStart, self, self.filter)
+        if self.closed or self.detached:
+            # Closed, or over the bound, while the hub replayed a backlog
+            # inside subscribe, before this feed held its subscription.
+            subscription.close()
+            return
+        self.subscription = subscription
 
     def progress(self) -> None:
         """
@@ -95,6 +101,9 @@ class HubFeed:
         backlog = self.deliverer.backlog()
         subscription = self.subscription
         if subscription is None:
+            # Still inside hub.subscribe (start): over the bound, it lets go.
+            if backlog >= 2 * self.high:
+                self.detached = True
             return
         if backlog >= 2 * self.high:
             # The shared stream does not stop for one paused subscriber; let
