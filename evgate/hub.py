@@ -519,6 +519,12 @@ class Hub:
         Attach C{subscriber} to C{topic} of C{endpoint} from C{start}
         (C{"latest"}, C{"earliest"} or a L{Cursor}).
 
+        A cursor inside the window is replayed at once: C{subscriber} may
+        be started, given events, and even be done with them, before this
+        returns its subscription.  A subscriber that ended (or paused)
+        meanwhile must close (or pause) the subscription once it has it,
+        or the subscription stays on the stream for as long as it lives.
+
         @param view: the delivery pipeline of the subscriber's API
             (L{evgate.pipeline.Pipeline.hubView}), or L{None}: its events
             are transformed before the filter sees them.

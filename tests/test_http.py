@@ -485,6 +485,39 @@ class GetTests(GatewayTestCase):
                 break
         self.assertEqual(seen, list(range(25, 40)))
 
+    def test_pagesFromTheWindowLetGo(self) -> None:
+        """
+        A poll answered from the replay window, inside the hub's subscribe
+        and before it holds its subscription, still leaves the shared
+        stream: after many such polls the stream has no subscriber left,
+        and no poll (with its request and page of events) stays alive.
+        """
+        import gc
+        import weakref
+
+        from evgate.entrypoints.http_get import PollSubscriber
+
+        for i in range(5):
+            self.post(str(i).encode())
+        cursor = self.page(self.get("?timeout=0"))["pagination"]["nextCursor"]
+        polls: "weakref.WeakSet[PollSubscriber]" = weakref.WeakSet()
+        original = PollSubscriber.__init__
+
+        def tracked(poll: PollSubscriber, *args: Any, **kwargs: Any) -> None:
+            original(poll, *args, **kwargs)
+            polls.add(poll)
+
+        self.patch(PollSubscriber, "__init__", tracked)
+        for i in range(30):
+            self.post(b"m%d" % (i,))
+            page = self.page(self.get(f"?cursor={cursor}&timeout=5"))
+            self.assertEqual([item["content"] for item in page["items"]], ["m%d" % (i,)])
+            cursor = page["pagination"]["nextCursor"]
+        [stream] = self.gateway.hub.streams.values()
+        self.assertEqual((stream.subscriptions, stream.pending), ([], []))
+        gc.collect()
+        self.assertEqual(len(polls), 0)
+
     def test_limitAndTimeoutValidated(self) -> None:
         """
         limit and timeout must be integers within the configured caps.

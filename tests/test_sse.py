@@ -374,6 +374,27 @@ class SseResumeTests(StreamTestCase):
         second = self.openStream(headers={"Last-Event-ID": start})
         self.assertEqual([e["data"] for e in self.messages(second)], ["while away"])
 
+    def test_endedWhileReplayedLetsGo(self) -> None:
+        """
+        A stream that ends while the hub replays its backlog, inside
+        subscribe and before it holds its subscription (cut for falling
+        behind, or its connection gone), still leaves the shared stream.
+        """
+        first = self.openStream()
+        self.publish(b"1", b"2", b"3")
+        ids = [e["id"] for e in self.messages(first)]
+        original = StreamSubscriber.deliver
+
+        def deliverThenEnd(subscriber: StreamSubscriber, events: Any) -> None:
+            original(subscriber, events)
+            subscriber.end()
+
+        self.patch(StreamSubscriber, "deliver", deliverThenEnd)
+        self.openStream(headers={"Last-Event-ID": ids[0]})
+        [stream] = self.gateway.hub.streams.values()
+        self.assertEqual(len(stream.subscriptions), 1)
+        self.assertEqual(len(self.entrypoint().live), 1)
+
     def test_badLastEventId(self) -> None:
         """
         A malformed or foreign Last-Event-ID is a 400 problem, never a

@@ -115,8 +115,12 @@ class PrivateKafka:
         self.controller = freePort()
         self.script = os.path.join(ROOT, "scripts", "dev-services")
         self.log = os.path.join(self.state, "dev-services.log")
+        # Every listener on a port of its own, the secured ones too: their
+        # defaults are the shared dev broker's.
         self.env = dict(os.environ, EVGATE_STATE=self.state, EVGATE_KAFKA_PORT=str(self.port),
-                        EVGATE_KAFKA_CONTROLLER_PORT=str(self.controller), EVGATE_KAFKA_TIMEOUT="240")
+                        EVGATE_KAFKA_CONTROLLER_PORT=str(self.controller),
+                        EVGATE_KAFKA_SASL_PORT=str(freePort()), EVGATE_KAFKA_SSL_PORT=str(freePort()),
+                        EVGATE_KAFKA_TIMEOUT="240")
         self.started = False
 
     @property

@@ -284,6 +284,8 @@ class PollSubscriber:
         self.subscription: Optional[HubSubscription] = None
         self.timer: Optional[IDelayedCall] = None
         self.done = False
+        # Where the answered page ends, for the subscription (see _stop).
+        self.readUpTo: Optional[Cursor] = None
         self.tally = tallyOf(request, call.api, "http-get")
         # While the read takes what was already there (see started).
         self.fromHistory = False
@@ -303,8 +305,18 @@ class PollSubscriber:
         # Until the endpoint says where the read starts, the poll waits at
         # most its timeout plus a grace; the timeout proper counts from there.
         self.timer = reactor.callLater(self.timeout + POSITION_GRACE, self._timedOut)
-        self.subscription = api.hub.subscribe(api.config.endpoint, api.config.topic, start, self, filter,
-                                              api.pipeline.hubView)
+        subscription = api.hub.subscribe(api.config.endpoint, api.config.topic, start, self, filter,
+                                         api.pipeline.hubView)
+        self.subscription = subscription
+        if self.done:
+            # Answered inside subscribe (a backlog replayed from the window),
+            # before this poll held its subscription: let go of it now, or
+            # it would stay on the shared stream, and keep this poll, its
+            # request and its page alive, for as long as the stream lives.
+            if self.readUpTo is not None:
+                subscription.release(self.readUpTo)
+            else:
+                subscription.close()
 
     def started(self, cursor: Cursor) -> None:
         self.cursor = cursor
@@ -392,6 +404,7 @@ class PollSubscriber:
         if not self.done:
             self.tally.waiting -= 1
         self.done = True
+        self.readUpTo = readUpTo
         if self.timer is not None and self.timer.active():
             self.timer.cancel()
         self.timer = None

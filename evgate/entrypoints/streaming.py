@@ -174,8 +174,16 @@ class StreamSubscriber:
         expiresAt = self.call.consumer.expiresAt
         if expiresAt is not None:
             self.later("expiry", max(0.0, expiresAt - self.reactor.seconds()), self.credentialsExpired)
-        self.subscription = api.hub.subscribe(api.config.endpoint, api.config.topic, start, self, filter,
-                                              api.pipeline.hubView)
+        subscription = api.hub.subscribe(api.config.endpoint, api.config.topic, start, self, filter,
+                                         api.pipeline.hubView)
+        self.subscription = subscription
+        # The hub may replay a backlog inside subscribe, before this stream
+        # holds its subscription: what the stream did meanwhile (ended,
+        # or was paused by its transport or its budget) reaches the hub now.
+        if self.closed:
+            subscription.close()
+        elif self.paused or self.throttled:
+            subscription.pause()
 
     def later(self, name: str, delay: float, f: Callable[[], None]) -> None:
         """

@@ -60,9 +60,15 @@ class HubFeed:
         Subscribe from C{cursor}, or from the API's start.
         """
         self.detached = False
-        self.subscription = self.hub.subscribe(self.endpoint, self.topic,
-                                               cursor if cursor is not None else self.apiStart, self, self.filter,
-                                               self.view)
+        subscription = self.hub.subscribe(self.endpoint, self.topic,
+                                          cursor if cursor is not None else self.apiStart, self, self.filter,
+                                          self.view)
+        if self.closed or self.detached:
+            # Closed, or over the bound, while the hub replayed a backlog
+            # inside subscribe, before this feed held its subscription.
+            subscription.close()
+            return
+        self.subscription = subscription
 
     def progress(self) -> None:
         """
@@ -97,6 +103,9 @@ class HubFeed:
         backlog = self.deliverer.backlog()
         subscription = self.subscription
         if subscription is None:
+            # Still inside hub.subscribe (start): over the bound, it lets go.
+            if backlog >= 2 * self.high:
+                self.detached = True
             return
         if backlog >= 2 * self.high:
             # The shared stream does not stop for one paused subscriber; let
