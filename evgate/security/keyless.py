@@ -20,6 +20,7 @@ from evgate.config import Config
 from evgate.interfaces import IPlan
 from evgate.security.apikey import DEFAULT_HEADER, DEFAULT_QUERY
 from evgate.security.consumer import Consumer
+from evgate.security.mtls import peerCertificate
 
 if TYPE_CHECKING:
     from evgate.gateway import ApiRuntime
@@ -69,6 +70,7 @@ class KeylessPlan:
         self._config: object = None
         self._headers: Tuple[bytes, ...] = ()
         self._queries: FrozenSet[bytes] = frozenset()
+        self._mtls = "mtls" in api.config.plans
 
     def _carriers(self) -> None:
         # The node's configuration changes on reload (an API with its own
@@ -84,6 +86,11 @@ class KeylessPlan:
         """
         if self._config is not self.api.node.config:
             self._carriers()
+        # A client certificate is credentials on an API that takes it
+        # (evgate.security.mtls), and only there: it belongs to the
+        # connection, which may serve other APIs too.
+        if self._mtls and peerCertificate(request) is not None:
+            return False
         headers = request.requestHeaders
         for name in self._headers:
             if headers.hasHeader(name):
