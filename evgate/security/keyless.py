@@ -6,6 +6,9 @@ carries credentials (C{Authorization}, C{access_token}, or an API-key
 header or query parameter of this node) is not keyless, whether or not
 the API lists a plan for them: a client whose key is wrong, or sent to the
 wrong API, learns it with a 401 instead of being served as anonymous.
+On an API that also lists C{mtls}, a client certificate on the connection
+is credentials too; elsewhere it is not (it belongs to the connection,
+not to the request).
 """
 
 from __future__ import annotations
