@@ -49,7 +49,7 @@ __all__ = [
 
 
 ENTRYPOINT_NAMES = ("http-post", "http-get", "sse", "websocket", "webhook", "http-proxy")
-PLAN_NAMES = ("keyless", "api-key", "jwt", "oauth2")
+PLAN_NAMES = ("keyless", "api-key", "jwt", "oauth2", "mtls")
 START_CHOICES = ("latest", "earliest")
 
 _API_PATH = re.compile(r"^(/[A-Za-z0-9._~-]+)+$")
@@ -114,6 +114,8 @@ EXTENSION_MODULES: Tuple[str, ...] = (
     "evgate.security.apikey",
     "evgate.security.jwt",
     "evgate.security.oauth2",
+    "evgate.security.mtls",
+    "evgate.security.mtls_listener",
     "evgate.security.limits",
     "evgate.store",
     "evgate.entrypoints.webhook",
@@ -136,6 +138,10 @@ def _checkListen(section: SectionReader, key: str, description: str) -> None:
     if description.startswith("systemd:"):
         if not re.search(r"(^|:)index=\d+", description):
             raise section.error(key, f"{description!r}: systemd listeners need index=N")
+        return
+    if description.split(":", 1)[0].lower() == "mtls":
+        # evgate's own TLS listener, read with its files by
+        # evgate.security.mtls_listener.
         return
     try:
         serverFromString(MemoryReactor(), description)

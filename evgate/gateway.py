@@ -238,6 +238,8 @@ def authenticate(api: ApiRuntime, request: Request) -> Deferred:
         detail = f"API {api.name} does not take the credentials the request carries (plans: {names})"
     else:
         detail = f"API {api.name} needs credentials ({names})"
+        if any(p.name == "mtls" for p in api.plans):
+            detail += "; for mtls, a client certificate on a TLS connection to an mtls: listener"
     d: Deferred = Deferred()
     d.errback(Unauthorized(detail, headers=headers))
     return d

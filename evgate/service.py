@@ -66,9 +66,12 @@ class ListenerService(Service):
     log = Logger()
 
     def __init__(self, description: str, factory: Any, reactor: Any, role: str,
-                 configPath: str = "<config>") -> None:
+                 configPath: str = "<config>", endpoint: Any = None) -> None:
         try:
-            endpoint = serverFromString(reactor, description)
+            # An endpoint evgate builds itself (an mtls: listener) comes
+            # made; Twisted's descriptions are parsed here.
+            if endpoint is None:
+                endpoint = serverFromString(reactor, description)
         except IndexError:
             # Twisted's systemd parser looks the index up among the
             # descriptors the process inherited.
@@ -372,12 +375,14 @@ class GatewayService(MultiService):
                 self.listeners.append(adopted)
         else:
             workers = settings.workers
+            mtls = settings.options.get("mtlsListeners", {})
             for description in settings.listen:
                 tcp = reusePortAddress(description, reactor) if workers > 1 else None
                 if tcp is not None:
                     listener: Any = ReusePortListener(description, tcp, self.site, reactor, workers, config.path)
                 else:
-                    listener = ListenerService(description, self.site, reactor, "gateway", config.path)
+                    made = mtls[description].endpoint(reactor) if description in mtls else None
+                    listener = ListenerService(description, self.site, reactor, "gateway", config.path, made)
                 listener.setServiceParent(self)
                 self.listeners.append(listener)
             if workers > 1:

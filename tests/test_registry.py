@@ -31,7 +31,7 @@ class BuiltinTests(SynchronousTestCase):
         interface.
         """
         tables = [(ENTRYPOINTS, IEntrypoint, {"websocket", "sse", "http-get", "http-post", "webhook", "http-proxy"}),
-                  (PLANS, IPlan, {"keyless", "api-key", "jwt", "oauth2"}),
+                  (PLANS, IPlan, {"keyless", "api-key", "jwt", "oauth2", "mtls"}),
                   (CONNECTORS, IConnector, {"memory", "kafka", "mqtt5", "http"}),
                   (STORES, IStore, {"memory", "sqlite", "kafka"})]
         for registry, interface, names in tables:

@@ -17,6 +17,7 @@ from evgate.registry import Registry
 from evgate.security.apikey import ApiKeyPlan
 from evgate.security.jwt import JwtPlan
 from evgate.security.keyless import KeylessPlan
+from evgate.security.mtls import MtlsPlan
 from evgate.security.oauth2 import OAuth2Plan
 
 if TYPE_CHECKING:
@@ -29,6 +30,7 @@ PLANS.register("keyless", KeylessPlan)
 PLANS.register("api-key", ApiKeyPlan)
 PLANS.register("jwt", JwtPlan)
 PLANS.register("oauth2", OAuth2Plan)
+PLANS.register("mtls", MtlsPlan)
 
 
 # Query parameters that carry credentials (access_token, api-key, ...):

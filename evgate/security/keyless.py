@@ -6,6 +6,9 @@ carries credentials (C{Authorization}, C{access_token}, or an API-key
 header or query parameter of this node) is not keyless, whether or not
 the API lists a plan for them: a client whose key is wrong, or sent to the
 wrong API, learns it with a 401 instead of being served as anonymous.
+On an API that also lists C{mtls}, a client certificate on the connection
+is credentials too; elsewhere it is not (it belongs to the connection,
+not to the request).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from evgate.config import Config
 from evgate.interfaces import IPlan
 from evgate.security.apikey import DEFAULT_HEADER, DEFAULT_QUERY
 from evgate.security.consumer import Consumer
+from evgate.security.mtls import peerCertificate
 
 if TYPE_CHECKING:
     from evgate.gateway import ApiRuntime
@@ -69,6 +73,7 @@ class KeylessPlan:
         self._config: object = None
         self._headers: Tuple[bytes, ...] = ()
         self._queries: FrozenSet[bytes] = frozenset()
+        self._mtls = "mtls" in api.config.plans
 
     def _carriers(self) -> None:
         # The node's configuration changes on reload (an API with its own
@@ -84,6 +89,11 @@ class KeylessPlan:
         """
         if self._config is not self.api.node.config:
             self._carriers()
+        # A client certificate is credentials on an API that takes it
+        # (evgate.security.mtls), and only there: it belongs to the
+        # connection, which may serve other APIs too.
+        if self._mtls and peerCertificate(request) is not None:
+            return False
         headers = request.requestHeaders
         for name in self._headers:
             if headers.hasHeader(name):
