@@ -268,6 +268,8 @@ class WebhookService(Service):
             epoch=api.connector.epoch(), timeout=settings.timeout, maxInFlight=maxInFlight,
             dlq=entrypoint.deadLetters, random=self.random, onPaused=self._pausedByDeliverer,
             cloudEvents=api.config.options.get("webhookCloudEvents"))
+        if self.agent is not None:
+            self.agent.keepAtLeast(maxInFlight)
         deliverer = Deliverer(record, key, policy, position, context)
         self.deliverers[id] = deliverer
         deliverer.start(self.feedFactory(api, id, filter, maxInFlight))
