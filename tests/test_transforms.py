@@ -30,7 +30,7 @@ from evgate.pipeline import cloudevents as ce
 from evgate.pipeline.syntax import DELIVER, PUBLISH, parseStep, parseSteps
 from evgate.security.consumer import Consumer
 from evgate.service import GatewayService
-from evgate.webhook.delivery import Attempt, DeadLetters, Deliverer, DeliveryContext
+from evgate.webhook.delivery import DeadLetters, Deliverer, DeliveryContext
 from evgate.webhook.retry import RetryPolicy
 
 from .test_websocket import WebSocketTestCase
@@ -600,9 +600,7 @@ class WebhookMarkerTests(SynchronousTestCase):
         deliverer = Deliverer({"id": "s1", "callbackUrl": "http://x/"}, b"k" * 32, RetryPolicy(), None, context)
         marked = message(b"raw", (("a", "1"),))._replace(
             error=MessageError("transform-failed", "content jmespath a", 1, "the content is not JSON"))
-        attempt = Attempt(Event(marked, Cursor(0, ((0, 1),))))
-        deliverer.window.append(attempt)
-        deliverer._send(attempt)
+        deliverer.offer([Event(marked, Cursor(0, ((0, 1),)))])
         [(topic, draft)] = published
         self.assertEqual((topic, draft.content), ("dead", b"raw"))
         headers = dict(draft.headers)

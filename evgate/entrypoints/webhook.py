@@ -22,7 +22,8 @@ C{[api:NAME]} keys (only with the webhook entrypoint):
    of the API's subscriptions;
  - C{webhook.timeout} (10 s): how long an attempt waits for the answer;
  - C{webhook.max-in-flight} (1): messages of one subscription delivered
-   at once; 1 keeps the stream's order;
+   at once (a subscription's C{maxInFlight} overrides it); 1 keeps the
+   stream's order, more keeps the order per message key;
  - C{webhook.max-subscriptions} (100);
  - C{dlq = <endpoint>/<topic>}: where undeliverable messages go; without
    it, a subscription that cannot deliver a message pauses.

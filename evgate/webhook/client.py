@@ -259,6 +259,15 @@ class DeliveryAgent:
         # receiver -> until when it gets new connections
         self._noReuse: "OrderedDict[HostKey, float]" = OrderedDict()
 
+    def keepAtLeast(self, count: int) -> None:
+        """
+        Keep at least C{count} idle connections per receiver: a subscription
+        with C{count} messages in flight would otherwise close and open
+        connections on every round of answers.
+        """
+        if count > self.pool.maxPersistentPerHost:
+            self.pool.maxPersistentPerHost = count
+
     def request(self, method: bytes, uri: bytes, headers: Any = None, bodyProducer: Any = None) -> Deferred:
         """
         Send a request, on a pooled connection if the receiver keeps them.

@@ -7,22 +7,25 @@ Design
 A I{feed} (L{evgate.webhook.feeds}, L{evgate.webhook.kafka}) hands the
 deliverer the subscription's messages, already filtered, as hub
 L{evgate.hub.Event}s: each message with the cursor that resumes right after
-it.  The deliverer queues them and keeps at most C{maxInFlight} of them
-being delivered (one by default, which keeps the order of the stream).
+it.  The deliverer queues them in its L{evgate.webhook.window.DeliveryWindow},
+which keeps at most C{maxInFlight} of them being delivered (one by default,
+which keeps the order of the stream) and never two of the same message key
+at once, so the order per key holds with any window.
 
-Messages taken from the queue enter the I{window}, in stream order.  Each
-one is I{settled} once the receiver answered 2xx or the message went to
-the dead-letter destination.  The subscription's I{position} moves only
-over the settled prefix of the window, so it never passes a message that
-is still being tried, whatever order concurrent deliveries finish in:
-after a crash, delivery resumes at the position and nothing unsettled is
-lost (at-least-once).  Messages a filter dropped move the position as soon
-as nothing before them is unsettled.
+Each message is I{settled} once the receiver answered 2xx or the message
+went to the dead-letter destination.  The subscription's I{position}
+moves, per partition, only over the settled prefix of that partition's
+messages, so it never passes a message that is still being tried,
+whatever order concurrent deliveries finish in: after a crash, delivery
+resumes at the position and nothing unsettled is lost (at-least-once).
+Messages a filter dropped move the position as soon as nothing is
+unsettled.
 
 An attempt that fails is tried again after a backoff
-(L{evgate.webhook.retry}); the window does not move meanwhile, so with one
-in flight the subscription waits for that message: order before
-throughput.  When a message cannot be delivered (the receiver rejected it,
+(L{evgate.webhook.retry}); the message keeps its place in the window and
+the later messages of its key wait behind it, so with one in flight the
+subscription waits for that message (order before throughput), and with
+more the other keys go on.  When a message cannot be delivered (the receiver rejected it,
 or the last attempt failed) it goes to the API's dead-letter destination
 and delivery goes on; an API without one pauses the subscription instead,
 with the reason, and the message is tried again (from its first attempt)
@@ -41,9 +44,8 @@ bound.
 from __future__ import annotations
 
 import random as _random
-from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 from treq import collect
 from twisted.internet.defer import Deferred, fail
@@ -66,6 +68,7 @@ from evgate.webhook.headers import (
     headerValue,
 )
 from evgate.webhook.retry import DELIVERED, REJECTED, RETRYABLE, RetryPolicy, classifyStatus, parseRetryAfter
+from evgate.webhook.window import DeliveryWindow, advancePosition
 from evgate.webhook.writes import CoalescedWrites
 
 # Names this module had before the HTTP client side and the headers moved
@@ -169,8 +172,7 @@ class Deliverer(CoalescedWrites):
         self.position = position
         self.tail = position
         self.state = record.get("state") or records.ACTIVE
-        self.queue: Deque[Any] = deque()
-        self.window: List[Attempt] = []
+        self.window = DeliveryWindow(context.maxInFlight, Attempt)
         self.feed: Any = None
         self.paused = False
         self.stopped = False
@@ -213,7 +215,7 @@ class Deliverer(CoalescedWrites):
         return self.flushed()
 
     def _idleAll(self) -> None:
-        for attempt in self.window:
+        for attempt in list(self.window.outstanding):
             if attempt.state in (SENDING, WAITING, DEADLETTERING):
                 # A dead-letter publish under way cannot be called back; if
                 # it lands, the message is dead-lettered again next time,
@@ -237,7 +239,7 @@ class Deliverer(CoalescedWrites):
         """
         Messages handed over and not settled yet.
         """
-        return len(self.queue) + sum(1 for a in self.window if a.state != DONE)
+        return self.window.backlog()
 
     def began(self, cursor: Cursor) -> None:
         """
@@ -257,7 +259,7 @@ class Deliverer(CoalescedWrites):
         if self.stopped or not events:
             return
         self._feedFailures = 0
-        self.queue.extend(events)
+        self.window.queue.extend(events)
         self.tail = events[-1].cursor
         self._pump()
 
@@ -318,26 +320,20 @@ class Deliverer(CoalescedWrites):
         # retry or being dead-lettered.
         if self.state == records.ACTIVE or self.stopped or self.paused:
             return
-        if any(a.state in (WAITING, DEADLETTERING) or (a.state != DONE and a.count > 1) for a in self.window):
+        if any(a.state in (WAITING, DEADLETTERING) or (a.state != DONE and a.count > 1)
+               for a in self.window.outstanding):
             return
         self.state = records.ACTIVE
         self._save({"state": records.ACTIVE})
 
     # -- delivering
 
-    def _inFlight(self) -> int:
-        return sum(1 for a in self.window if a.state != DONE)
-
     def _pump(self) -> None:
         if self.paused or self.stopped:
             return
-        for attempt in self.window:
+        for attempt in self.window.take():
             if attempt.state == IDLE:
                 self._send(attempt)
-        while self.queue and self._inFlight() < self.context.maxInFlight:
-            attempt = Attempt(self.queue.popleft())
-            self.window.append(attempt)
-            self._send(attempt)
 
     def messageId(self, message: Message) -> str:
         """
@@ -456,7 +452,10 @@ class Deliverer(CoalescedWrites):
         self._send(attempt)
 
     def _settled(self, attempt: Attempt, how: str) -> None:
-        attempt.state = DONE
+        moved = self.window.settle(attempt)
+        if moved is not None:
+            partition, cursor = moved
+            self.position = advancePosition(self.position, partition, cursor)
         if how == "delivered":
             self._save({"lastDeliveredAt": records.timestamp(self.reactor.seconds())}, delivered=1)
         else:
@@ -466,15 +465,9 @@ class Deliverer(CoalescedWrites):
         self._pump()
 
     def _advance(self) -> None:
-        moved = False
-        while self.window and self.window[0].state == DONE:
-            self.position = self.window.pop(0).event.cursor
-            moved = True
-        if not self.window and not self.queue and self.tail is not None and self.tail != self.position:
+        if self.window.empty() and self.tail is not None and self.tail != self.position:
             self.position = self.tail
-            moved = True
-        if moved:
-            self._savePosition()
+        self._savePosition()
         if self.feed is not None:
             self.feed.progress()
 

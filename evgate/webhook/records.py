@@ -3,9 +3,10 @@ Webhook subscriptions as records of an L{evgate.interfaces.IStore}.
 
 A subscription is one record of kind L{KIND}, keyed by its id::
 
-    id, api, callbackUrl, headers, filter, secret, retry, start
+    id, api, callbackUrl, headers, filter, secret, retry, maxInFlight, start
         what the subscriber asked for (retry: only the fields it gave;
-        the API's webhook.retry.* keys fill in the rest when delivering)
+        the API's webhook.retry.* keys fill in the rest when delivering;
+        maxInFlight: None for the API's webhook.max-in-flight)
     paused, pausedReason
         the wish to deliver: set by an operator (pause/resume) or by a
         delivery that failed for good without a dead-letter destination
@@ -71,12 +72,14 @@ def status(record: Dict[str, Any]) -> str:
     return str(record.get("state") or ACTIVE)
 
 
-def publicView(record: Dict[str, Any], retry: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def publicView(record: Dict[str, Any], retry: Optional[Dict[str, Any]] = None,
+               maxInFlight: Optional[int] = None) -> Dict[str, Any]:
     """
     The subscription as the admin API shows it: everything but the secret,
     and the values of its headers hidden (they are often credentials).
 
     @param retry: the effective retry policy, when known.
+    @param maxInFlight: the effective window, when known.
     """
     return {
         "id": record["id"],
@@ -86,6 +89,7 @@ def publicView(record: Dict[str, Any], retry: Optional[Dict[str, Any]] = None) -
         "filter": record.get("filter"),
         "start": record.get("start"),
         "retry": retry if retry is not None else record.get("retry"),
+        "maxInFlight": maxInFlight if maxInFlight is not None else record.get("maxInFlight"),
         "status": status(record),
         "pausedReason": record.get("pausedReason") if record.get("paused") else None,
         "position": record.get("position"),

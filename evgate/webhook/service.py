@@ -59,7 +59,25 @@ from evgate.webhook.ssrf import (
 # How long creating a subscription waits to learn where the topic starts.
 START_TIMEOUT = 10.0
 
-FIELDS = frozenset({"callbackUrl", "headers", "filter", "start", "retry"})
+FIELDS = frozenset({"callbackUrl", "headers", "filter", "start", "retry", "maxInFlight"})
+
+# The bounds of webhook.max-in-flight and of a subscription's maxInFlight.
+MAX_IN_FLIGHT_LIMIT = 1000
+
+
+def checkMaxInFlight(value: Any) -> Optional[int]:
+    """
+    A subscription's C{maxInFlight} as the admin API got it: L{None} (the
+    API's C{webhook.max-in-flight}) or an integer from 1 to
+    L{MAX_IN_FLIGHT_LIMIT}.
+
+    @raise ValueError: for anything else.
+    """
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_IN_FLIGHT_LIMIT:
+        raise ValueError(f"maxInFlight must be an integer from 1 to {MAX_IN_FLIGHT_LIMIT}")
+    return value
 
 
 @implementer(IUpstreamSink)
@@ -230,6 +248,7 @@ class WebhookService(Service):
             if record.get("position"):
                 position = Cursor.decode(record["position"], api.tag)
             filter = self.filterFor(api, record.get("filter"))
+            maxInFlight = self.maxInFlightOf(api, record)
         except (ValueError, KeyError) as e:
             if id not in self._warned:
                 self._warned.add(id)
@@ -238,17 +257,19 @@ class WebhookService(Service):
             return None
         context = DeliveryContext(
             reactor=self.reactor, http=self.http, store=self.store, api=api.name, tag=api.tag,
-            epoch=api.connector.epoch(), timeout=settings.timeout, maxInFlight=settings.maxInFlight,
+            epoch=api.connector.epoch(), timeout=settings.timeout, maxInFlight=maxInFlight,
             dlq=entrypoint.deadLetters, random=self.random, onPaused=self._pausedByDeliverer,
             cloudEvents=api.config.options.get("webhookCloudEvents"))
+        if self.agent is not None:
+            self.agent.keepAtLeast(maxInFlight)
         deliverer = Deliverer(record, key, policy, position, context)
         self.deliverers[id] = deliverer
-        deliverer.start(self.feedFactory(api, id, filter))
+        deliverer.start(self.feedFactory(api, id, filter, maxInFlight))
         self.log.info("webhook subscription {subscription} of API {api}: delivering to {url}",
                       subscription=id, api=api.name, url=loggableUrl(record["callbackUrl"]))
         return deliverer
 
-    def feedFactory(self, api: Any, id: str, filter: Any) -> Callable[[Deliverer], Any]:
+    def feedFactory(self, api: Any, id: str, filter: Any, maxInFlight: int = 1) -> Callable[[Deliverer], Any]:
         """
         What makes the feed of subscription C{id} of C{api}, by what the
         API's endpoint can do: read as a consumer group (the broker spreads
@@ -257,7 +278,7 @@ class WebhookService(Service):
         """
         connector = api.connector
         config = api.config
-        high = max(self.node.settings.subscriberQueue, 2 * self.entrypoint(api).settings.maxInFlight)
+        high = max(self.node.settings.subscriberQueue, 2 * maxInFlight)
         view = api.pipeline.hubView
         if IConsumerGroups.providedBy(connector):
             return lambda deliverer: KafkaGroupFeed(deliverer, connector, config.topic, api.name, filter,
@@ -326,11 +347,25 @@ class WebhookService(Service):
         except ValueError:
             return default.asJSON()
 
+    def maxInFlightOf(self, api: Any, record: Mapping[str, Any]) -> int:
+        """
+        How many messages of a subscription are delivered at once: its own
+        C{maxInFlight}, else its API's C{webhook.max-in-flight}.
+
+        @raise ValueError: if the record's value is not one.
+        """
+        own = checkMaxInFlight(record.get("maxInFlight"))
+        return own if own is not None else int(self.entrypoint(api).settings.maxInFlight)
+
     def view(self, api: Any, record: Mapping[str, Any]) -> Dict[str, Any]:
         """
         The admin API's view of a subscription.
         """
-        return records.publicView(dict(record), dict(self.retryOf(api, record)))
+        try:
+            maxInFlight: Optional[int] = self.maxInFlightOf(api, record)
+        except ValueError:
+            maxInFlight = None
+        return records.publicView(dict(record), dict(self.retryOf(api, record)), maxInFlight)
 
     def create(self, apiName: str, document: Any) -> Deferred:
         """
@@ -379,6 +414,10 @@ class WebhookService(Service):
             parsePolicy(retry, settings.retry)
         except ValueError as e:
             raise BadRequest(str(e), extra={"field": "retry"}) from None
+        try:
+            maxInFlight = checkMaxInFlight(document.get("maxInFlight"))
+        except ValueError as e:
+            raise BadRequest(str(e), extra={"field": "maxInFlight"}) from None
 
         d = self.store.list(records.KIND)
 
@@ -405,6 +444,7 @@ class WebhookService(Service):
                 "filter": filterText,
                 "secret": newSecret(),
                 "retry": retry,
+                "maxInFlight": maxInFlight,
                 "start": startKind,
                 "paused": False,
                 "pausedReason": None,
