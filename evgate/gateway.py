@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
@@ -195,10 +194,9 @@ class GatewayResource(Resource):
             return writeProblem(request, MethodNotAllowed(
                 f"{request.method.decode('latin-1')} is not served by API {api.name}; "
                 f"allowed: {allow.decode('ascii') or 'none'}"))
-        # A plan that knows the consumer at once (keyless) gives it as is,
-        # and local limits decide at once: then no Deferred is made for the
-        # request.  Plans that wait (API keys in a store, JWKS, Redis
-        # limits) give a Deferred.
+        # Every plan answers with a Deferred, also when it knows at once
+        # (keyless): one path, whose callbacks run before this returns when
+        # nothing waits (see docs/benchmarks.md for its cost).
         consumer = admit(api, entrypoint, request, authenticate(api, request))
 
         def authenticated(who: Consumer) -> None:
@@ -212,39 +210,24 @@ class GatewayResource(Resource):
                 request.write(result)
                 request.finish()
 
-        if not isinstance(consumer, Deferred):
-            try:
-                authenticated(consumer)
-            except Exception:
-                finishWithFailure(request, Failure(), "authenticating")
-            return NOT_DONE_YET
         consumer.addCallback(authenticated)
         consumer.addErrback(lambda f: finishWithFailure(request, f, "authenticating"))
         return NOT_DONE_YET
 
 
-def authenticate(api: ApiRuntime, request: Request) -> Any:
+def authenticate(api: ApiRuntime, request: Request) -> Deferred:
     """
     Run the plan chain: the one plan whose credentials the request carries
     decides (keyless's "credentials" are none at all).  Credentials present
     but invalid never fall back to another plan; credentials of two plans
     at once, or credentials that none of the API's plans takes, are a 401.
 
-    @return: the L{Consumer} when the plan knows it at once (its
-        C{authenticateNow}), else a Deferred of it, which may fail with a
+    @return: a Deferred of the L{Consumer}, which may fail with a
         L{Problem}.
     """
-    plans = api.plans
-    if len(plans) == 1:
-        # The usual API: one plan, no list to build.
-        plan = plans[0]
-        if plan.present(request):
-            now = getattr(plan, "authenticateNow", None)
-            return now(request) if now is not None else plan.authenticate(request)
-    presented = [plan for plan in plans if plan.present(request)]
+    presented = [plan for plan in api.plans if plan.present(request)]
     if len(presented) == 1:
-        now = getattr(presented[0], "authenticateNow", None)
-        return now(request) if now is not None else presented[0].authenticate(request)
+        return presented[0].authenticate(request)
     names = ", ".join(p.name for p in api.plans)
     challenges = [p.challenge for p in api.plans if p.challenge]
     headers = [("WWW-Authenticate", ", ".join(challenges))] if challenges else []

@@ -111,13 +111,6 @@ class KeylessPlan:
         """
         return succeed(ANONYMOUS)
 
-    def authenticateNow(self, request: Request) -> Consumer:
-        """
-        The anonymous consumer, without a Deferred: the gateway asks this
-        first, on the publish path.
-        """
-        return ANONYMOUS
-
     def stop(self) -> None:
         """
         Nothing to release.
