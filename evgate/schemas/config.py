@@ -152,6 +152,10 @@ def _formatSettings(section: SectionReader, context: ApiContext, which: str) -> 
             if value is not None:
                 raise section.error(key(name), f"needs {key('format')} = registry")
         return FormatSettings(format=fmt)
+    if which == "key" and context.endpoint.type != "kafka":
+        # Only Kafka records carry binary keys; other endpoints' keys are text.
+        raise section.error(key("format"), f"registry is for Kafka record keys; [endpoint:{context.endpoint.name}] "
+                                           f"is {context.endpoint.type}")
     version: Union[int, str] = "latest"
     if rawVersion is not None and rawVersion != "latest":
         version = section.getInt(key("subject-version"), minimum=1)
