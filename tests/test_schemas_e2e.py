@@ -331,6 +331,13 @@ class AvroEndToEndTests(SchemaGatewayCase):
         self.assertEqual(status, 201, created)
         self.checkWebhook(gateway, receiver, expected)
 
+        # The AsyncAPI document carries the subject's latest schema (the
+        # publishes above had the registry client fetch it).
+        def payload() -> Any:
+            status, document = adminCall(gateway, "GET", "/apis/orders/asyncapi")
+            return document["components"]["messages"]["message"]["payload"].get("schema")
+        self.assertEqual(waitFor(payload, 10, 0.2, "the schema in AsyncAPI"), json.loads(ORDER_AVRO))
+
 
 class ProtobufEndToEndTests(SchemaGatewayCase):
     """
