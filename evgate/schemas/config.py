@@ -30,6 +30,9 @@ from typing import Any, Mapping, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from evgate.ini import ApiContext, SectionReader, apiOptionParser
+from evgate.schemas.codecs import readLocalSchema
+from evgate.schemas.errors import SchemaError
+from evgate.webhook.client import readCertificates
 
 FORMATS = ("raw", "json", "registry")
 
@@ -118,8 +121,6 @@ def registryOptions(section: SectionReader) -> Optional[RegistrySettings]:
     if caFile is not None:
         if parts.scheme != "https":
             raise section.error("schema-registry-ca-file", "is for an https:// schema-registry")
-        from evgate.webhook.client import readCertificates
-
         path = _relative(section, caFile)
         try:
             with open(path, "rb") as f:
@@ -134,9 +135,6 @@ def registryOptions(section: SectionReader) -> Optional[RegistrySettings]:
 
 
 def _formatSettings(section: SectionReader, context: ApiContext, which: str) -> FormatSettings:
-    from evgate.schemas.codecs import readLocalSchema
-    from evgate.schemas.errors import SchemaError
-
     def key(name: str) -> str:
         return f"{which}-{name}"
 
