@@ -125,6 +125,7 @@ EXTENSION_MODULES: Tuple[str, ...] = (
     "evgate.logs",
     "evgate.proxy.entrypoint",
     "evgate.schemas.config",
+    "evgate.schemas.steps",
     "evgate.pipeline.syntax",
 )
 

@@ -41,7 +41,7 @@ polls.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -52,6 +52,15 @@ from evgate.message import Cursor, Message
 from evgate.replay import Event, Filter, ReplayWindow, Start
 
 __all__ = ["Event", "Filter", "ReplayWindow", "Start", "HubSubscription", "SharedStream", "PrivateStream", "Hub"]
+
+
+class _HeldGap(NamedTuple):
+    """
+    A gap notice waiting behind held batches (L{HubSubscription.gap}).
+    """
+
+    cursor: Cursor
+    reason: str
 
 
 class HubSubscription:
@@ -71,7 +80,7 @@ class HubSubscription:
         self.view = view
         # Batches waiting, in order, while the pipeline prepares (a
         # decoder fetching a schema).
-        self.held: Optional[List[Sequence[Event]]] = None
+        self.held: Optional[List[Any]] = None
         self.paused = False
         self.closed = False
         self.cursor: Optional[Cursor] = None
@@ -152,12 +161,27 @@ class HubSubscription:
         if not self.closed and (not passing or passing[-1].cursor is not last):
             self.subscriber.advanced(last)
 
+    def gap(self, cursor: Cursor, reason: str) -> None:
+        """
+        Tell the subscriber that part of the stream is gone, in its turn:
+        behind the batches held while the pipeline prepares.
+        """
+        if self.closed:
+            return
+        if self.held is not None:
+            self.held.append(_HeldGap(cursor, reason))
+            return
+        self.subscriber.gap(cursor, reason)
+
     def _prepared(self, ignored: Any) -> None:
         # Offered again in order; a batch that must wait once more holds
-        # the ones after it again.
+        # the ones after it (and any gap notice) again.
         held, self.held = self.held, None
-        for batch in held or ():
-            self.offer(batch)
+        for item in held or ():
+            if isinstance(item, _HeldGap):
+                self.gap(item.cursor, item.reason)
+            else:
+                self.offer(item)
 
     def _applyFloor(self, events: Sequence[Event]) -> List[Event]:
         # Drop what the subscriber saw already and give the rest ids that
@@ -265,7 +289,7 @@ class SharedStream(_Stream):
         if self.window is not None:
             self.window = ReplayWindow(self.windowSize, self.head)
         for subscription in list(self.subscriptions):
-            subscription.subscriber.gap(self.head, reason)
+            subscription.gap(self.head, reason)
 
     def failed(self, reason: Failure) -> None:
         self.error = reason
@@ -417,7 +441,7 @@ class PrivateStream(_Stream):
             self.upstream.close()
             return
         if not self.subscription.closed:
-            self.subscription.subscriber.gap(self.head, reason)
+            self.subscription.gap(self.head, reason)
 
     def failed(self, reason: Failure) -> None:
         self.error = reason

@@ -131,6 +131,11 @@ class Message(NamedTuple):
     @ivar extra: endpoint-specific metadata (for example MQTT's qos).
     @ivar error: L{None}, or the L{MessageError} of a delivery step that
         failed on this message (whose content is then as it was read).
+    @ivar jsonContent: the content is compact JSON text that readers show
+        as a JSON value (C{"content": {...}}) rather than as a string: set
+        by a decoder (L{evgate.schemas.steps}) that turned a schema-encoded
+        payload into JSON.  Raw content, JSON or not, stays a string, as
+        it always was.
     """
 
     content: bytes
@@ -142,6 +147,7 @@ class Message(NamedTuple):
     timestamp: int
     extra: Mapping[str, Any] = NO_EXTRA
     error: Optional[MessageError] = None
+    jsonContent: bool = False
 
     def metadata(self) -> Dict[str, Any]:
         """
@@ -238,15 +244,18 @@ def envelope(message: Message, eventId: Optional[str] = None) -> Dict[str, Any]:
     """
     The JSON envelope of a message shared by every entrypoint.
     """
-    text, encoding = contentForJSON(message.content)
     env: Dict[str, Any] = {}
     if eventId is not None:
         env["id"] = eventId
     env["key"] = message.key
     env["headers"] = headerObject(message.headers)
-    env["content"] = text
-    if encoding is not None:
-        env["encoding"] = encoding
+    if message.jsonContent:
+        env["content"] = json.loads(message.content)
+    else:
+        text, encoding = contentForJSON(message.content)
+        env["content"] = text
+        if encoding is not None:
+            env["encoding"] = encoding
     env["metadata"] = message.metadata()
     if message.error is not None:
         env["error"] = message.error.asJSON()

@@ -41,7 +41,26 @@ endpoint = local
 topic = feed
 entrypoints = http-get websocket
 websocket.publish = false
+
+[api:avro]
+path = /avro
+endpoint = local
+topic = avro
+entrypoints = http-post http-get
+value-format = registry
+value-schema = file:{avsc}
+
+[api:proto]
+path = /proto
+endpoint = local
+topic = proto
+entrypoints = http-post http-get
+value-format = registry
+value-schema = file:{proto}
 """
+
+AVSC = '{"type": "record", "name": "Order", "fields": [{"name": "id", "type": "string"}]}'
+PROTO = 'syntax = "proto3";\nmessage Order {\n  string id = 1;\n}\n'
 
 
 def validator() -> Any:
@@ -69,7 +88,12 @@ class AsyncApiTests(SynchronousTestCase):
         secret = os.path.join(directory, "jwt.secret")
         with open(secret, "w") as f:
             f.write(os.urandom(48).hex())
-        self.ops = OpsHarness(extra=EXTRA.format(secret=secret), gateway="store = memory\n"
+        avsc = os.path.join(directory, "order.avsc")
+        proto = os.path.join(directory, "order.proto")
+        for path, text in ((avsc, AVSC), (proto, PROTO)):
+            with open(path, "w") as f:
+                f.write(text)
+        self.ops = OpsHarness(extra=EXTRA.format(secret=secret, avsc=avsc, proto=proto), gateway="store = memory\n"
                               "listen = tcp:8080 tcp:8443:interface=192.0.2.10\n")
         self.validator = validator()
 
@@ -180,3 +204,37 @@ class AsyncApiTests(SynchronousTestCase):
 
         self.ops.gateway.listeners[0].port = Bound()
         self.assertEqual(listenerAddresses(self.ops.gateway)[0], ("localhost", 43210, False))
+
+
+class SchemaPayloadTests(SynchronousTestCase):
+    """
+    APIs with a message schema describe their payload with it.
+    """
+
+    setUp = AsyncApiTests.setUp
+    document = AsyncApiTests.document
+
+    def test_avroPayload(self) -> None:
+        """
+        A local .avsc is the payload schema, as Avro 1.9.0 JSON; the
+        content type is JSON (what clients send and read).
+        """
+        message = self.document("avro")["components"]["messages"]["message"]
+        self.assertEqual(message["payload"], {"schemaFormat": "application/vnd.apache.avro+json;version=1.9.0",
+                                              "schema": json.loads(AVSC)})
+        self.assertEqual(message["contentType"], "application/json")
+
+    def test_protobufPayload(self) -> None:
+        """
+        A local .proto is the payload schema, as its text.
+        """
+        message = self.document("proto")["components"]["messages"]["message"]
+        self.assertEqual(message["payload"], {"schemaFormat": "application/vnd.google.protobuf;version=3",
+                                              "schema": PROTO})
+
+    def test_noSchemaNoPayloadSchema(self) -> None:
+        """
+        An API without a schema keeps the free-form payload.
+        """
+        message = self.document("demo")["components"]["messages"]["message"]
+        self.assertNotIn("schemaFormat", message["payload"])

@@ -693,3 +693,112 @@ class CloudEventsTests(SynchronousTestCase):
                     (("content-type", ce.STRUCTURED_TYPE),))
         e = self.assertRaises(TransformRefused, one("cloudevents to-binary", PUBLISH).onPublish, bad, _Call({}))
         self.assertEqual(e.extra["pointer"], "/type")
+
+
+class PreparingGapTests(SynchronousTestCase):
+    """
+    A gap notice that arrives while batches are held waits behind them.
+    """
+
+    def test_gapBehindHeld(self) -> None:
+        """
+        The subscriber sees the held batches first, then the gap.
+        """
+        from evgate.connectors.memory import MemoryConnector
+
+        clock = Clock()
+        connector = MemoryConnector("m", 100, clock)
+        hub = Hub({"m": connector}, clock)
+        step = Slow()
+        pipeline = Pipeline((), [step])
+        got: List[str] = []
+
+        class Sink:
+            def started(self, cursor: Cursor) -> None:
+                pass
+
+            def deliver(self, events: List[Event]) -> None:
+                got.extend(e.message.content.decode() for e in events)
+
+            def advanced(self, cursor: Cursor) -> None:
+                pass
+
+            def gap(self, cursor: Cursor, reason: str) -> None:
+                got.append("gap:" + reason)
+
+        subscription = hub.subscribe("m", "t", "latest", Sink(), None, pipeline.hubView)
+        clock.advance(0)
+        connector.publish("t", Draft(b"1"))
+        clock.advance(0)
+        subscription.stream.gap(Cursor(0, ((0, 5),)), "lost")
+        self.assertEqual(got, [])
+        pending, step.pending = step.pending, None
+        assert pending is not None
+        pending.callback(None)
+        self.assertEqual(got, ["1", "gap:lost"])
+
+
+class WebSocketPublishStepTests(WebSocketTestCase):
+    """
+    WebSocket publishes go through the API's publish steps.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def test_websocketPublishSteps(self) -> None:
+        """
+        An evgate.json frame is published with the step applied; a frame
+        the step refuses is answered with the problem (step and pointer)
+        and nothing is published.
+        """
+        config = TWO_APIS + "publish-steps =\n    key from content.id\n"
+        self.gateway = GatewayService(parseConfig(config, "test.ini"), self.clock)
+        self.connector = self.gateway.connectors["local"]
+        socket = self.openSocket("/public", json=True)
+        self.sendJson(socket, {"content": '{"id": "k1", "total": 1}', "ref": "a"})
+        self.turn()
+        self.sendJson(socket, {"content": '{"total": 2}', "ref": "b"})
+        self.turn()
+        answers = [d for d in self.documents(socket) if "ack" in d or "error" in d]
+        self.assertEqual([a["ref"] for a in answers], ["a", "b"])
+        self.assertIn("ack", answers[0])
+        self.assertEqual(answers[1]["error"]["type"], "https://evgate.dev/problems/transform-refused")
+        self.assertEqual((answers[1]["error"]["step"], answers[1]["error"]["pointer"]), ("key from content.id", "/id"))
+        self.assertEqual([m.key for m in self.connector.topicLog("orders").messages], ["k1"])
+
+
+class WebhookCloudEventsHeaderTests(SynchronousTestCase):
+    """
+    In binary CloudEvents mode the deliverer sends the attributes as
+    C{ce-*} HTTP headers.
+    """
+
+    def test_binaryHeaders(self) -> None:
+        """
+        A record with the Kafka binding's C{ce_*} headers is posted with
+        C{ce-id}, C{ce-source}, C{ce-type}, C{ce-specversion}, its
+        content type, and the data as the body.
+        """
+        sent: List[Tuple[bytes, Any]] = []
+
+        class Http:
+            def request(self, method: str, url: str, data: bytes, headers: Any, **kw: Any) -> Deferred:
+                sent.append((data, headers))
+                return Deferred()
+
+        clock = Clock()
+        context = DeliveryContext(reactor=clock, http=Http(), store=None, api="public", tag=b"tag!", epoch=0,
+                                  timeout=5, maxInFlight=1, dlq=None, cloudEvents="binary")
+        deliverer = Deliverer({"id": "s1", "callbackUrl": "http://x/"}, b"k" * 32, RetryPolicy(), None, context)
+        stored = message(b'{"id": 7}', (("ce_id", "e-2"), ("ce_source", "/s"), ("ce_type", "t"),
+                                        ("ce_specversion", "1.0"), ("content-type", "application/json")))
+        attempt = Attempt(Event(stored, Cursor(0, ((0, 1),))))
+        deliverer.window.append(attempt)
+        deliverer._send(attempt)
+        [(body, headers)] = sent
+        self.assertEqual(body, b'{"id": 7}')
+        self.assertEqual({name: headers.getRawHeaders(name) for name in
+                          (b"ce-id", b"ce-source", b"ce-type", b"ce-specversion", b"content-type")},
+                         {b"ce-id": [b"e-2"], b"ce-source": [b"/s"], b"ce-type": [b"t"],
+                          b"ce-specversion": [b"1.0"], b"content-type": [b"application/json"]})

@@ -20,6 +20,7 @@ SCENARIOS = {
     "idle": "evbench.idle",
     "webhook": "evbench.webhook",
     "proxy": "evbench.proxy",
+    "schemas": "evbench.schemas",
 }
 # Run by name only, never by "all": it takes as many minutes as it is told
 # and starts a broker of its own.

@@ -36,6 +36,7 @@ from twisted.web.server import Request
 
 from evgate.admin.app import AdminApp, Answer, adminRoute
 from evgate.errors import NotFound
+from evgate.schemas.described import messagePayload
 
 MEDIA_TYPE = "application/vnd.aai.asyncapi+json;version=3.0.0"
 
@@ -214,6 +215,15 @@ def asyncapiDocument(gateway: Any, api: Any) -> Dict[str, Any]:
             "payload": {"description": "The content, as published."},
         }},
     }
+    payload = messagePayload(api)
+    if payload is not None:
+        # The schema the API writes and reads its content with (evgate.schemas):
+        # readers and publishers see it as JSON.
+        described = components["messages"]["message"]
+        described["payload"] = payload
+        described["contentType"] = "application/json"
+        described["summary"] = ("JSON content, stored on the topic in the schema's binary form "
+                                "(see docs/schemas.md).")
     if schemes:
         components["securitySchemes"] = schemes
     document: Dict[str, Any] = {

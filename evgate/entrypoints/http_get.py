@@ -150,7 +150,13 @@ def jsonItemText(event: Event, tag: bytes) -> str:
         # Encoded once per message and API, for every page that holds it.
         return cached
     message = event.message
-    text, encoding = contentForJSON(message.content)
+    if message.jsonContent:
+        # Decoded by the API's codec (evgate.schemas): compact JSON text,
+        # shown as the value it is.
+        content, encoding = message.content.decode("utf-8"), None
+    else:
+        text, encoding = contentForJSON(message.content)
+        content = _quote(text)
     key = message.key
     headers = message.headers
     extra = message.extra
@@ -159,7 +165,7 @@ def jsonItemText(event: Event, tag: bytes) -> str:
             event.token(tag),
             "null" if key is None else _quote(key),
             _json(headerObject(headers)) if headers else "{}",
-            _quote(text),
+            content,
             _quote(message.topic), message.partition, message.offset, message.timestamp,
             "," + _json(dict(extra))[1:-1] if extra else "",
             ',"encoding":' + _quote(encoding) if encoding is not None else "",
@@ -503,15 +509,31 @@ class GroupPoll:
         d.addCallback(self._answer)
         d.addErrback(lambda f: finishWithFailure(self.request, f, "polling as a consumer group"))
 
-    def _answer(self, batch: Any) -> None:
+    def _answer(self, batch: Any) -> Any:
         request = self.request
         if clientLeft(request):
             batch.putBack()
-            return
+            return None
+        events = [Event(m, c) for m, c in cursorsAfter(batch.first, batch.messages)]
+        view = self.call.api.pipeline.hubView
+        if view is not None:
+            try:
+                wait = view.ready(events)
+            except Exception:
+                batch.putBack()
+                raise
+            if wait is not None:
+                # A decoder meeting a schema id for the first time fetches
+                # it: the page waits for it rather than showing the record
+                # marked (start()'s errback answers a failure).
+                return wait.addCallback(lambda _: self._answer(batch))
+        self._write(batch, events, view)
+        return None
+
+    def _write(self, batch: Any, events: List[Event], view: Any) -> None:
+        request = self.request
         try:
             tag = self.call.api.tag
-            events = [Event(m, c) for m, c in cursorsAfter(batch.first, batch.messages)]
-            view = self.call.api.pipeline.hubView
             if view is not None:
                 events = view.events(events)
             if self.filter is not None:

@@ -86,8 +86,11 @@ def errorDocument(problem: Problem, ref: Any = None) -> Dict[str, Any]:
     """
     The C{error} frame of C{problem}.
     """
-    document: Dict[str, Any] = {"error": {"type": problem.type, "title": problem.title,
-                                          "detail": problem.detail}}
+    error: Dict[str, Any] = {"type": problem.type, "title": problem.title, "detail": problem.detail}
+    # Its extension members too: the step and pointer of a refused
+    # transform, the pointer of content that does not match the schema.
+    error.update(problem.extra)
+    document: Dict[str, Any] = {"error": error}
     if ref is not None:
         document["ref"] = ref
     return document

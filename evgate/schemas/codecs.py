@@ -15,7 +15,10 @@ from typing import Any, Callable, Dict, Mapping, Optional
 from zope.interface.verify import verifyClass
 
 from evgate.interfaces import ISchemaCodec
+from evgate.schemas.avro import AvroCodec
 from evgate.schemas.errors import SchemaError
+from evgate.schemas.json_schema import JsonSchemaCodec
+from evgate.schemas.protobuf import ProtobufCodec
 
 CodecFactory = Callable[[str, Mapping[str, str], Optional[str]], Any]
 _codecs: Dict[str, CodecFactory] = {}
@@ -31,28 +34,18 @@ def registerCodec(schemaType: str, cls: Any, factory: CodecFactory) -> None:
 
 
 def _avro(text: str, references: Mapping[str, str], messageName: Optional[str]) -> Any:
-    from evgate.schemas.avro import AvroCodec
-
     return AvroCodec(text, list(references.values()))
 
 
 def _protobuf(text: str, references: Mapping[str, str], messageName: Optional[str]) -> Any:
-    from evgate.schemas.protobuf import ProtobufCodec
-
     return ProtobufCodec(text, references, messageName)
 
 
 def _json(text: str, references: Mapping[str, str], messageName: Optional[str]) -> Any:
-    from evgate.schemas.json_schema import JsonSchemaCodec
-
     return JsonSchemaCodec(text, references)
 
 
 def _registerBuiltins() -> None:
-    from evgate.schemas.avro import AvroCodec
-    from evgate.schemas.json_schema import JsonSchemaCodec
-    from evgate.schemas.protobuf import ProtobufCodec
-
     registerCodec("AVRO", AvroCodec, _avro)
     registerCodec("PROTOBUF", ProtobufCodec, _protobuf)
     registerCodec("JSON", JsonSchemaCodec, _json)

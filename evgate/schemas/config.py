@@ -30,6 +30,9 @@ from typing import Any, Mapping, Optional, Tuple, Union
 from urllib.parse import urlsplit
 
 from evgate.ini import ApiContext, SectionReader, apiOptionParser
+from evgate.schemas.codecs import readLocalSchema
+from evgate.schemas.errors import SchemaError
+from evgate.webhook.client import readCertificates
 
 FORMATS = ("raw", "json", "registry")
 
@@ -118,8 +121,6 @@ def registryOptions(section: SectionReader) -> Optional[RegistrySettings]:
     if caFile is not None:
         if parts.scheme != "https":
             raise section.error("schema-registry-ca-file", "is for an https:// schema-registry")
-        from evgate.webhook.client import readCertificates
-
         path = _relative(section, caFile)
         try:
             with open(path, "rb") as f:
@@ -134,9 +135,6 @@ def registryOptions(section: SectionReader) -> Optional[RegistrySettings]:
 
 
 def _formatSettings(section: SectionReader, context: ApiContext, which: str) -> FormatSettings:
-    from evgate.schemas.codecs import readLocalSchema
-    from evgate.schemas.errors import SchemaError
-
     def key(name: str) -> str:
         return f"{which}-{name}"
 
@@ -152,6 +150,10 @@ def _formatSettings(section: SectionReader, context: ApiContext, which: str) -> 
             if value is not None:
                 raise section.error(key(name), f"needs {key('format')} = registry")
         return FormatSettings(format=fmt)
+    if which == "key" and context.endpoint.type != "kafka":
+        # Only Kafka records carry binary keys; other endpoints' keys are text.
+        raise section.error(key("format"), f"registry is for Kafka record keys; [endpoint:{context.endpoint.name}] "
+                                           f"is {context.endpoint.type}")
     version: Union[int, str] = "latest"
     if rawVersion is not None and rawVersion != "latest":
         version = section.getInt(key("subject-version"), minimum=1)

@@ -15,6 +15,8 @@ from typing import Any, List, Mapping, Sequence
 import jsonschema
 from jsonschema import exceptions as jsonschemaErrors
 from jsonschema.validators import validator_for
+from referencing import Registry, Resource
+from referencing.jsonschema import specification_with
 from zope.interface import implementer
 
 from evgate import jsonlimits
@@ -54,8 +56,6 @@ class JsonSchemaCodec:
                               reason="bad-schema") from None
         registry = None
         if references:
-            from referencing import Registry, Resource
-
             resources = []
             for uri, ref in references.items():
                 try:
@@ -97,6 +97,4 @@ def _spec(cls: Any) -> Any:
     The referencing specification of a validator class's draft, for
     referenced schemas that do not name their own.
     """
-    from referencing.jsonschema import specification_with
-
     return specification_with(cls.META_SCHEMA.get("$schema", "http://json-schema.org/draft-07/schema#"))

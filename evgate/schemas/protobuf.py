@@ -28,6 +28,7 @@ import os
 import re
 import tempfile
 import threading
+from importlib import resources
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from google.protobuf import descriptor_pb2, descriptor_pool, json_format, message_factory
@@ -35,7 +36,7 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 from zope.interface import implementer
 
 from evgate.interfaces import ISchemaCodec
-from evgate.schemas.errors import DecodeError, EncodeError, SchemaError
+from evgate.schemas.errors import DecodeError, EncodeError, SchemaError, pointerFor
 
 _BASE64 = re.compile(r"^[A-Za-z0-9+/=\s]+$")
 # protoc writes its diagnostics to file descriptor 2; compiling is rare
@@ -51,8 +52,9 @@ def compileProto(text: str, imports: Mapping[str, str] = {}, name: str = "") -> 
 
     @raise SchemaError: with protoc's diagnostics if it does not compile.
     """
-    from importlib import resources
-
+    # grpc_tools (protoc as a Python extension) is imported when a .proto
+    # text is first compiled: it is large, and registries that hand out
+    # descriptors, and APIs without Protobuf, never need it.
     from grpc_tools import protoc
 
     wellKnown = str(resources.files("grpc_tools") / "_proto")
@@ -146,16 +148,14 @@ class ProtobufCodec:
 
     @staticmethod
     def _wellKnown(path: str) -> List[descriptor_pb2.FileDescriptorProto]:
-        from google.protobuf import descriptor_pool as pools
-
         try:
-            found = pools.Default().FindFileByName(path)
+            found = descriptor_pool.Default().FindFileByName(path)
         except KeyError:
             # not loaded yet: importing the generated module adds it to the default pool
             module = "google.protobuf." + os.path.basename(path).replace(".proto", "_pb2")
             try:
                 __import__(module)
-                found = pools.Default().FindFileByName(path)
+                found = descriptor_pool.Default().FindFileByName(path)
             except (ImportError, KeyError):
                 raise SchemaError(f"import {path!r} is neither a reference nor a well-known type",
                                   reason="bad-schema") from None
@@ -237,8 +237,6 @@ class ProtobufCodec:
         try:
             json_format.ParseDict(value, message, ignore_unknown_fields=False)
         except json_format.ParseError as e:
-            from evgate.schemas.errors import pointerFor
-
             # json_format names the path in most of its errors, not all
             # (a wrong scalar type in a map or a string field): then the
             # culprit is found by parsing the value piece by piece.
@@ -316,8 +314,6 @@ def _pointerOf(text: str, root: str) -> str:
     """
     The JSON Pointer of the field a json_format error names ("" if none).
     """
-    from evgate.schemas.errors import pointerFor
-
     first = text.splitlines()[0] if text else ""
     matches = _AT.findall(first)
     if not matches:

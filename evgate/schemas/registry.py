@@ -24,9 +24,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 from urllib.parse import quote
 
+import treq
+from treq.client import HTTPClient
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
 
 from evgate import jsonlimits
 from evgate.schemas.errors import RegistryError
@@ -139,6 +143,8 @@ class RegistryClient:
                  caCertificates: Tuple[bytes, ...] = (), reactor: Any = None, http: Any = None,
                  subjectTtl: float = 30.0, timeout: float = 10.0) -> None:
         if reactor is None:
+            # The global reactor only when none is given (tests pass theirs),
+            # as twisted.application does: importing it installs one.
             from twisted.internet import reactor as _reactor
             reactor = _reactor
         self.url = url.rstrip("/")
@@ -165,13 +171,8 @@ class RegistryClient:
                    caCertificates=settings.caCertificates, reactor=reactor, **kwargs)
 
     def _makeClient(self, caCertificates: Tuple[bytes, ...]) -> Any:
-        from treq.client import HTTPClient
-        from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool
-
         policy = BrowserLikePolicyForHTTPS()
         if caCertificates:
-            from twisted.internet.ssl import Certificate, trustRootFromCertificates
-
             root = trustRootFromCertificates([Certificate.loadPEM(pem) for pem in caCertificates])
             policy = BrowserLikePolicyForHTTPS(trustRoot=root)
         pool = self._pool = HTTPConnectionPool(self.reactor, persistent=True)
@@ -341,8 +342,6 @@ class RegistryClient:
         length = getattr(response, "length", None)
         if isinstance(length, int) and length > MAX_ANSWER_BYTES:
             raise RegistryError(f"registry answer of {length} bytes is over {MAX_ANSWER_BYTES}")
-        import treq
-
         chunks: List[bytes] = []
         size = [0]
 

@@ -173,6 +173,24 @@ class SchemaDecoder:
             return None
         return self._decodeWith(codec, schemaId, body)
 
+    def pending(self, data: bytes) -> "Optional[Deferred[Any]]":
+        """
+        L{None} when L{decodeKnown} can answer for C{data} now (its schema
+        is known, or its header is unreadable and it fails at once); else a
+        Deferred that fires once the schema of its id was fetched, or fails
+        with L{DecodeError} (why it could not be).
+        """
+        if self.local is not None and self.local.schemaId is None:
+            return None
+        try:
+            schemaId, _ = wire.unpack(data)
+        except DecodeError:
+            return None
+        if schemaId in self._cache.codecs:
+            return None
+        d = self._cache.codecFor(schemaId)
+        return d.addErrback(_asDecodeError, schemaId)
+
     def decode(self, data: bytes) -> "Deferred[Decoded]":
         """
         C{data} decoded; the Deferred fails with L{DecodeError} only.

@@ -180,6 +180,9 @@ class ShareGroupFeed:
         self.filter = filter
         self.high = high
         self.view = view
+        # Batches (lists) and gap notices (tuples) waiting, in order, while
+        # the API's pipeline prepares (evgate.pipeline).
+        self.held: Optional[List[Any]] = None
         self.upstream: Any = None
         self.head: Optional[Cursor] = None
         self.paused = False
@@ -221,16 +224,47 @@ class ShareGroupFeed:
         events = eventsOf(self.head, messages)
         if events:
             self.head = events[-1].cursor
+        self._take(events)
+
+    def _take(self, events: List[Event]) -> None:
+        # In order: behind the batches held while the pipeline prepares.
+        if self.held is not None:
+            self.held.append(events)
+            return
+        if self.view is not None and events:
+            wait = self.view.ready(events)
+            if wait is not None:
+                # A decoder fetching a schema: this batch and those after it
+                # wait for it, rather than being marked.
+                self.held = [events]
+                wait.addCallback(self._prepared)
+                return
         offerFiltered(self.deliverer, events, self.filter, self.view)
         if not self.paused and self.deliverer.backlog() >= self.high:
             self.paused = True
             self.upstream.pause()
 
+    def _prepared(self, ignored: Any) -> None:
+        held, self.held = self.held, None
+        for item in held or ():
+            if self.closed:
+                return
+            if isinstance(item, tuple):
+                self._gap(*item)
+            else:
+                self._take(item)
+
     def gap(self, cursor: Cursor, reason: str) -> None:
         if self.closed:
             return
         self.head = cursor if self.head is None else self.head.merged(cursor)
-        self.deliverer.gap(self.head, reason)
+        self._gap(self.head, reason)
+
+    def _gap(self, cursor: Cursor, reason: str) -> None:
+        if self.held is not None:
+            self.held.append((cursor, reason))
+            return
+        self.deliverer.gap(cursor, reason)
 
     def failed(self, reason: Failure) -> None:
         if not self.closed:

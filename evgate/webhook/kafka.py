@@ -25,13 +25,14 @@ owner.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from evgate.connectors.kafka import GroupBatch, consumerSettings
+from evgate.hub import Event
 from evgate.message import Cursor
 from evgate.threads import deferToOwnThread
 from evgate.webhook.feeds import eventsOf, offerFiltered
@@ -102,6 +103,8 @@ class KafkaGroupFeed:
         self.filter = filter
         # The API's delivery pipeline (evgate.pipeline), or None.
         self.view = view
+        # A batch waits for the API's pipeline to prepare (evgate.pipeline).
+        self.preparing = False
         self.limit = limit
         self.pollTimeout = pollTimeout
         self.head = Cursor()
@@ -181,8 +184,26 @@ class KafkaGroupFeed:
         self.batch = batch
         events = eventsOf(self.head, batch.messages)
         self.head = events[-1].cursor
+        self._offer(events)
+
+    def _offer(self, events: List[Event]) -> None:
+        if self.closed:
+            return
+        if self.view is not None:
+            wait = self.view.ready(events)
+            if wait is not None:
+                # A decoder fetching a schema: the batch is offered once it
+                # can be decoded, and is not committed before (progress()
+                # waits while preparing).
+                self.preparing = True
+                wait.addCallback(self._prepared, events)
+                return
         offerFiltered(self.deliverer, events, self.filter, self.view)
         self.progress()
+
+    def _prepared(self, ignored: Any, events: List[Event]) -> None:
+        self.preparing = False
+        self._offer(events)
 
     def _pollFailed(self, failure: Failure) -> None:
         self.polling = False
@@ -194,7 +215,7 @@ class KafkaGroupFeed:
         next.
         """
         batch = self.batch
-        if batch is None or self.closed or self.deliverer.backlog() > 0:
+        if batch is None or self.closed or self.preparing or self.deliverer.backlog() > 0:
             return
         self.batch = None
         d = batch.commit()

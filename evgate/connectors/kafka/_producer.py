@@ -52,7 +52,10 @@ class ProducerThread(OwnerThread):
         if producer is None:
             # The thread ended (it failed): nothing would serve the report.
             raise BufferError("the producer thread has ended")
-        key = draft.key.encode("utf-8") if draft.key is not None else None
+        key: Any = draft.key
+        if key is not None and key.__class__ is str:
+            # bytes: a key written with its schema (evgate.schemas.steps).
+            key = key.encode("utf-8")
         headers = [(name, value.encode("utf-8")) for name, value in draft.headers] or None
         producer.produce(topic, value=draft.content, key=key, headers=headers, on_delivery=report)
 
@@ -81,7 +84,7 @@ class ProducerThread(OwnerThread):
                 draft = drafts[index]
                 if draft.key is not lastKey:
                     lastKey = draft.key
-                    key = lastKey.encode("utf-8") if lastKey is not None else None
+                    key = lastKey.encode("utf-8") if lastKey.__class__ is str else lastKey
                 if draft.headers is not lastHeaders:
                     lastHeaders = draft.headers
                     headers = [(name, value.encode("utf-8")) for name, value in lastHeaders] or None
