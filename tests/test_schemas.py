@@ -190,7 +190,7 @@ def _avroValues() -> st.SearchStrategy:
         "id": st.text(max_size=20),
         "count": st.integers(min_value=-(2**31), max_value=2**31 - 1),
         "total": st.integers(min_value=-(2**63), max_value=2**63 - 1),
-        "ratio": st.floats(allow_nan=False) | st.sampled_from(["NaN", "Infinity", "-Infinity"]),
+        "ratio": st.floats(allow_nan=False, allow_infinity=False) | st.sampled_from(["NaN", "Infinity", "-Infinity"]),
         "paid": st.booleans(),
         "blob": st.binary(max_size=20).map(lambda b: base64.b64encode(b).decode()),
         "state": st.sampled_from(["NEW", "PAID", "SHIPPED"]),

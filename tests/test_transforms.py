@@ -793,8 +793,8 @@ class WebhookCloudEventsHeaderTests(SynchronousTestCase):
         deliverer = Deliverer({"id": "s1", "callbackUrl": "http://x/"}, b"k" * 32, RetryPolicy(), None, context)
         stored = message(b'{"id": 7}', (("ce_id", "e-2"), ("ce_source", "/s"), ("ce_type", "t"),
                                         ("ce_specversion", "1.0"), ("content-type", "application/json")))
-        attempt = Attempt(Event(stored, Cursor(0, ((0, 1),))))
-        deliverer.window.append(attempt)
+        deliverer.window.queue.append(Event(stored, Cursor(0, ((0, 1),))))
+        [attempt] = deliverer.window.take()
         deliverer._send(attempt)
         [(body, headers)] = sent
         self.assertEqual(body, b'{"id": 7}')
