@@ -39,6 +39,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import PotentialDataLoss, ResponseDone
 from twisted.web.http import PotentialDataLoss as HttpPotentialDataLoss
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import UNKNOWN_LENGTH
 from zope.interface import implementer
 
@@ -47,6 +48,7 @@ from evgate.proxy._headers import HOP_BY_HOP, connectionTokens, endToEnd
 from evgate.proxy._pool import Target
 from evgate.proxy._requestbody import PIPE_BUFFER, RequestBodyPipe
 from evgate.proxy.problems import NoUpstreamInService, UpstreamFailed, UpstreamTimeout
+from evgate.twistedprivate import responseConnectionHeader
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -273,7 +275,10 @@ class ProxyCall:
         if self._clientGone:
             return
         timedOut = self._timedOut is not None or failure.check(TimeoutError) is not None
-        if not self._connected:
+        tls = None if self._timedOut else tlsFailure(failure)
+        if tls is not None:
+            stage, timedOut = "tls", False
+        elif not self._connected:
             stage = "connect"
         else:
             stage = self._timedOut or "response-head"
@@ -281,10 +286,10 @@ class ProxyCall:
         self.endpoint.targets.failed(target, stage)
         self.log.warn("{api}: {method} to {target} failed at {stage} (attempt {attempt}): {why}",
                       api=self.apiName, method=self.method.decode("latin-1"), target=target.url, stage=stage,
-                      attempt=self.attempts, why=self._timedOut and "timed out" or failure.getErrorMessage())
+                      attempt=self.attempts, why=self._timedOut and "timed out" or tls or failure.getErrorMessage())
         replayable = self.body is None or not self.body.started
         retry = self.attempts <= self.settings["retries"] and replayable and (
-            stage == "connect" or (stage == "response-head" and self.method in IDEMPOTENT))
+            stage in ("connect", "tls") or (stage == "response-head" and self.method in IDEMPOTENT))
         if retry and self.endpoint.targets.choose(self.tried) is not None:
             if self.body is not None:
                 self.body.onProgress = None
@@ -294,6 +299,7 @@ class ProxyCall:
             "connect": f"cannot connect to the upstream of endpoint {self.endpoint.name}",
             "response-head": f"the upstream of endpoint {self.endpoint.name} gave no response head",
             "request-body": f"the upstream of endpoint {self.endpoint.name} stopped taking the request body",
+            "tls": f"TLS with the upstream of endpoint {self.endpoint.name} failed ({tls})",
         }[stage]
         extra = {"stage": stage, "attempts": self.attempts}
         if timedOut:
@@ -301,7 +307,7 @@ class ProxyCall:
                 self.settings["responseTimeout"] if stage == "response-head" else self.settings["idleTimeout"])
             self._problem(UpstreamTimeout(f"{detail} within {seconds:g}s", extra=extra))
         else:
-            if failure.check(ConnectError, ConnectingCancelledError, CancelledError) is None:
+            if stage != "tls" and failure.check(ConnectError, ConnectingCancelledError, CancelledError) is None:
                 detail += f" ({failure.getErrorMessage()})"
             self._problem(UpstreamFailed(detail, extra=extra))
 
@@ -318,7 +324,10 @@ class ProxyCall:
             response.deliverBody(_Drop())
             return
         request.setResponseCode(response.code, response.phrase or None)
-        for name, values in endToEnd(response.headers, (b"content-length", b"date", b"server")):
+        # The upstream's Connection header is not among response.headers
+        # (the client keeps it for itself); the headers it names are.
+        named = connectionTokens(Headers({b"connection": responseConnectionHeader(response)}))
+        for name, values in endToEnd(response.headers, (b"content-length", b"date", b"server", *named)):
             request.responseHeaders.setRawHeaders(name, values)
         for name in (b"date", b"server"):
             values = response.headers.getRawHeaders(name)
@@ -367,6 +376,33 @@ class ProxyCall:
             self.body.clientLost(reason)
         if self._pending is not None:
             self._pending.cancel()
+
+
+def tlsFailure(failure: Failure) -> Optional[str]:
+    """
+    What went wrong with TLS, when C{failure} (of an upstream request or
+    connection) comes from the handshake or from verifying the target's
+    certificate; L{None} for any other failure.
+
+    The client wraps the reasons of a failed request
+    (C{ResponseNeverReceived}, C{RequestTransmissionFailed} ...) in a list
+    C{reasons}: they are looked into.
+    """
+    from OpenSSL import SSL
+
+    pending = [failure]
+    while pending:
+        reason = pending.pop()
+        value = reason.value
+        if isinstance(value, SSL.Error):
+            # pyOpenSSL's errors are lists of (library, function, reason).
+            parts = [str(entry[-1]) for entry in (value.args[0] if value.args else [])
+                     if isinstance(entry, tuple) and entry and entry[-1]]
+            return ", ".join(parts) or "handshake failed"
+        if type(value).__name__ in ("VerificationError", "CertificateError"):
+            return f"the certificate does not match the target's name: {value}"
+        pending.extend(r for r in getattr(value, "reasons", None) or () if isinstance(r, Failure))
+    return None
 
 
 class _Drop(Protocol):
