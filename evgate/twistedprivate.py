@@ -16,9 +16,11 @@ one of your part, or start a new delimited section.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Tuple
+import weakref
+from typing import Any, Callable, List, Tuple
 
 from twisted.internet import tcp
+from twisted.web._newclient import HTTP11ClientProtocol
 from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory
 from twisted.web.http import HTTPChannel
 
@@ -250,4 +252,65 @@ setattr(QuietConnectionPool, POOL_FACTORY, QuietClientFactory)
 
 # ---------------------------------------------------------------------------
 # end of the webhook client section
+# ---------------------------------------------------------------------------
+
+# ---------------------------------------------------------------------------
+# The HTTP proxy (evgate/proxy/endpoint.py, evgate/proxy/_forward.py).
+# ---------------------------------------------------------------------------
+
+# twisted.web's client keeps a response's connection-control headers
+# (Connection, Keep-Alive, Transfer-Encoding ...) out of Response.headers,
+# in its parser's `connHeaders`; a proxy needs the upstream's `Connection`
+# to remove the headers it names (RFC 9110 section 7.6.1).  The protocol's
+# parser is `_parser`, set by `request()` and dropped as soon as the
+# response is complete (at once for a response without a body), so the
+# protocol below remembers it by request, and the proxy finds it from
+# IResponse.request when the response head arrives.
+CLIENT_PROTOCOL_PRIVATE: Tuple[str, ...] = ("_parser",)
+CLIENT_PARSER_PRIVATE: Tuple[str, ...] = ("connHeaders",)
+
+_responseConnection: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
+
+
+class ConnectionHeaderClientProtocol(HTTP11ClientProtocol):
+    """
+    An HTTP/1.1 client protocol that lets L{responseConnectionHeader}
+    read the C{Connection} header of the responses it receives.
+    """
+
+    def request(self, request: Any) -> Any:
+        d = super().request(request)
+        parser = getattr(self, "_parser", None)
+        if parser is not None:
+            _responseConnection[request] = parser
+        return d
+
+
+class ConnectionHeaderClientFactory(_HTTP11ClientFactory):
+    """
+    The protocol factory of a pool of L{ConnectionHeaderClientProtocol}s,
+    without the start and stop log lines.
+    """
+
+    noisy = False
+
+    def buildProtocol(self, addr: Any) -> HTTP11ClientProtocol:
+        return ConnectionHeaderClientProtocol(self._quiescentCallback)
+
+
+def responseConnectionHeader(response: Any) -> List[bytes]:
+    """
+    The values of the C{Connection} header of C{response}, received on a
+    L{ConnectionHeaderClientProtocol} (none for any other).
+    """
+    # IResponse.request is a proxyForInterface of the request, whose
+    # wrapped object is `original`.
+    request = getattr(response, "request", None)
+    parser = _responseConnection.get(getattr(request, "original", request))
+    if parser is None:
+        return []
+    return list(parser.connHeaders.getRawHeaders(b"connection", []))
+
+# ---------------------------------------------------------------------------
+# end of the HTTP proxy section
 # ---------------------------------------------------------------------------

@@ -11,7 +11,18 @@ to PORTFILE once it listens.
  - C{/stall-body}: a head and 5 bytes, then nothing;
  - C{/status?code=N}: an empty response with status N;
  - C{/events}: an event stream, one event every 0.2 s, flushed at once;
- - C{/ws}: a WebSocket echo server (autobahn).
+ - C{/ws}: a WebSocket echo server (autobahn);
+ - C{/health}: an empty answer with the health status, 200 until
+   C{/set-health?code=N} sets it (neither counts as a request);
+ - C{/drip?chunks=N&seconds=S}: N lines, one every S seconds, with a
+   Content-Length (a slow answer whose end is known);
+ - C{/refuse}: a 403 whose body is chunked (written in two parts), as a
+   server refusing a WebSocket upgrade may answer;
+ - C{/count}: how many requests the server has seen, as JSON
+   C{{"requests": N, "health": N}} (not counted itself).
+
+Every JSON echo names the server's port (C{"port"}), so that tests with
+several upstreams see which one answered.
 """
 
 import hashlib
@@ -62,10 +73,25 @@ class Upstream(Resource):
     def __init__(self, ws):
         super().__init__()
         self.ws = ws
+        self.port = 0
+        self.requests = 0
+        self.healthChecks = 0
+        self.healthCode = 200
 
     def render(self, request):
         path = request.path
         args = request.args
+        if path == b"/health":
+            self.healthChecks += 1
+            request.setResponseCode(self.healthCode)
+            return b""
+        if path == b"/set-health":
+            self.healthCode = int(args[b"code"][0])
+            return b""
+        if path == b"/count":
+            request.setHeader(b"Content-Type", b"application/json")
+            return json.dumps({"requests": self.requests, "health": self.healthChecks}).encode()
+        self.requests += 1
         if path == b"/ws":
             return self.ws.render(request)
         if path == b"/download":
@@ -85,6 +111,28 @@ class Upstream(Resource):
         if path == b"/stall-body":
             request.setHeader(b"Content-Length", b"100")
             request.write(b"first")
+            return NOT_DONE_YET
+        if path == b"/drip":
+            chunks = int(args[b"chunks"][0])
+            seconds = float(args[b"seconds"][0])
+            lines = [b"line %d\n" % i for i in range(chunks)]
+            request.setHeader(b"Content-Length", b"%d" % sum(len(line) for line in lines))
+
+            def drip():
+                if request._disconnected or request.finished:
+                    return
+                request.write(lines.pop(0))
+                if lines:
+                    reactor.callLater(seconds, drip)
+                else:
+                    request.finish()
+            drip()
+            return NOT_DONE_YET
+        if path == b"/refuse":
+            request.setResponseCode(403)
+            request.setHeader(b"Content-Type", b"text/plain")
+            request.write(b"refused: ")
+            reactor.callLater(0.05, lambda: (request.write(b"no upgrade here\n"), request.finish()))
             return NOT_DONE_YET
         if path == b"/status":
             request.setResponseCode(int(args[b"code"][0]))
@@ -121,7 +169,7 @@ class Upstream(Resource):
         request.setHeader(b"Keep-Alive", b"timeout=5")
         request.setHeader(b"Connection", b"X-Private")
         request.setHeader(b"X-Private", b"hop")
-        return json.dumps({"method": request.method.decode(), "uri": request.uri.decode("latin-1"),
+        return json.dumps({"port": self.port, "method": request.method.decode(), "uri": request.uri.decode("latin-1"),
                            "headers": headers, "length": length,
                            "sha256": digest.hexdigest()}).encode()
 
@@ -129,8 +177,9 @@ class Upstream(Resource):
 def main(portFile):
     factory = WebSocketServerFactory()
     factory.protocol = Echo
-    site = Site(Upstream(WebSocketResource(factory)))
-    port = reactor.listenTCP(0, site, interface="127.0.0.1")
+    upstream = Upstream(WebSocketResource(factory))
+    port = reactor.listenTCP(0, Site(upstream), interface="127.0.0.1")
+    upstream.port = port.getHost().port
     with open(portFile, "w") as f:
         f.write(str(port.getHost().port))
     reactor.run()

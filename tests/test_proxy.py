@@ -387,3 +387,68 @@ class FlowControlTests(SynchronousTestCase):
         relay.connectionLost(Failure(ResponseDone()))
         self.assertTrue(request.finished)
         self.assertEqual(request.written, [b"x"])
+
+
+class UpstreamAnswerTests(SynchronousTestCase):
+    """
+    Reading what upstreams answer: their Connection header, chunked
+    refusals of upgrades, and TLS failures told apart from others.
+    """
+
+    def test_responseConnectionHeader(self) -> None:
+        """
+        The endpoint's client protocol keeps the response's Connection
+        header readable (twisted.web keeps it out of Response.headers),
+        even for a response without a body, whose parser is dropped before
+        the response is handed over.
+        """
+        from twisted.internet.testing import StringTransport
+        from twisted.web._newclient import Request
+
+        from evgate.twistedprivate import ConnectionHeaderClientProtocol, responseConnectionHeader
+
+        for head in (b"HTTP/1.1 204 No Content\r\nConnection: X-Private, close\r\nX-Private: 1\r\n\r\n",
+                     b"HTTP/1.1 200 OK\r\nConnection: X-Private\r\nX-Private: 1\r\nContent-Length: 5\r\n\r\n"):
+            protocol = ConnectionHeaderClientProtocol(lambda p: None)
+            protocol.makeConnection(StringTransport())
+            d = protocol.request(Request(b"GET", b"/", Headers({b"host": [b"x"]}), None, persistent=True))
+            protocol.dataReceived(head)
+            response = self.successResultOf(d)
+            self.assertNotIn(b"connection", dict(response.headers.getAllRawHeaders()))
+            self.assertEqual(responseConnectionHeader(response)[0].split(b",")[0], b"X-Private")
+            self.assertEqual(endToEnd(response.headers, [b"x-private"]), [])
+
+    def test_chunkedRefusal(self) -> None:
+        """
+        A chunked body is decoded as it comes, in any split, extensions
+        and trailers included; a bad size is an error.
+        """
+        from evgate.proxy._upgrade import ChunkedBody
+
+        wire = b"9;ext=1\r\nrefused: \r\n10\r\nno upgrade here\n\r\n0\r\nX-Trailer: 1\r\n\r\n"
+        for step in (1, 3, len(wire)):
+            out: List[bytes] = []
+            body = ChunkedBody(out.append)
+            for i in range(0, len(wire), step):
+                self.assertFalse(body.ended)
+                body.feed(wire[i:i + step])
+            self.assertTrue(body.ended)
+            self.assertEqual(b"".join(out), b"refused: no upgrade here\n")
+        self.assertRaises(ValueError, ChunkedBody(lambda d: None).feed, b"zz\r\n")
+
+    def test_tlsFailure(self) -> None:
+        """
+        A handshake error, even wrapped in the client's failure lists, is
+        a TLS failure with OpenSSL's reason; a refused connection is not.
+        """
+        from OpenSSL import SSL
+        from twisted.internet.error import ConnectionRefusedError
+        from twisted.python.failure import Failure
+        from twisted.web._newclient import ResponseNeverReceived
+
+        from evgate.proxy._forward import tlsFailure
+
+        error = SSL.Error([("SSL routines", "", "certificate verify failed")])
+        wrapped = Failure(ResponseNeverReceived([Failure(error)]))
+        self.assertEqual(tlsFailure(wrapped), "certificate verify failed")
+        self.assertIsNone(tlsFailure(Failure(ConnectionRefusedError())))

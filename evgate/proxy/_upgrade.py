@@ -12,8 +12,10 @@ spliced: bytes are relayed as they come, each transport registered as the
 other's streaming producer, so a side that cannot keep up pauses the
 reading of the other (the WebSocket frames are not parsed: extensions,
 pings and close frames pass untouched).  Any other answer is given to the
-client as an ordinary response (its body up to Content-Length) and the
-upstream connection is closed.
+client as an ordinary response and the upstream connection is closed;
+its body is relayed whatever its framing: up to its Content-Length,
+chunked (decoded here by L{ChunkedBody}, re-chunked by twisted.web), or
+until the upstream closes the connection.
 """
 
 from __future__ import annotations
@@ -27,10 +29,67 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from evgate.gateway import finishWithProblem
+from evgate.proxy._forward import tlsFailure
 from evgate.proxy._headers import endToEnd
 from evgate.proxy.problems import NoUpstreamInService, UpstreamFailed, UpstreamTimeout
 
 _MAX_HEAD = 65536
+
+
+class ChunkedBody:
+    """
+    A decoder of a chunked body (RFC 9112 section 7.1) fed as it arrives:
+    C{write} gets the data, C{ended} is true after the last chunk and its
+    trailer section.  A malformed body raises L{ValueError}.
+    """
+
+    def __init__(self, write: Any) -> None:
+        self.write = write
+        self.ended = False
+        self._buffer = b""
+        self._left = -1  # data bytes left in this chunk; -1 reading a size line
+
+    def feed(self, data: bytes) -> None:
+        """
+        The next bytes of the body.
+        """
+        self._buffer += data
+        while not self.ended:
+            if self._left > 0:
+                piece, self._buffer = self._buffer[:self._left], self._buffer[self._left:]
+                if not piece:
+                    return
+                self._left -= len(piece)
+                self.write(piece)
+                continue
+            if self._left == 0:
+                # The CRLF after a chunk's data.
+                if len(self._buffer) < 2:
+                    return
+                if self._buffer[:2] != b"\r\n":
+                    raise ValueError("no CRLF after a chunk")
+                self._buffer = self._buffer[2:]
+                self._left = -1
+                continue
+            if self._left == -2:
+                # Trailer lines until an empty one.
+                line, found, rest = self._buffer.partition(b"\r\n")
+                if not found:
+                    return
+                self._buffer = rest
+                if not line:
+                    self.ended = True
+                continue
+            line, found, rest = self._buffer.partition(b"\r\n")
+            if not found:
+                if len(self._buffer) > 4096:
+                    raise ValueError("a chunk size line longer than 4 KiB")
+                return
+            self._buffer = rest
+            size = line.split(b";", 1)[0].strip()
+            if not size or any(c not in b"0123456789abcdefABCDEF" for c in size) or len(size) > 16:
+                raise ValueError(f"a bad chunk size {size[:20]!r}")
+            self._left = int(size, 16) or -2
 
 
 class _UpstreamSide(Protocol):
@@ -90,6 +149,8 @@ class UpgradeRelay:
         self._spliced = False
         self._closed = False
         self._bodyLeft = 0
+        self._chunked: Optional[ChunkedBody] = None
+        self._untilClose = False
         self._released = False
 
     def start(self) -> None:
@@ -199,13 +260,40 @@ class UpgradeRelay:
         request.setResponseCode(code, phrase or None)
         for name, values in endToEnd(headers):
             request.responseHeaders.setRawHeaders(name, values)
-        length = headers.getRawHeaders(b"content-length", [b"0"])[0]
-        self._bodyLeft = int(length) if length.isdigit() else 0
+        chunked = b"chunked" in b",".join(headers.getRawHeaders(b"transfer-encoding", [])).lower()
+        length = headers.getRawHeaders(b"content-length")
+        if code in (204, 304) or request.method == b"HEAD":
+            self._bodyLeft = 0
+        elif chunked:
+            self._chunked = ChunkedBody(request.write)
+        elif length is not None:
+            self._bodyLeft = int(length[0]) if length[0].strip().isdigit() else 0
+        else:
+            # Neither length nor chunks: the body ends when the upstream
+            # closes the connection (upstreamLost finishes the response).
+            self._untilClose = True
         self._relayBody(rest)
 
     def _relayBody(self, data: bytes) -> None:
         request = self.request
         if request.finished or getattr(request, "_disconnected", False):
+            return
+        if self._untilClose:
+            if data:
+                request.write(data)
+            return
+        if self._chunked is not None:
+            try:
+                self._chunked.feed(data)
+            except ValueError as e:
+                self.log.warn("{api}: bad chunked body in the answer to an upgrade: {why}", api=self.apiName,
+                              why=str(e))
+                request.channel.transport.abortConnection()
+                self._closeUpstream()
+                return
+            if self._chunked.ended:
+                request.finish()
+                self._closeUpstream()
             return
         chunk = data[:self._bodyLeft]
         self._bodyLeft -= len(chunk)
@@ -273,11 +361,19 @@ class UpgradeRelay:
             return
         request = self.request
         if not self._answered:
-            self.target.statsFor(self.apiName).failed("response-head")
-            finishWithProblem(request, UpstreamFailed(
-                f"the upstream of endpoint {self.endpoint.name} closed the connection before answering the "
-                "upgrade", extra={"stage": "response-head", "attempts": 1}))
-        elif not request.finished and not getattr(request, "_disconnected", False):
+            tls = tlsFailure(reason) if reason is not None else None
+            stage = "response-head" if tls is None else "tls"
+            self.target.statsFor(self.apiName).failed(stage)
+            self.endpoint.targets.failed(self.target, stage)
+            detail = (f"the upstream of endpoint {self.endpoint.name} closed the connection before answering "
+                      "the upgrade") if tls is None else (
+                f"TLS with the upstream of endpoint {self.endpoint.name} failed ({tls})")
+            finishWithProblem(request, UpstreamFailed(detail, extra={"stage": stage, "attempts": 1}))
+        elif request.finished or getattr(request, "_disconnected", False):
+            return
+        elif self._untilClose:
+            request.finish()
+        else:
             request.channel.transport.abortConnection()
 
     def clientLost(self, reason: Failure) -> None:

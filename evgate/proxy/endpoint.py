@@ -22,7 +22,7 @@ from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
@@ -31,6 +31,7 @@ from evgate.errors import EndpointUnavailable
 from evgate.ini import SectionReader
 from evgate.interfaces import IConnector, IMetricsSource
 from evgate.proxy._pool import BALANCING, Target, TargetPool, parseTargets
+from evgate.twistedprivate import ConnectionHeaderClientFactory, QuietConnectionPool
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
 _HEALTH = re.compile(r"^\s*(/\S*)\s+every\s+(\S+)\s*$")
@@ -167,7 +168,7 @@ class _UnverifiedTls:
         return connection
 
 
-class _ObservedPool(HTTPConnectionPool):
+class _ObservedPool(QuietConnectionPool):
     """
     A connection pool that tells the request being started when its
     connection is ready (new or reused).
@@ -178,6 +179,8 @@ class _ObservedPool(HTTPConnectionPool):
     """
 
     _observer: Any = None
+    # Its protocols let the proxy see the upstream's Connection header.
+    _factory = ConnectionHeaderClientFactory
 
     def expectConnection(self, observer: Callable[[], None]) -> None:
         """

@@ -1,6 +1,6 @@
 """
 The problem documents of the HTTP proxy (docs/errors.md): each says which
-stage failed (C{stage}: C{select}, C{connect}, C{response-head},
+stage failed (C{stage}: C{select}, C{connect}, C{tls}, C{response-head},
 C{request-body}) and how many targets were tried (C{attempts}).  Target
 addresses are logged, never shown to clients.
 """
