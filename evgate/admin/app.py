@@ -83,6 +83,7 @@ ADMIN_MODULES: Tuple[str, ...] = (
     "evgate.admin.console",
     "evgate.admin.samples",
     "evgate.admin.replay",
+    "evgate.admin.deadletters",
     "evgate.admin.messages",
     "evgate.admin.reloadplan",
 )
