@@ -277,7 +277,7 @@ class ConsoleManagementBrowserTests(ConsoleBrowserTests):
         """
         devtools = self.signedIn()
         devtools.evaluate("window.confirm = () => true; true")
-        callback = f"http://127.0.0.1:{self.receiver.server_address[1]}/hook"
+        callback = self.receiver.url
         devtools.evaluate(f"document.getElementById('subscription-url').value = {json.dumps(callback)};"
                           "document.getElementById('subscription-form').requestSubmit(); true")
         self.waitForPage(devtools, "!document.getElementById('subscription-secret').hidden", "the secret")
