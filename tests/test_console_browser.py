@@ -27,13 +27,14 @@ TOKEN = "console-token-0123456789abcdef"
 
 def consoleIni() -> GatewayIni:
     """
-    Two memory endpoints; /orders with streams and webhooks to 127.0.0.1,
+    Two memory endpoints; /orders with streams and webhooks to 127.0.0.1
+    (dead letters to the memory topic orders-dlq),
     /telemetry behind API keys and on the portal; an admin API with a
     memory store.
     """
     return (GatewayIni(listen="tcp:0:interface=127.0.0.1").admin(TOKEN).gateway(store="memory", portal="/portal")
             .loopbackWebhooks().memory().memory("spare")
-            .api("orders", entrypoints="http-post sse webhook")
+            .api("orders", entrypoints="http-post sse webhook", dlq="local/orders-dlq")
             .api("telemetry", endpoint="spare", entrypoints="http-post http-get websocket sse", plans="api-key",
                  portal=True))
 
@@ -276,7 +277,7 @@ class ConsoleManagementBrowserTests(ConsoleBrowserTests):
         """
         devtools = self.signedIn()
         devtools.evaluate("window.confirm = () => true; true")
-        callback = f"http://127.0.0.1:{self.receiver.server_address[1]}/hook"
+        callback = self.receiver.url
         devtools.evaluate(f"document.getElementById('subscription-url').value = {json.dumps(callback)};"
                           "document.getElementById('subscription-form').requestSubmit(); true")
         self.waitForPage(devtools, "!document.getElementById('subscription-secret').hidden", "the secret")
@@ -299,6 +300,50 @@ class ConsoleManagementBrowserTests(ConsoleBrowserTests):
         self.waitForPage(devtools, f"{row}.innerText.includes('\\t6\\t')", "the messages delivered again")
         devtools.evaluate(f"{row}.querySelector('[data-action=\"delete\"]').click(); true")
         self.waitForPage(devtools, f"{row} === null", "the subscription to go")
+
+    def test_deadLetters(self) -> None:
+        """
+        A receiver that refuses makes dead letters; once it accepts, the
+        console shows the subscription's dead letters (reason, content)
+        and redelivers one, then the rest, and the receiver gets them.
+        """
+        accepting = [False]
+        self.receiver.decide = lambda body, attempt: 204 if accepting[0] else 400
+        status, _, body = httpRequest("POST", self.gateway.adminUrl("/apis/orders/subscriptions"),
+                                      json.dumps({"callbackUrl": self.receiver.url}).encode(),
+                                      {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+        self.assertEqual(status, 201, body)
+        id = json.loads(body)["id"]
+        for index in range(3):
+            httpRequest("POST", self.gateway.url("/orders"), f"dead-{index}".encode(), {"Content-Type": "text/plain"})
+
+        def deadLettered() -> bool:
+            _, _, view = httpRequest("GET", self.gateway.adminUrl(f"/apis/orders/subscriptions/{id}"), None,
+                                     {"Authorization": f"Bearer {TOKEN}"})
+            return bool(json.loads(view)["counts"]["deadLettered"] == 3)
+
+        waitFor(deadLettered, 30, what="three dead letters")
+        accepting[0] = True
+        devtools = self.signedIn()
+        row = f"document.querySelector('tr[data-subscription=\"{id}\"]')"
+        self.waitForPage(devtools, f"{row} !== null", "the subscription's row")
+        devtools.evaluate(f"{row}.querySelector('[data-action=\"dead letters\"]').click(); true")
+        rows = "document.querySelectorAll('#dead-letter-rows tr[data-dead-letter]')"
+        self.waitForPage(devtools, f"{rows}.length === 3", "the dead letters")
+        text = devtools.evaluate("document.getElementById('dead-letter-rows').innerText")
+        self.assertIn("rejected: HTTP 400 Bad Request", text)
+        self.assertIn("dead-0", text)
+        self.assertIn("orders/0@0", text)
+        devtools.evaluate(f"{rows}[0].querySelector('[data-action=\"redeliver\"]').click(); true")
+        self.waitForPage(devtools, f"{rows}[0].querySelector('td.outcome').innerText.includes('redelivered')",
+                         "the first redelivery")
+        self.assertEqual(self.receiver.delivered(), [b"dead-0"])
+        devtools.evaluate("document.getElementById('dead-letters-redeliver-all').click(); true")
+        self.waitForPage(devtools, "document.getElementById('dead-letters-message').innerText"
+                                   ".includes('3 redelivered')", "the redelivery of all shown")
+        self.assertEqual(sorted(self.receiver.delivered()), [b"dead-0", b"dead-0", b"dead-1", b"dead-2"])
+        self.assertEqual(devtools.evaluate("document.querySelectorAll('[style]').length"), 0)
+        screenshot(devtools, "console-dead-letters.png")
 
     def test_tailPublishAndReload(self) -> None:
         """

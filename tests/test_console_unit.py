@@ -354,13 +354,14 @@ class ReplayRouteTests(SynchronousTestCase):
 
     def test_refusedWithoutALog(self) -> None:
         """
-        Endpoints that keep no log, or deliver through consumer groups,
-        refuse with a problem that says why.
+        Endpoints that keep no log, or cannot find a time, refuse with a
+        problem that says why (Kafka's consumer groups are moved instead:
+        tests.test_replay_kafka).
         """
         from zope.interface import directlyProvides
 
         from evgate.admin.replay import ReplayUnsupported, replayPosition
-        from evgate.interfaces import IConsumerGroups, IRetainedLog
+        from evgate.interfaces import IRetainedLog
 
         class Connector:
             kind = "kafka"
@@ -371,9 +372,9 @@ class ReplayRouteTests(SynchronousTestCase):
             class config:
                 endpoint = "events"
 
-        directlyProvides(Api.connector, IRetainedLog, IConsumerGroups)
+        directlyProvides(Api.connector, IRetainedLog)
         error = self.assertRaises(ReplayUnsupported, replayPosition, Api, {"at": "2020-01-01T00:00:00Z"})
-        self.assertIn("consumer group", str(error))
+        self.assertIn("cannot find a position by time", str(error))
         self.assertEqual(error.status, 409)
         directlyProvides(Api.connector)
         Connector.kind = "mqtt5"

@@ -1174,6 +1174,7 @@ class FakeGroupConnector:
         self.reader = FakeReader()
         self.batches: List[List[Message]] = []
         self.polls: List[Tuple[str, str, Deferred]] = []
+        self.left: List[Tuple[str, str]] = []
         self.options = {"group-prefix": "evgate"}
 
     def groupId(self, group: str) -> str:
@@ -1183,6 +1184,10 @@ class FakeGroupConnector:
         d: Deferred = Deferred()
         self.polls.append((topic, group, d))
         return d
+
+    def leaveGroup(self, topic: str, group: str) -> Deferred:
+        self.left.append((topic, group))
+        return succeed(None)
 
     def answer(self, offsets: List[int]) -> None:
         """
@@ -1282,6 +1287,16 @@ class KafkaFeedTests(SynchronousTestCase):
         self.assertEqual(self.connector.reader.sent, [("putBack", [6, 7])])
         self.assertEqual(self.connector.reader.commits, [{0: 6}])
         self.assertEqual(self.connector.reader.releases, 1)
+
+    def test_closeLeavesTheGroup(self) -> None:
+        """
+        A closed feed leaves its consumer group at once (after its commit),
+        rather than when the reader has been idle long enough, so that a
+        paused subscription's group has no members.
+        """
+        self.feed.start(None)
+        self.feed.close()
+        self.assertEqual(self.connector.left, [("t", self.feed.group)])
 
     def test_pollFailureRetried(self) -> None:
         """

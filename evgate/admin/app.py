@@ -39,8 +39,25 @@ imported, and is listed in L{ADMIN_MODULES} so that the app imports it::
    route cannot forget it, and an unknown path without a token is a 401,
    not a 404: the API's shape is not shown to strangers.
 
-Routes so far: C{GET /health}; webhook subscriptions
-(L{evgate.admin.subscriptions}).  docs/admin-api.md lists them.
+Routes (docs/admin-api.md documents each, with examples):
+
+ - public: C{GET /health} (here), C{GET /ready} (L{evgate.admin.ops}), the
+   console's files C{GET /}, C{/console.js}, C{/console.css},
+   C{/charts.js}, C{/deadletters.js} (L{evgate.admin.console});
+ - L{evgate.admin.ops}: C{GET /metrics}, C{GET /endpoints}, C{GET /apis},
+   C{GET /apis/<api>}, C{GET /apis/<api>/tail}, C{POST /reload};
+ - L{evgate.admin.reloadplan}: C{GET /reload/plan};
+ - L{evgate.admin.samples}: C{GET /metrics/history};
+ - L{evgate.admin.asyncapi}: C{GET /apis/<api>/asyncapi};
+ - L{evgate.admin.messages}: C{POST /apis/<api>/messages};
+ - L{evgate.admin.keys}: C{POST|GET /apis/<api>/keys},
+   C{GET|PATCH|DELETE /apis/<api>/keys/<keyId>};
+ - L{evgate.admin.subscriptions}: C{POST|GET /apis/<api>/subscriptions},
+   C{GET|DELETE /apis/<api>/subscriptions/<id>}, C{POST .../<id>/pause},
+   C{POST .../<id>/resume};
+ - L{evgate.admin.replay}: C{POST /apis/<api>/subscriptions/<id>/replay};
+ - L{evgate.admin.deadletters}: C{GET .../<id>/dead-letters},
+   C{POST .../<id>/dead-letters/redeliver}.
 """
 
 from __future__ import annotations
@@ -83,6 +100,7 @@ ADMIN_MODULES: Tuple[str, ...] = (
     "evgate.admin.console",
     "evgate.admin.samples",
     "evgate.admin.replay",
+    "evgate.admin.deadletters",
     "evgate.admin.messages",
     "evgate.admin.reloadplan",
 )

@@ -34,6 +34,7 @@ FILES: Dict[str, Tuple[str, str]] = {
     "/console.js": ("console.js", "text/javascript; charset=utf-8"),
     "/console.css": ("console.css", "text/css; charset=utf-8"),
     "/charts.js": ("charts.js", "text/javascript; charset=utf-8"),
+    "/deadletters.js": ("deadletters.js", "text/javascript; charset=utf-8"),
 }
 
 
@@ -77,3 +78,11 @@ def consoleCharts(admin: AdminApp, request: Request) -> Answer:
     The console's charts (SVG, drawn by the page).
     """
     return staticAnswer("/charts.js")
+
+
+@adminRoute("/deadletters.js", methods=["GET"], public=True)
+def consoleDeadLetters(admin: AdminApp, request: Request) -> Answer:
+    """
+    The console's dead-letters panel.
+    """
+    return staticAnswer("/deadletters.js")

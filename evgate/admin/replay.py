@@ -14,12 +14,13 @@ Which endpoints can:
  - the in-memory endpoint: C{from} and C{at} (its log keeps each message's
    time), within what its C{retention} still holds (an older position
    starts at the oldest message kept, and the deliverer says so);
- - Kafka: refused for now.  A Kafka subscription's position is its consumer
-   group's committed offsets, which every node delivering it shares; moving
-   them means committing new offsets while no node is in the group, and
-   C{at} would be served by the consumer's C{offsets_for_times}.  Until that
-   is built, the problem says so, and C{kafka-consumer-groups
-   --reset-offsets --to-datetime} on a paused subscription does it by hand;
+ - Kafka: C{from} and C{at}.  A Kafka subscription's position is its
+   consumer group's committed offsets, which every node delivering it
+   shares; the subscription is paused on every node (through the store),
+   the replay waits until the group has no members, commits the new
+   offsets (C{at}: the consumer's C{offsets_for_times}) and resumes it
+   (L{evgate.webhook.groupreplay}).  If members remain after the store's
+   sync interval and a grace, the answer is a 503 and nothing moved;
  - MQTT: refused: the broker keeps no log to go back to.
 """
 
@@ -80,6 +81,20 @@ def memoryPositionAt(connector: MemoryConnector, topic: str, seconds: float) -> 
     return Cursor.fromMapping({0: offset}, connector.epoch())
 
 
+def fromCursor(api: Any, text: Any) -> Cursor:
+    """
+    The cursor C{from} of a replay body.
+
+    @raise BadCursor: if it is not one of C{api}'s.
+    """
+    if not isinstance(text, str) or not text:
+        raise BadCursor("from is a cursor of the API", extra={"field": "from"})
+    try:
+        return Cursor.decode(text, api.tag)
+    except CursorError as e:
+        raise BadCursor(f"from is not a cursor of API {api.name}: {e}", extra={"field": "from"}) from None
+
+
 def replayPosition(api: Any, document: Dict[str, Any]) -> Cursor:
     """
     Where C{document} asks subscription deliveries of C{api} to start.
@@ -92,19 +107,8 @@ def replayPosition(api: Any, document: Dict[str, Any]) -> Cursor:
     name = api.config.endpoint
     if not IRetainedLog.providedBy(connector):
         raise ReplayUnsupported(f"endpoint {name} ({kind}) keeps no log: there is nothing to replay")
-    if IConsumerGroups.providedBy(connector):
-        raise ReplayUnsupported(
-            f"endpoint {name} ({kind}) delivers webhooks through a consumer group, whose offsets the "
-            "admin API does not move yet: pause the subscription and reset its group's offsets "
-            "(kafka-consumer-groups --reset-offsets), then resume it")
     if "from" in document:
-        text = document["from"]
-        if not isinstance(text, str) or not text:
-            raise BadCursor("from is a cursor of the API", extra={"field": "from"})
-        try:
-            return Cursor.decode(text, api.tag)
-        except CursorError as e:
-            raise BadCursor(f"from is not a cursor of API {api.name}: {e}", extra={"field": "from"}) from None
+        return fromCursor(api, document["from"])
     seconds = parseAt(document["at"])
     if not isinstance(connector, MemoryConnector):
         raise ReplayUnsupported(f"endpoint {name} ({kind}) cannot find a position by time; "
@@ -123,7 +127,13 @@ def replaySubscription(admin: AdminApp, request: Request, api: str, id: str) -> 
     document = readJson(request)
     if not isinstance(document, dict) or len(document) != 1 or not ({"from", "at"} & set(document)):
         raise BadRequest('the body is {"from": "<cursor>"} or {"at": "<RFC 3339 time>"}')
-    position = replayPosition(runtime, document)
-    d = service.replay(api, id, position)
+    connector = runtime.connector
+    if IConsumerGroups.providedBy(connector) and IRetainedLog.providedBy(connector):
+        if "from" in document:
+            d = service.replayGroup(api, id, offsets=fromCursor(runtime, document["from"]).asDict())
+        else:
+            d = service.replayGroup(api, id, at=int(parseAt(document["at"]) * 1000))
+    else:
+        d = service.replay(api, id, replayPosition(runtime, document))
     d.addCallback(lambda record: service.view(runtime, record))
     return d  # type: ignore[no-any-return]

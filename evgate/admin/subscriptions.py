@@ -40,6 +40,17 @@ def webhooks(admin: AdminApp, api: str) -> Any:
     return service
 
 
+def subscriptionView(admin: AdminApp, api: str, id: str, operation: str) -> Deferred:
+    """
+    Run the webhook service's C{operation} (C{get}, C{pause}, C{resume})
+    on subscription C{id}, and answer the subscription's view.
+    """
+    service = webhooks(admin, api)
+    d = getattr(service, operation)(api, id)
+    d.addCallback(lambda record: service.view(service.apiFor(api), record))
+    return d  # type: ignore[no-any-return]
+
+
 @adminRoute("/apis/<api>/subscriptions", methods=["POST"])
 def createSubscription(admin: AdminApp, request: Request, api: str) -> Deferred:
     """
@@ -80,10 +91,7 @@ def getSubscription(admin: AdminApp, request: Request, api: str, id: str) -> Def
     """
     One subscription, with its status, position, last error and counts.
     """
-    service = webhooks(admin, api)
-    d = service.get(api, id)
-    d.addCallback(lambda record: service.view(service.apiFor(api), record))
-    return d
+    return subscriptionView(admin, api, id, "get")
 
 
 @adminRoute("/apis/<api>/subscriptions/<id>", methods=["DELETE"])
@@ -102,10 +110,7 @@ def pauseSubscription(admin: AdminApp, request: Request, api: str, id: str) -> D
     """
     Stop delivering until resumed; the position is kept.
     """
-    service = webhooks(admin, api)
-    d = service.pause(api, id)
-    d.addCallback(lambda record: service.view(service.apiFor(api), record))
-    return d
+    return subscriptionView(admin, api, id, "pause")
 
 
 @adminRoute("/apis/<api>/subscriptions/<id>/resume", methods=["POST"])
@@ -113,7 +118,4 @@ def resumeSubscription(admin: AdminApp, request: Request, api: str, id: str) -> 
     """
     Deliver again from the position.
     """
-    service = webhooks(admin, api)
-    d = service.resume(api, id)
-    d.addCallback(lambda record: service.view(service.apiFor(api), record))
-    return d
+    return subscriptionView(admin, api, id, "resume")

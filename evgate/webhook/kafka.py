@@ -237,8 +237,16 @@ class KafkaGroupFeed:
             self._retryCall.cancel()
         self._retryCall = None
         batch, self.batch = self.batch, None
-        if batch is None:
-            return
+        if batch is not None:
+            self._commitSettled(batch)
+        # Leave the group now: a paused or deleted subscription is no
+        # member, so Kafka gives its partitions to the nodes still
+        # delivering it at once, and a replay finds the group empty
+        # (evgate.webhook.groupreplay).
+        self.connector.leaveGroup(self.topic, self.group).addErrback(
+            lambda f: self.log.failure("webhook: leaving {group} failed", f, group=self.groupId))
+
+    def _commitSettled(self, batch: Any) -> None:
         position = self.deliverer.position
         settled = [m for m in batch.messages
                    if position is not None and (position.get(m.partition) or 0) > m.offset]

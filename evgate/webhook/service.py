@@ -31,7 +31,7 @@ from zope.interface import implementer
 
 from evgate.deadlines import atDeadline
 from evgate.entrypoints.webhook import WebhookGatewaySettings
-from evgate.errors import BadCursor, BadFilter, BadRequest, Conflict, EndpointUnavailable, NotFound
+from evgate.errors import BadCursor, BadFilter, BadRequest, Conflict, EndpointUnavailable, NotFound, Problem
 from evgate.filters import FilterSyntaxError, SubscriptionFilter, compileFilter
 from evgate.interfaces import IConsumerGroups, IRetainedLog, ISharedSubscriptions, IUpstreamSink
 from evgate.message import Cursor, CursorError
@@ -39,7 +39,8 @@ from evgate.webhook import records
 from evgate.webhook.client import DeliveryAgent, WebhookTrust
 from evgate.webhook.delivery import Deliverer, DeliveryContext, checkStaticHeaders
 from evgate.webhook.feeds import HubFeed, ShareGroupFeed
-from evgate.webhook.kafka import KafkaGroupFeed
+from evgate.webhook.groupreplay import MEMBERS_GRACE, commitGroupOffsets, waitForNoMembers
+from evgate.webhook.kafka import KafkaGroupFeed, webhookGroup
 
 if TYPE_CHECKING:
     from evgate.node import NodeContext
@@ -569,14 +570,66 @@ class WebhookService(Service):
             "position": position.encode(api.tag), "state": records.ACTIVE, "lastError": None}))
         d.addCallback(self._existing, apiName, id)
 
-        def restart(record: Mapping[str, Any]) -> Mapping[str, Any]:
-            if self.running and not record.get("paused") and id not in self.deliverers:
-                self._startDeliverer(self.apiFor(apiName), record)
-            return record
-
-        d.addCallback(restart)
+        d.addCallback(self._restart, apiName)
         d.addCallback(self._logged, f"replayed from {position.encode(api.tag)}", apiName)
         return d
+
+    def replayGroup(self, apiName: str, id: str, at: Optional[int] = None,
+                    offsets: Optional[Mapping[int, int]] = None) -> Deferred:
+        """
+        Deliver subscription C{id} of a Kafka API again from the first
+        message at or after C{at} (milliseconds), or from C{offsets}, by
+        moving its consumer group's committed offsets while no node is in
+        the group (L{evgate.webhook.groupreplay}).  The subscription is
+        paused meanwhile and left as it was if that fails.
+        """
+        api = self.apiFor(apiName)
+        connector = api.connector
+        groupId = connector.groupId(webhookGroup(api.name, id))
+        was: Dict[str, Any] = {}
+
+        def pause(record: Mapping[str, Any]) -> Deferred:
+            was.update(paused=bool(record.get("paused")), pausedReason=record.get("pausedReason"))
+            d = self._stopDeliverer(id)
+            d.addCallback(lambda _: self.store.update(records.KIND, id, {
+                "paused": True, "pausedReason": "replaying: moving the consumer group's position"}))
+            d.addCallback(lambda _: waitForNoMembers(connector, groupId, self.settings.syncInterval + MEMBERS_GRACE,
+                                                     self.reactor))
+            d.addCallback(lambda _: commitGroupOffsets(connector, api.config.topic, groupId, at, offsets))
+            return d
+
+        def moved(committed: Mapping[int, int]) -> Deferred:
+            position = Cursor.fromMapping(committed, connector.epoch()).encode(api.tag)
+            return self.store.update(records.KIND, id, dict(was, position=position, state=records.ACTIVE,
+                                                            lastError=None))
+
+        def failed(failure: Failure) -> Deferred:
+            if not was:
+                return failure  # type: ignore[return-value]
+            if not failure.check(Problem):
+                self.log.failure("webhook: replaying subscription {subscription} failed", failure, subscription=id)
+                failure = Failure(EndpointUnavailable(
+                    f"moving consumer group {groupId} failed: {failure.getErrorMessage()}; its position is as it was"))
+            d = self.store.update(records.KIND, id, dict(was))
+            d.addCallback(self._existing, apiName, id)
+            d.addCallback(self._restart, apiName)
+            d.addBoth(lambda _: failure)
+            return d
+
+        d = self.get(apiName, id)
+        d.addCallback(pause)
+        d.addCallback(moved)
+        d.addErrback(failed)
+        d.addCallback(self._existing, apiName, id)
+        d.addCallback(self._restart, apiName)
+        d.addCallback(self._logged, f"moved consumer group {groupId} of", apiName)
+        return d
+
+    def _restart(self, record: Mapping[str, Any], apiName: str) -> Mapping[str, Any]:
+        # Deliver again after a replay, unless the subscription is paused.
+        if self.running and not record.get("paused") and record["id"] not in self.deliverers:
+            self._startDeliverer(self.apiFor(apiName), record)
+        return record
 
     def _existing(self, record: Optional[Mapping[str, Any]], apiName: str, id: str) -> Mapping[str, Any]:
         if record is None:

@@ -156,6 +156,7 @@ function renderSubscriptions(items) {
       s.status === "paused" ? action("Resume", () => subscriptionAction(s, "POST", "/resume"))
         : action("Pause", () => subscriptionAction(s, "POST", "/pause")),
       action("Replay", () => showReplay(s)),
+      action("Dead letters", () => showDeadLetters(s)),
       action("Delete", () => {
         if (confirm(`Delete subscription ${s.id}?`)) subscriptionAction(s, "DELETE", "");
       })))));

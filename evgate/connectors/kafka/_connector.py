@@ -634,6 +634,22 @@ class KafkaConnector(Service):
         turn.addCallbacks(haveTurn, noTurn)
         return turn
 
+    def leaveGroup(self, topic: str, group: str) -> Deferred:
+        """
+        Close the reader of C{topic} in the group C{<group-prefix>.<group>}
+        now rather than after C{group-idle-timeout}: its consumer leaves
+        the group (commands already sent to it, such as a commit, run
+        first).
+
+        @return: a Deferred that fires once the reader's thread has ended
+            (at once if there was no reader).
+        """
+        reader = self.groups.get((topic, self.groupId(group)))
+        if reader is None:
+            return succeed(None)
+        reader.close()
+        return reader.whenExited()
+
     def _releaseOnError(self, failure: Failure, reader: GroupReader) -> Failure:
         reader.release()
         return failure
