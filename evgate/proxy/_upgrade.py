@@ -25,6 +25,7 @@ from twisted.internet.error import TimeoutError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 
 from evgate.gateway import finishWithProblem
 from evgate.proxy._headers import endToEnd
@@ -183,8 +184,6 @@ class UpgradeRelay:
             return
         code = int(parts[1])
         phrase = parts[2] if len(parts) > 2 else b""
-        from twisted.web.http_headers import Headers
-
         headers = Headers()
         for line in lines[1:]:
             name, _, value = line.partition(b":")

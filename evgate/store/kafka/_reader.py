@@ -16,6 +16,8 @@ if TYPE_CHECKING:
     from evgate.store.kafka._store import KafkaStore
 
 def _admin() -> Any:
+    # Lazy, like evgate.connectors.kafka._confluent: a gateway without a
+    # Kafka store should not pay for loading librdkafka.  And
     # confluent_kafka does not import its admin package itself.
     import confluent_kafka.admin
 
