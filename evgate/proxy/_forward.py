@@ -67,6 +67,7 @@ from evgate.gateway import finishWithProblem
 from evgate.proxy._headers import HOP_BY_HOP, connectionTokens, endToEnd
 from evgate.proxy._pool import Target
 from evgate.proxy.problems import NoUpstreamInService, UpstreamFailed, UpstreamTimeout
+from evgate.twistedprivate import requestDisconnected
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -282,7 +283,7 @@ class ResponseRelay(Protocol):
         self.finished = True
         self.call.bodyDone()
         request = self.request
-        if request.finished or getattr(request, "_disconnected", False):
+        if request.finished or requestDisconnected(request):
             return
         request.unregisterProducer()
         if reason is None or reason.check(ResponseDone, PotentialDataLoss, HttpPotentialDataLoss):

@@ -30,6 +30,7 @@ from twisted.web.http_headers import Headers
 from evgate.gateway import finishWithProblem
 from evgate.proxy._headers import endToEnd
 from evgate.proxy.problems import NoUpstreamInService, UpstreamFailed, UpstreamTimeout
+from evgate.twistedprivate import requestDisconnected, takeChannelBuffer, upgradeChannel
 
 _MAX_HEAD = 65536
 
@@ -204,7 +205,7 @@ class UpgradeRelay:
 
     def _relayBody(self, data: bytes) -> None:
         request = self.request
-        if request.finished or getattr(request, "_disconnected", False):
+        if request.finished or requestDisconnected(request):
             return
         chunk = data[:self._bodyLeft]
         self._bodyLeft -= len(chunk)
@@ -237,11 +238,10 @@ class UpgradeRelay:
         request.code = 101
         request.startedWriting = 1
         self._spliced = True
-        buffered = b"".join(getattr(channel, "_dataBuffer", []))
-        channel._dataBuffer = []
+        buffered = takeChannelBuffer(channel)
         # The channel stops parsing HTTP: its bytes go to the splice, and
         # its end is the splice's.
-        channel._protocolUpgradeForWebsockets(client)
+        upgradeChannel(channel, client)
         upstream.spliced = True
         upstream.peer = transport
         # Flow control both ways: the channel was the client transport's
@@ -276,7 +276,7 @@ class UpgradeRelay:
             finishWithProblem(request, UpstreamFailed(
                 f"the upstream of endpoint {self.endpoint.name} closed the connection before answering the "
                 "upgrade", extra={"stage": "response-head", "attempts": 1}))
-        elif not request.finished and not getattr(request, "_disconnected", False):
+        elif not request.finished and not requestDisconnected(request):
             request.channel.transport.abortConnection()
 
     def clientLost(self, reason: Failure) -> None:
