@@ -23,7 +23,7 @@ from evgate.connectors.kafka._consumer import ConsumerThread
 from evgate.connectors.kafka._groups import GroupBatch, GroupReader
 from evgate.connectors.kafka._heads import KnownHeads
 from evgate.connectors.kafka._producer import REPORT_BATCH, ProducerThread
-from evgate.connectors.kafka._publishing import KafkaPublishing, _Batch
+from evgate.connectors.kafka._publishing import KafkaPublishing
 from evgate.errors import EndpointUnavailable
 from evgate.interfaces import IConnector, IConsumerGroups, IHeadOffsets, IRetainedLog, IUpstreamSink
 from evgate.message import Cursor
@@ -255,14 +255,7 @@ class KafkaConnector(Service, KafkaPublishing):
             self._refusalLogged = (logged, when, repeats + 1)
         problem = self.refused("the message was not stored")
         for token, pending in list(self._pending.items()):
-            if isinstance(pending, _Batch):
-                results = pending.results
-                for index, result in enumerate(results):
-                    if result is None:
-                        results[index] = problem
-                self._settle(token, results)
-            else:
-                self._settle(token, problem)
+            self._fail(token, pending, problem)
 
     def refused(self, what: str) -> EndpointUnavailable:
         """

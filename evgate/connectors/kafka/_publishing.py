@@ -262,14 +262,21 @@ class KafkaPublishing:
         else:
             problem = EndpointTimeout(f"Kafka did not acknowledge within {timeout:g} s; "
                                       "the message may or may not have been stored")
+        self._fail(token, pending, problem)
+
+    def _fail(self, token: int, pending: Any, problem: Problem) -> None:
+        """
+        Answer a pending publish with C{problem}; in a batch, the records
+        still waiting for their report.
+        """
         if isinstance(pending, _Batch):
             results = pending.results
             for index, result in enumerate(results):
                 if result is None:
                     results[index] = problem
             self._settle(token, results)
-            return
-        self._settle(token, problem)
+        else:
+            self._settle(token, problem)
 
     def unreachable(self, what: str) -> EndpointUnavailable:
         """
