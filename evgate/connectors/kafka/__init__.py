@@ -63,6 +63,8 @@ The package's modules are private; this module is its public face.
    poll-and-hand-over loop under credits of the assigned and store readers;
  - C{_assigned}: L{AssignedReader}, an upstream subscription;
  - C{_groups}: L{GroupReader} and L{GroupBatch}, group mode;
+ - C{_publishing}: the publishing half of L{KafkaConnector} (pending
+   publishes, delivery reports, timeouts, the problems answered);
  - C{_connector}: L{KafkaConnector}.
 """
 
