@@ -147,6 +147,20 @@ class SectionReader:
             return tuple(raw)
         return tuple(word for word in re.split(r"[\s,]+", raw) if word)
 
+    def getParsed(self, key: str, parse: Callable[[str], Any], default: Any = None) -> Any:
+        """
+        C{key} as C{parse} makes it from the stripped text; C{default} when
+        the key is absent.  A C{ValueError} of C{parse} becomes the error
+        of the key, quoting its text.
+        """
+        raw = self.get(key, REQUIRED if default is REQUIRED else None)
+        if raw is None:
+            return default
+        try:
+            return parse(raw)
+        except ValueError as e:
+            raise self.error(key, f"{raw!r}: {e}") from None
+
     def rest(self) -> Dict[str, str]:
         """
         The keys not read so far, marked as read.

@@ -96,6 +96,7 @@ class GatewayChannel(HTTPChannel):
     _bodyCall: Optional[IDelayedCall] = None
     _closeCall: Optional[IDelayedCall] = None
     _answered = False
+    _discarding = False
     site: Any = None
 
     def connectionMade(self) -> None:
@@ -151,6 +152,8 @@ class GatewayChannel(HTTPChannel):
         super().allHeadersReceived()
 
     def rawDataReceived(self, data: bytes) -> None:
+        if self._discarding:
+            return
         if self._inBody:
             self._bodyBytes += len(data)
         super().rawDataReceived(data)
@@ -173,6 +176,14 @@ class GatewayChannel(HTTPChannel):
         if self.site is not None:
             self.site.connectionClosed(self.transport)
         super().connectionLost(reason)
+
+    def discardInput(self) -> None:
+        """
+        Ignore whatever the client sends from now on, once the channel is
+        in raw mode (the rest of a refused head, or of a body that nobody
+        reads any more).
+        """
+        self._discarding = True
 
     def respondToBadRequest(self) -> None:
         """
@@ -197,7 +208,7 @@ class GatewayChannel(HTTPChannel):
         self._count(reason)
         # Nothing more is parsed: the rest of the head or body is unread.
         self.setRawMode()
-        self.rawDataReceived = lambda data: None  # type: ignore[method-assign]
+        self.discardInput()
         if self.transport is not None:
             # A request being answered still owns the response stream; the
             # problem can only go out before any response has started.
@@ -380,7 +391,8 @@ class GatewayRequest(Request):
         body = self._streamedBody
         if body is not None and not body.ended and self.channel is not None:
             # What is left of the body in this read is not a next request.
-            self.channel.rawDataReceived = lambda data: None  # type: ignore[method-assign]
+            channel: Any = self.channel  # the site's GatewayChannel
+            channel.discardInput()
         super().finish()
 
     def processingFailed(self, reason: Failure) -> Failure:

@@ -312,5 +312,75 @@ def responseConnectionHeader(response: Any) -> List[bytes]:
     return list(parser.connHeaders.getRawHeaders(b"connection", []))
 
 # ---------------------------------------------------------------------------
+# HTTP proxy (evgate.proxy): a client that left, and a WebSocket upgrade
+# spliced through to the target.
+# Pinned by tests.test_twistedprivate.ProxySpliceTests.
+# ---------------------------------------------------------------------------
+
+# Request sets `_disconnected` when its connection is lost; the public
+# notifyFinish() says so only once, as a Deferred, which the proxy cannot
+# ask again at the moment it decides whether to answer.
+REQUEST_DISCONNECTED = "_disconnected"
+
+# HTTPChannel keeps what it read past the current request (pipelined bytes,
+# or the first frames of an upgraded connection) in `_dataBuffer`, and
+# hands the connection to another protocol with
+# `_protocolUpgradeForWebsockets` (what twisted.web's own WebSocket support
+# uses).  No public API takes a connection away from the HTTP parser.
+CHANNEL_BUFFER = "_dataBuffer"
+CHANNEL_UPGRADE = "_protocolUpgradeForWebsockets"
+
+
+def requestDisconnected(request: Any) -> bool:
+    """
+    Whether the connection of C{request} (a L{twisted.web.http.Request}) is
+    gone.
+    """
+    return bool(getattr(request, REQUEST_DISCONNECTED, False))
+
+
+def takeChannelBuffer(channel: Any) -> bytes:
+    """
+    What C{channel} (an L{HTTPChannel}) read and has not parsed yet,
+    emptying its buffer.
+    """
+    buffered = b"".join(getattr(channel, CHANNEL_BUFFER, []))
+    setattr(channel, CHANNEL_BUFFER, [])
+    return buffered
+
+
+def upgradeChannel(channel: Any, protocol: Any) -> None:
+    """
+    Make C{protocol} the receiver of C{channel}'s connection from now on:
+    the channel stops parsing HTTP, and the connection's end is
+    C{protocol}'s.
+    """
+    getattr(channel, CHANNEL_UPGRADE)(protocol)
+
+# ---------------------------------------------------------------------------
 # end of the HTTP proxy section
+# ---------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------
+# Redis limits (evgate.security.counters): a connection lost before it was
+# usable.
+# Pinned by tests.test_twistedprivate.RedisTests.
+# ---------------------------------------------------------------------------
+
+# txredisapi's RedisProtocol sets `_ready` once AUTH and SELECT succeeded;
+# it reports a connection lost before that (a TLS failure during AUTH,
+# say) only as "could not auth", so the limits keep the real reason.
+REDIS_READY = "_ready"
+
+
+def redisProtocolReady(protocol: Any) -> bool:
+    """
+    Whether C{protocol} (a C{txredisapi.RedisProtocol}) finished its
+    set-up (AUTH, SELECT) and was usable.
+    """
+    return bool(getattr(protocol, REDIS_READY, False))
+
+# ---------------------------------------------------------------------------
+# end of the Redis limits section
 # ---------------------------------------------------------------------------

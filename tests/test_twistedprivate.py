@@ -9,10 +9,12 @@ import socket
 from collections import deque
 
 import autobahn
+import txredisapi
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import TrafficStats
 from twisted.internet import tcp
 from twisted.internet.error import ConnectionDone
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
@@ -168,3 +170,63 @@ class PoolTests(SynchronousTestCase):
         self.assertIs(getattr(twistedprivate.QuietConnectionPool, twistedprivate.POOL_FACTORY),
                       twistedprivate.QuietClientFactory)
         self.assertFalse(twistedprivate.QuietClientFactory.noisy)
+
+
+class ProxySpliceTests(SynchronousTestCase):
+    """
+    Request and HTTPChannel still keep the attributes the proxy reads and
+    calls through evgate.twistedprivate.
+    """
+
+    def test_requestDisconnected(self) -> None:
+        """
+        A Request has REQUEST_DISCONNECTED, and requestDisconnected turns
+        true when its connection is lost.
+        """
+        request = Request(DummyChannel())
+        self.assertTrue(hasattr(request, twistedprivate.REQUEST_DISCONNECTED),
+                        "Request lost _disconnected: re-check evgate/twistedprivate.py")
+        self.assertFalse(twistedprivate.requestDisconnected(request))
+        request.connectionLost(Failure(ConnectionDone()))
+        self.assertTrue(twistedprivate.requestDisconnected(request))
+
+    def test_channelUpgrade(self) -> None:
+        """
+        An HTTPChannel has CHANNEL_BUFFER and CHANNEL_UPGRADE;
+        takeChannelBuffer empties the buffer and upgradeChannel hands the
+        connection to another protocol, which then receives its bytes.
+        """
+        channel = HTTPChannel()
+        channel.makeConnection(StringTransport())
+        self.assertTrue(hasattr(channel, twistedprivate.CHANNEL_BUFFER),
+                        "HTTPChannel lost _dataBuffer: re-check evgate/twistedprivate.py")
+        self.assertTrue(callable(getattr(channel, twistedprivate.CHANNEL_UPGRADE, None)),
+                        "HTTPChannel lost _protocolUpgradeForWebsockets: re-check evgate/twistedprivate.py")
+        setattr(channel, twistedprivate.CHANNEL_BUFFER, [b"ab", b"c"])
+        self.assertEqual(twistedprivate.takeChannelBuffer(channel), b"abc")
+        self.assertEqual(twistedprivate.takeChannelBuffer(channel), b"")
+        received: list = []
+
+        class Receiver(Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                received.append(data)
+
+        twistedprivate.upgradeChannel(channel, Receiver())
+        channel.dataReceived(b"frame")
+        self.assertEqual(received, [b"frame"])
+
+
+class RedisTests(SynchronousTestCase):
+    """
+    txredisapi's protocol still says through REDIS_READY whether it was
+    usable.
+    """
+
+    def test_redisReady(self) -> None:
+        """
+        A new RedisProtocol has REDIS_READY, not yet true.
+        """
+        protocol = txredisapi.RedisProtocol()
+        self.assertTrue(hasattr(protocol, twistedprivate.REDIS_READY),
+                        "txredisapi.RedisProtocol lost _ready: re-check evgate/twistedprivate.py")
+        self.assertFalse(twistedprivate.redisProtocolReady(protocol))

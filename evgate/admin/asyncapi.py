@@ -36,6 +36,7 @@ from twisted.web.server import Request
 
 from evgate.admin.app import AdminApp, Answer, adminRoute
 from evgate.errors import NotFound
+from evgate.proxy.problems import NotAnEventApi
 from evgate.schemas.described import messagePayload
 
 MEDIA_TYPE = "application/vnd.aai.asyncapi+json;version=3.0.0"
@@ -249,8 +250,6 @@ def asyncapi(admin: AdminApp, request: Request, api: str) -> Any:
     if runtime is None:
         raise NotFound(f"there is no API named {api}")
     if "http-proxy" in runtime.config.entrypoints:
-        from evgate.proxy.problems import NotAnEventApi
-
         raise NotAnEventApi(f"API {api} is an HTTP proxy API: it has no AsyncAPI document (see docs/proxy.md)")
     body = json.dumps(asyncapiDocument(admin.gateway, runtime), indent=2).encode("utf-8")
     return Answer(200, body, [("Content-Type", MEDIA_TYPE)])

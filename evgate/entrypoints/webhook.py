@@ -122,15 +122,9 @@ def parseWebhookOptions(section: SectionReader, context: ApiContext) -> Mapping[
         raise section.error("webhook.retry.max-delay", f"must be at most {MAX_DELAY_LIMIT:g}")
     attempts = section.getInt("webhook.retry.max-attempts", DEFAULT_MAX_ATTEMPTS, minimum=1,
                               maximum=MAX_ATTEMPTS_LIMIT)
-    dlq = None
-    raw = section.get("dlq", None)
-    if raw is not None:
-        try:
-            dlq = splitDeadLetterTarget(raw)
-        except ValueError as e:
-            raise section.error("dlq", f"{raw!r}: {e}") from None
-        if dlq == (context.endpoint.name, section.get("topic")):
-            raise section.error("dlq", "must not be the API's own topic: dead letters would be delivered again")
+    dlq = section.getParsed("dlq", splitDeadLetterTarget)
+    if dlq is not None and dlq == (context.endpoint.name, section.get("topic")):
+        raise section.error("dlq", "must not be the API's own topic: dead letters would be delivered again")
     return {"webhook": WebhookApiSettings(
         retry=RetryPolicy(initial, maximum, attempts),
         timeout=section.getFloat("webhook.timeout", 10.0, minimum=0.1),

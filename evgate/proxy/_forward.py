@@ -48,7 +48,7 @@ from evgate.proxy._headers import HOP_BY_HOP, connectionTokens, endToEnd
 from evgate.proxy._pool import Target
 from evgate.proxy._requestbody import PIPE_BUFFER, RequestBodyPipe
 from evgate.proxy.problems import NoUpstreamInService, UpstreamFailed, UpstreamTimeout
-from evgate.twistedprivate import responseConnectionHeader
+from evgate.twistedprivate import requestDisconnected, responseConnectionHeader
 
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
@@ -88,7 +88,7 @@ class ResponseRelay(Protocol):
         self.finished = True
         self.call.bodyDone()
         request = self.request
-        if request.finished or getattr(request, "_disconnected", False):
+        if request.finished or requestDisconnected(request):
             return
         request.unregisterProducer()
         if reason is None or reason.check(ResponseDone, PotentialDataLoss, HttpPotentialDataLoss):

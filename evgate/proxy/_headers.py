@@ -26,7 +26,7 @@ from __future__ import annotations
 import re
 import uuid
 from typing import Iterable, List, Optional, Sequence, Set, Tuple
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 from twisted.web.http_headers import Headers
 
@@ -171,8 +171,6 @@ def withoutQueryParameters(query: bytes, names: Sequence[bytes]) -> bytes:
 
 
 def _unquotedName(name: bytes) -> bytes:
-    from urllib.parse import unquote_to_bytes
-
     return unquote_to_bytes(name.replace(b"+", b" "))
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
+from urllib.parse import urlsplit
 
 from twisted.logger import Logger
 
@@ -96,8 +97,6 @@ class Target:
     """
 
     def __init__(self, url: str, weight: int = 1) -> None:
-        from urllib.parse import urlsplit
-
         parts = urlsplit(url)
         self.url = url
         self.scheme = parts.scheme
@@ -219,8 +218,6 @@ def parseTargets(words: Sequence[str]) -> List[Tuple[str, int]]:
 
     @raise ValueError: for a word that is neither.
     """
-    from urllib.parse import urlsplit
-
     parsed = []
     for word in words:
         url, _, weight = word.partition("=")

@@ -27,11 +27,13 @@ from twisted.internet.error import TimeoutError
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.http_headers import Headers
 
 from evgate.gateway import finishWithProblem
 from evgate.proxy._forward import tlsFailure
 from evgate.proxy._headers import endToEnd
 from evgate.proxy.problems import NoUpstreamInService, UpstreamFailed, UpstreamTimeout
+from evgate.twistedprivate import requestDisconnected, takeChannelBuffer, upgradeChannel
 
 _MAX_HEAD = 65536
 
@@ -244,8 +246,6 @@ class UpgradeRelay:
             return
         code = int(parts[1])
         phrase = parts[2] if len(parts) > 2 else b""
-        from twisted.web.http_headers import Headers
-
         headers = Headers()
         for line in lines[1:]:
             name, _, value = line.partition(b":")
@@ -276,7 +276,7 @@ class UpgradeRelay:
 
     def _relayBody(self, data: bytes) -> None:
         request = self.request
-        if request.finished or getattr(request, "_disconnected", False):
+        if request.finished or requestDisconnected(request):
             return
         if self._untilClose:
             if data:
@@ -326,11 +326,10 @@ class UpgradeRelay:
         request.code = 101
         request.startedWriting = 1
         self._spliced = True
-        buffered = b"".join(getattr(channel, "_dataBuffer", []))
-        channel._dataBuffer = []
+        buffered = takeChannelBuffer(channel)
         # The channel stops parsing HTTP: its bytes go to the splice, and
         # its end is the splice's.
-        channel._protocolUpgradeForWebsockets(client)
+        upgradeChannel(channel, client)
         upstream.spliced = True
         upstream.peer = transport
         # Flow control both ways: the channel was the client transport's
@@ -369,7 +368,7 @@ class UpgradeRelay:
                       "the upgrade") if tls is None else (
                 f"TLS with the upstream of endpoint {self.endpoint.name} failed ({tls})")
             finishWithProblem(request, UpstreamFailed(detail, extra={"stage": stage, "attempts": 1}))
-        elif request.finished or getattr(request, "_disconnected", False):
+        elif request.finished or requestDisconnected(request):
             return
         elif self._untilClose:
             request.finish()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Dict, List, Mapping
 
+from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -31,6 +32,7 @@ from evgate.errors import EndpointUnavailable
 from evgate.ini import SectionReader
 from evgate.interfaces import IConnector, IMetricsSource
 from evgate.proxy._pool import BALANCING, Target, TargetPool, parseTargets
+from evgate.proxy.metrics import targetFamilies
 from evgate.twistedprivate import ConnectionHeaderClientFactory, QuietConnectionPool
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m)?\s*$")
@@ -159,8 +161,6 @@ class _UnverifiedTls:
         self.context = context
 
     def clientConnectionForTLS(self, tlsProtocol: Any) -> Any:
-        from OpenSSL import SSL
-
         connection = SSL.Connection(self.context, None)
         connection.set_app_data(tlsProtocol)
         connection.set_tlsext_host_name(self.hostname)
@@ -312,8 +312,6 @@ class HttpEndpoint(Service):
         The per-target metric families of this endpoint (read at scrape
         time by L{evgate.metrics.GatewayCollector}).
         """
-        from evgate.proxy.metrics import targetFamilies
-
         return targetFamilies(self)
 
     def describe(self) -> Dict[str, Any]:

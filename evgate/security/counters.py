@@ -25,6 +25,8 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.ssl import Certificate, optionsForClientTLS
 from twisted.logger import Logger
 
+from evgate.twistedprivate import redisProtocolReady
+
 UNITS = {
     "s": 1, "sec": 1, "second": 1, "seconds": 1,
     "m": 60, "min": 60, "minute": 60, "minutes": 60,
@@ -274,7 +276,7 @@ class RedisCounters(Service):
                 return super().connectionMade()
 
             def connectionLost(self, why: Any) -> None:
-                if not self._ready:
+                if not redisProtocolReady(self):
                     counters._lostBeforeReady = redisConnectionProblem(why)
                 super().connectionLost(why)
 

@@ -59,16 +59,19 @@ The package's modules are private; this module is its public face.
    librdkafka's log lines;
  - C{_producer}: L{ProducerThread};
  - C{_consumer}: L{ConsumerThread}, the owner thread every reader builds on,
-   with the record-error handling they share;
+   with the record-error handling they share, and L{BatchReader}, the
+   poll-and-hand-over loop under credits of the assigned and store readers;
  - C{_assigned}: L{AssignedReader}, an upstream subscription;
  - C{_groups}: L{GroupReader} and L{GroupBatch}, group mode;
+ - C{_publishing}: the publishing half of L{KafkaConnector} (pending
+   publishes, delivery reports, timeouts, the problems answered);
  - C{_connector}: L{KafkaConnector}.
 """
 
 from evgate.connectors.kafka._assigned import AssignedReader
 from evgate.connectors.kafka._client import ConfluentClients, LibrdkafkaLog, codes, kafkaError, toMessage
 from evgate.connectors.kafka._connector import KafkaConnector
-from evgate.connectors.kafka._consumer import ConsumerThread
+from evgate.connectors.kafka._consumer import BatchReader, ConsumerThread
 from evgate.connectors.kafka._groups import GroupBatch, GroupReader, TakeRequest
 from evgate.connectors.kafka._options import (
     CONSUMER_DEFAULTS,
@@ -85,8 +88,8 @@ from evgate.connectors.kafka._options import (
 from evgate.connectors.kafka._producer import REPORT_BATCH, ProducerThread
 
 __all__ = [
-    "AssignedReader", "ConfluentClients", "ConsumerThread", "GroupBatch", "GroupReader", "KafkaConnector",
-    "LibrdkafkaLog", "ProducerThread", "TakeRequest",
+    "AssignedReader", "BatchReader", "ConfluentClients", "ConsumerThread", "GroupBatch", "GroupReader",
+    "KafkaConnector", "LibrdkafkaLog", "ProducerThread", "TakeRequest",
     "CONSUMER_DEFAULTS", "MANAGED_KEYS", "OWN_DEFAULTS", "PRODUCER_DEFAULTS", "READER_GROUP", "REPORT_BATCH",
     "_confluent", "checkWithLibrdkafka", "codes", "consumerSettings", "kafkaError", "parseOptions",
     "producerSettings", "toMessage",
@@ -95,7 +98,7 @@ __all__ = [
 # The classes keep the module name they had before the package was split:
 # a class's Logger takes its namespace from it, and operators filter logs
 # by namespace (evgate.connectors.kafka.LibrdkafkaLog and the others).
-for _public in (AssignedReader, ConfluentClients, ConsumerThread, GroupBatch, GroupReader, KafkaConnector,
+for _public in (AssignedReader, BatchReader, ConfluentClients, ConsumerThread, GroupBatch, GroupReader, KafkaConnector,
                 LibrdkafkaLog, ProducerThread, TakeRequest):
     _public.__module__ = __name__
 del _public

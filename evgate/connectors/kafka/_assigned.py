@@ -5,14 +5,13 @@ no consumer group.
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Set, Tuple, Union
 
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from evgate.connectors.kafka._client import codes, kafkaError, toMessage
-from evgate.connectors.kafka._consumer import ConsumerThread
+from evgate.connectors.kafka._consumer import BatchReader
 from evgate.connectors.kafka._options import consumerSettings
 from evgate.errors import EndpointUnavailable, Problem
 from evgate.interfaces import IHoldableSubscription, IUpstreamSink
@@ -25,7 +24,7 @@ Start = Union[str, Cursor]
 
 
 @implementer(IHoldableSubscription)
-class AssignedReader(ConsumerThread):
+class AssignedReader(BatchReader):
     """
     An upstream subscription: reads one topic with C{assign} and explicit
     offsets into an L{IUpstreamSink}.
@@ -47,17 +46,16 @@ class AssignedReader(ConsumerThread):
     headsInterval = 1.0
 
     def __init__(self, connector: "KafkaConnector", topic: str, start: Start, sink: IUpstreamSink) -> None:
-        super().__init__(connector, topic, consumerSettings(connector.options["librdkafka"]))
+        super().__init__(connector, topic, consumerSettings(connector.options["librdkafka"]),
+                         connector.options["batches-in-flight"])
         self.startAt = start
         # Any: mypy cannot call through a zope Interface annotation.
         self.sink: Any = sink
-        self.credits = threading.Semaphore(connector.options["batches-in-flight"])
         # owner-thread state
         self.offsets: Dict[int, int] = {}
         self.resolved = False
         self.startedSent = False
         self.fetchPaused = False
-        self.batch: Optional[List[Message]] = None
         self.reposition: Set[int] = set()
         self.nextMetadata = 0.0
         self.nextHeads = 0.0
@@ -195,10 +193,8 @@ class AssignedReader(ConsumerThread):
             return
         if not self.resolved:
             self.resolve()
-        elif self.batch is not None:
-            # A batch is waiting for the reactor to give a credit back.
-            if self.takeCredit(self.credits, self.pollTimeout):
-                self.sendBatch()
+        elif self.sendWaiting():
+            pass
         elif self.reposition:
             self.repositionPartitions()
         elif self.fetchPaused:
@@ -314,37 +310,21 @@ class AssignedReader(ConsumerThread):
         if gaps:
             self.callOnReactor(self.onReactor, "gap", Cursor.fromMapping(self.offsets), "; ".join(gaps))
 
-    def read(self) -> None:
+    def take(self, record: Any) -> Optional[Message]:
         """
-        Poll one batch (waiting at most C{poll-timeout} for its first
-        message) and hand it over.
+        A record as a message, unless it is from before a re-assignment or
+        of a partition given up (handed over already, or not ours).
         """
-        first = self.consumer.poll(self.pollTimeout)
-        if first is None:
-            return
-        records = [first]
-        if self.batchSize > 1:
-            records.extend(self.consumer.consume(self.batchSize - 1, 0))
-        batch: List[Message] = []
-        for record in records:
-            error = record.error()
-            if error is not None:
-                self.recordError(record, error)
-                continue
-            partition, offset = record.partition(), record.offset()
-            expected = self.offsets.get(partition)
-            # Records from before a re-assignment, or a partition given up,
-            # were handed over already or are not ours.
-            if expected is None or offset < expected or partition in self.reposition:
-                continue
-            self.offsets[partition] = offset + 1
-            batch.append(toMessage(record))
-        if batch:
-            self.connector.observeBroker(True)
-            self.reportHeads(batch)
-            self.batch = batch
-            if self.takeCredit(self.credits, 0):
-                self.sendBatch()
+        partition, offset = record.partition(), record.offset()
+        expected = self.offsets.get(partition)
+        if expected is None or offset < expected or partition in self.reposition:
+            return None
+        self.offsets[partition] = offset + 1
+        return toMessage(record)
+
+    def handOver(self, batch: List[Message]) -> None:
+        self.reportHeads(batch)
+        super().handOver(batch)
 
     def reportHeads(self, batch: List[Message]) -> None:
         """

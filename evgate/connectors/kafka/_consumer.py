@@ -278,3 +278,94 @@ class ConsumerThread(OwnerThread):
         low, high = self.consumer.get_watermark_offsets(self.tp(partition), timeout=self.requestTimeout,
                                                         cached=False)
         return low, high
+
+
+class BatchReader(ConsumerThread):
+    """
+    A reader that polls batches and hands them to the reactor under
+    credits: at most as many batches are on their way as C{credits}
+    allows, and the reactor gives a batch's credit back once its sink has
+    it.  L{AssignedReader} and the store's reader build on it; they differ
+    in what a record becomes (L{take}), what the end of a partition means
+    (L{reachedEnd}) and where a batch goes (L{sendBatch}).
+    """
+
+    def __init__(self, connector: "KafkaConnector", topic: str, config: Mapping[str, Any],
+                 credits: int) -> None:
+        super().__init__(connector, topic, config)
+        self.credits = threading.Semaphore(credits)
+        # owner-thread state: a batch read that waits for a credit.
+        self.batch: Optional[List[Any]] = None
+
+    def sendWaiting(self) -> bool:
+        """
+        If a batch waits for a credit, wait for one (at most
+        C{poll-timeout}) and send it when it comes.
+
+        @return: whether a batch was waiting (then this turn is spent).
+        """
+        if self.batch is None:
+            return False
+        if self.takeCredit(self.credits, self.pollTimeout):
+            self.sendBatch()
+        return True
+
+    def read(self) -> None:
+        """
+        Poll one batch (waiting at most C{poll-timeout} for its first
+        record) and hand over what the reader takes of it.  Errors in place
+        of records go to L{recordError}, except the end of a partition,
+        which goes to L{reachedEnd}.
+        """
+        first = self.consumer.poll(self.pollTimeout)
+        if first is None:
+            return
+        records = [first]
+        if self.batchSize > 1:
+            records.extend(self.consumer.consume(self.batchSize - 1, 0))
+        batch: List[Any] = []
+        ended = False
+        endCode = codes().PARTITION_EOF
+        for record in records:
+            error = record.error()
+            if error is None:
+                item = self.take(record)
+                if item is not None:
+                    batch.append(item)
+            elif error.code() == endCode:
+                ended = self.reachedEnd(record) or ended
+            else:
+                self.recordError(record, error)
+        if batch or ended:
+            self.connector.observeBroker(True)
+            self.handOver(batch)
+
+    def take(self, record: Any) -> Any:
+        """
+        What a record becomes in a batch, or L{None} to pass it over.
+        """
+        raise NotImplementedError
+
+    def reachedEnd(self, record: Any) -> bool:
+        """
+        The consumer reached the end of a partition (C{record} says where).
+
+        @return: whether that is news the reactor must hear, even with no
+            records (then an empty batch goes).
+        """
+        return False
+
+    def handOver(self, batch: List[Any]) -> None:
+        """
+        Send C{batch} now if a credit is free, else keep it for
+        L{sendWaiting}.
+        """
+        self.batch = batch
+        if self.takeCredit(self.credits, 0):
+            self.sendBatch()
+
+    def sendBatch(self) -> None:
+        """
+        Hand the waiting batch to the reactor (its credit is taken).
+        """
+        raise NotImplementedError

@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from evgate.ini import SectionReader
+from evgate.schemas.config import registryOptions
 from evgate.secrets import CREDENTIAL_PREFIXES, readSecretText, resolvePath
 
 # evgate's own keys: hyphenated, which no librdkafka property is, so they
@@ -185,8 +186,6 @@ def parseOptions(section: SectionReader) -> Mapping[str, Any]:
         raise section.error("group-prefix", "use 1 to 100 letters, digits, '.', '_' or '-'")
     # The schema-registry* keys are the schema layer's; read here so that
     # section.rest() below does not take them for librdkafka properties.
-    from evgate.schemas.config import registryOptions
-
     options["schema-registry"] = registryOptions(section)
     servers = section.get("bootstrap.servers")
     librdkafka = section.rest()

@@ -250,13 +250,7 @@ def parseApiOptions(section: SectionReader, context: ApiContext) -> Mapping[str,
         raise section.error("topic", f"{topic!r} {problem}")
     qos = section.getInt("qos", 1, minimum=0, maximum=2)
     retain = section.getBool("retain", False)
-    template = None
-    raw = section.get("publish-topic", None)
-    if raw is not None:
-        try:
-            template = TopicTemplate(raw)
-        except ValueError as e:
-            raise section.error("publish-topic", f"{raw!r}: {e}") from None
+    template = section.getParsed("publish-topic", TopicTemplate)
     publishers = [ep for ep in context.entrypoints if ep in _PUBLISH_ENTRYPOINTS]
     if template is None and hasWildcards(topic) and publishers:
         raise section.error(

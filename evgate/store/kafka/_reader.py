@@ -4,12 +4,11 @@ The owner thread of the store's consumer.
 
 from __future__ import annotations
 
-import threading
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 from twisted.python.failure import Failure
 
-from evgate.connectors.kafka import ConsumerThread, _confluent, codes, consumerSettings, kafkaError
+from evgate.connectors.kafka import BatchReader, _confluent, codes, consumerSettings, kafkaError
 from evgate.errors import EndpointUnavailable, Problem
 from evgate.store.kafka._records import BATCHES_IN_FLIGHT, READ_BATCH
 
@@ -17,13 +16,15 @@ if TYPE_CHECKING:
     from evgate.store.kafka._store import KafkaStore
 
 def _admin() -> Any:
+    # Lazy, like evgate.connectors.kafka._confluent: a gateway without a
+    # Kafka store should not pay for loading librdkafka.  And
     # confluent_kafka does not import its admin package itself.
     import confluent_kafka.admin
 
     return confluent_kafka.admin
 
 
-class StoreReader(ConsumerThread):
+class StoreReader(BatchReader):
     """
     The owner thread of the store's consumer: makes sure the topic exists
     (one partition, compacted), reads it from C{startOffset} and hands the
@@ -46,19 +47,17 @@ class StoreReader(ConsumerThread):
         # no message (compaction removed them).
         config["enable.partition.eof"] = "true"
         config["auto.offset.reset"] = "earliest"
-        super().__init__(connector, store.topic, config)
+        super().__init__(connector, store.topic, config, BATCHES_IN_FLIGHT)
         self.batchSize = READ_BATCH
         self.store = store
         self.startOffset = startOffset
         # A topic that disappears after this node read records from it is
         # not created again behind the node's back: that would lose them.
         self.mayCreate = startOffset == 0
-        self.credits = threading.Semaphore(BATCHES_IN_FLIGHT)
         # owner-thread state
         self.admin: Any = None
         self.resolved = False
         self.nextOffset = startOffset
-        self.batch: Optional[List[Tuple[int, Optional[bytes], Optional[bytes], Any]]] = None
 
     # the reactor side
 
@@ -83,10 +82,7 @@ class StoreReader(ConsumerThread):
             return
         if not self.resolved:
             self.resolve()
-        elif self.batch is not None:
-            if self.takeCredit(self.credits, self.pollTimeout):
-                self.sendBatch()
-        else:
+        elif not self.sendWaiting():
             self.read()
 
     def makeAdmin(self) -> Any:
@@ -180,36 +176,23 @@ class StoreReader(ConsumerThread):
                 f"the store's topic {self.topic} has cleanup.policy={policy}: Kafka would delete records by age; "
                 "set cleanup.policy=compact on it (kafka-configs --alter) or use another topic")
 
-    def read(self) -> None:
+    def take(self, record: Any) -> Tuple[int, Optional[bytes], Optional[bytes], Any]:
         """
-        Poll one batch and hand it over (with the offset to read next).
+        A record as C{(offset, key, value, headers)}; the offset to read
+        next moves past it.
         """
-        first = self.consumer.poll(self.pollTimeout)
-        if first is None:
-            return
-        records = [first]
-        records.extend(self.consumer.consume(self.batchSize - 1, 0))
-        batch = []
-        moved = False
-        for record in records:
-            error = record.error()
-            if error is not None:
-                if error.code() == codes().PARTITION_EOF:
-                    if record.offset() > self.nextOffset:
-                        self.nextOffset = record.offset()
-                    moved = True
-                else:
-                    self.recordError(record, error)
-                continue
-            batch.append((record.offset(), record.key(), record.value(), record.headers()))
-            self.nextOffset = record.offset() + 1
-            moved = True
-        if not moved:
-            return
-        self.connector.observeBroker(True)
-        self.batch = batch
-        if self.takeCredit(self.credits, 0):
-            self.sendBatch()
+        self.nextOffset = record.offset() + 1
+        return (record.offset(), record.key(), record.value(), record.headers())
+
+    def reachedEnd(self, record: Any) -> bool:
+        """
+        The end of the partition: the offset to read next moves there (past
+        offsets that compaction emptied), and the store hears it even with
+        no records, so that it knows it caught up.
+        """
+        if record.offset() > self.nextOffset:
+            self.nextOffset = record.offset()
+        return True
 
     def sendBatch(self) -> None:
         """
