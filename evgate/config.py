@@ -18,7 +18,7 @@ import configparser
 import importlib
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.testing import MemoryReactor
@@ -32,9 +32,12 @@ from evgate.ini import (
     ConfigError,
     EndpointConfig,
     GatewayConfig,
+    GatewayKeyParser,
     SectionReader,
     _apiOptionParsers,
+    _gatewayKeyParsers,
     apiOptionParser,
+    gatewayKeys,
 )
 from evgate.proxy.endpoint import parseOptions as httpOptions
 
@@ -179,19 +182,6 @@ def _gatewayConfig(parser: configparser.ConfigParser, path: str) -> GatewayConfi
     config = replace(config, options=_extraGatewayKeys(section))
     section.finish()
     return config
-
-
-GatewayKeyParser = Callable[[SectionReader], Optional[Mapping[str, Any]]]
-_gatewayKeyParsers: List[GatewayKeyParser] = []
-
-
-def gatewayKeys(parser: GatewayKeyParser) -> GatewayKeyParser:
-    """
-    Register a reader of more C{[gateway]} keys.  What it returns (if
-    anything) is merged into L{GatewayConfig.options}.
-    """
-    _gatewayKeyParsers.append(parser)
-    return parser
 
 
 def _extraGatewayKeys(section: SectionReader) -> Dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
-from evgate.config import SectionReader, gatewayKeys
+from evgate.ini import SectionReader, gatewayKeys
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping, Optional, Tuple
 
-from evgate.config import ApiContext, SectionReader, apiOptionParser
+from evgate.ini import ApiContext, SectionReader, apiOptionParser
 
 PREFLIGHT_MAX_AGE = b"600"
 

@@ -61,8 +61,8 @@ from celpy import celtypes
 from twisted.logger import Logger
 
 from evgate import jsonlimits
-from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import BadFilter
+from evgate.ini import ApiContext, SectionReader, apiOptionParser
 
 MAX_LENGTH = 1024
 MAX_DEPTH = 200

@@ -228,6 +228,21 @@ class ApiContext:
 _apiOptionParsers: List[ApiOptionParser] = []
 
 
+GatewayKeyParser = Callable[[SectionReader], Optional[Mapping[str, Any]]]
+_gatewayKeyParsers: List[GatewayKeyParser] = []
+
+
+def gatewayKeys(parser: GatewayKeyParser) -> GatewayKeyParser:
+    """
+    Register a reader of more C{[gateway]} keys.  What it returns (if
+    anything) is merged into L{GatewayConfig.options}.  It lives here,
+    below the configuration model, so that a module registering keys
+    never imports L{evgate.config} (which imports the connectors).
+    """
+    _gatewayKeyParsers.append(parser)
+    return parser
+
+
 def apiOptionParser(parser: ApiOptionParser) -> ApiOptionParser:
     """
     Register a parser for more C{[api:NAME]} keys (used by the modules of

@@ -34,7 +34,7 @@ from typing import IO, Any, Dict, Mapping, Optional
 from twisted.logger import ILogObserver, Logger, formatEvent
 from zope.interface import implementer
 
-from evgate.config import SectionReader, gatewayKeys
+from evgate.ini import SectionReader, gatewayKeys
 
 LOG_FORMATS = ("text", "json")
 

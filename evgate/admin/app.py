@@ -81,8 +81,8 @@ from twisted.web.server import Request
 from werkzeug.exceptions import HTTPException
 
 from evgate.answers import writeProblem
-from evgate.config import SectionReader, gatewayKeys
 from evgate.errors import BadRequest, MethodNotAllowed, NotFound, Problem, Unauthorized, UnsupportedMediaType
+from evgate.ini import SectionReader, gatewayKeys
 from evgate.jsonlimits import loads as jsonLoads
 from evgate.secrets import readSecretText
 

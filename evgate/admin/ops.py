@@ -31,10 +31,10 @@ from zope.interface import implementer
 
 from evgate.admin.app import AdminApp, Answer, adminRoute
 from evgate.answers import clientLeft, watchDeparture
-from evgate.config import ConfigError
 from evgate.errors import BadFilter, EndpointUnavailable, NotFound, Problem
 from evgate.filters import FilterSyntaxError, SubscriptionFilter, clientFilterText, compileFilter
 from evgate.hub import Event, HubSubscription
+from evgate.ini import ConfigError
 from evgate.interfaces import ISubscriber
 from evgate.message import Cursor
 from evgate.metrics import subscriberCount

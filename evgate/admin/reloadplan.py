@@ -19,7 +19,7 @@ from twisted.web.server import Request
 
 from evgate.admin.app import AdminApp, adminRoute
 from evgate.admin.ops import BadConfiguration, RestartNeeded
-from evgate.config import ConfigError
+from evgate.ini import ConfigError
 from evgate.reload import RestartRequired
 
 

@@ -28,9 +28,9 @@ from zope.interface import implementer
 
 from evgate import jsonlimits
 from evgate.answers import clientLeft, finishWithFailure, finishWithProblem, writeProblem
-from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import BadRequest, Problem
 from evgate.gateway import ApiCall, jsonBody, queryArgs
+from evgate.ini import ApiContext, SectionReader, apiOptionParser
 from evgate.interfaces import IEntrypoint
 from evgate.message import Draft, Position, headerPairs
 from evgate.metrics import tallyFor

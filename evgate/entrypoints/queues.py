@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Set
 
-from evgate.config import SectionReader, gatewayKeys
+from evgate.ini import SectionReader, gatewayKeys
 from evgate.message import Cursor
 
 if TYPE_CHECKING:

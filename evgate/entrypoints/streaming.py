@@ -60,9 +60,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.entrypoints.queues import ADVANCE, DEFAULT_QUEUE_BYTES, MESSAGE, NOTICE, QueueEntry, ledgerFor
 from evgate.hub import Event, HubSubscription
+from evgate.ini import ApiContext, SectionReader, apiOptionParser
 from evgate.interfaces import IStreamFramer, ISubscriber
 from evgate.message import Cursor
 from evgate.security.limits import meterFor

@@ -40,9 +40,9 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from evgate.answers import writeProblem
-from evgate.config import ApiContext, ConfigError, SectionReader, apiOptionParser, gatewayKeys
 from evgate.errors import MethodNotAllowed
 from evgate.gateway import ApiCall
+from evgate.ini import ApiContext, ConfigError, SectionReader, apiOptionParser, gatewayKeys
 from evgate.interfaces import IEntrypoint
 from evgate.webhook.delivery import DeadLetters, splitDeadLetterTarget
 from evgate.webhook.retry import (

@@ -37,9 +37,8 @@ from twisted.web.server import Request
 
 from evgate.admin.asyncapi import asyncapiDocument
 from evgate.answers import writeProblem
-from evgate.config import SectionReader, gatewayKeys
 from evgate.errors import MethodNotAllowed, NotFound
-from evgate.ini import ApiContext, apiOptionParser
+from evgate.ini import ApiContext, SectionReader, apiOptionParser, gatewayKeys
 
 STATIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
 

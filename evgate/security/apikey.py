@@ -51,8 +51,8 @@ from zope.interface import implementer
 # evgate.store registers the store key of [gateway], which the api-key
 # plan's parser checks.
 import evgate.store  # noqa: F401
-from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import Unauthorized
+from evgate.ini import ApiContext, SectionReader, apiOptionParser
 from evgate.interfaces import IPlan, IStreamingEntrypoint, IWatchableStore
 from evgate.security.consumer import Consumer
 from evgate.security.jwt import ownedKeys, queryValue

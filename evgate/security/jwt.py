@@ -59,8 +59,8 @@ from twisted.logger import Logger
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import Forbidden, Unauthorized
+from evgate.ini import ApiContext, SectionReader, apiOptionParser
 from evgate.interfaces import IPlan
 from evgate.secrets import readSecretBytes, resolvePath
 from evgate.security.consumer import Consumer

@@ -57,8 +57,8 @@ from twisted.internet.interfaces import ISSLTransport
 from twisted.web.server import Request
 from zope.interface import implementer
 
-from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import Forbidden, Problem, Unauthorized
+from evgate.ini import ApiContext, SectionReader, apiOptionParser
 from evgate.interfaces import IPlan
 from evgate.security.consumer import Consumer
 from evgate.security.jwt import ownedKeys

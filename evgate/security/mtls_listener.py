@@ -50,8 +50,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.ssl import CertificateOptions
 
-from evgate.config import gatewayKeys
-from evgate.ini import SectionReader
+from evgate.ini import SectionReader, gatewayKeys
 from evgate.secrets import resolvePath
 
 PREFIX = "mtls"

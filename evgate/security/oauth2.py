@@ -45,8 +45,8 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from evgate import jsonlimits
-from evgate.config import ApiContext, SectionReader, apiOptionParser
 from evgate.errors import AuthenticationUnavailable
+from evgate.ini import ApiContext, SectionReader, apiOptionParser
 from evgate.interfaces import IPlan
 from evgate.security.consumer import Consumer
 from evgate.security.jwt import (

@@ -33,7 +33,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import implementer
 
-from evgate.config import SectionReader, gatewayKeys
+from evgate.ini import SectionReader, gatewayKeys
 from evgate.interfaces import IStore
 from evgate.registry import Registry
 

@@ -60,7 +60,7 @@ from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, RequestNot
 from twisted.web.iweb import IAgent
 from zope.interface import implementer
 
-from evgate.config import SectionReader, gatewayKeys
+from evgate.ini import SectionReader, gatewayKeys
 from evgate.twistedprivate import QuietConnectionPool
 from evgate.webhook.ssrf import ForbiddenAddress
 
