@@ -1619,6 +1619,47 @@ class GroupTests(ConnectorTestCase):
         self.successResultOf(committed)
         self.assertFalse(self.group.lock.locked)
 
+    def test_takeNextKeepsTheTurn(self) -> None:
+        """
+        A batch can take the next messages in its own poll turn (its
+        messages are still the caller's); position commits do not end the
+        turn and skip partitions a rebalance took away.
+        """
+        d = self.poll(limit=2)
+        self.consumer.records = [FakeRecord(0, 5), FakeRecord(1, 9), FakeRecord(0, 6)]
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        batch = self.successResultOf(d)
+        other = self.poll()
+        following = batch.takeNext(2, 5.0)
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        self.assertEqual([m.offset for m in self.successResultOf(following).messages], [6])
+        self.assertNoResult(other)
+        self.assertTrue(self.group.lock.locked)
+        self.consumer.subscription["on_revoke"](self.consumer, [TP(TOPIC, 1)])
+        committed = self.group.commitPositions({0: 6, 1: 10})
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        self.successResultOf(committed)
+        self.assertEqual(self.consumer.named("commit"), [([TP(TOPIC, 0, 6)], False)])
+        self.assertTrue(self.group.lock.locked)
+        self.assertNoResult(other)
+
+    def test_takeNextFailureReleases(self) -> None:
+        """
+        A take in a kept turn that fails gives the turn back, so that the
+        next poll gets one.
+        """
+        d = self.poll(limit=2, timeout=1.0)
+        self.consumer.records = [FakeRecord(0, 5)]
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        following = self.successResultOf(d).takeNext(2, 1.0)
+        self.reactor.advance(1.0 + 5.0 + 1.0)
+        self.failureResultOf(following, EndpointUnavailable)
+        self.assertFalse(self.group.lock.locked)
+
     def test_idleClose(self) -> None:
         """
         A group nobody polls for group-idle-timeout leaves the group.

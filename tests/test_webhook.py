@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from email.utils import formatdate
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 from urllib.parse import unquote
 
 from standardwebhooks.webhooks import Webhook
@@ -1141,17 +1141,41 @@ class ConfigTests(SynchronousTestCase):
 class FakeReader:
     """
     The parts of a Kafka GroupReader that a GroupBatch and the feed use.
+    It counts the poll turn: taken by the connector's groupPoll, kept by
+    L{GroupBatch.takeNext}, given back by a commit, a put-back or a
+    release.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, connector: "FakeGroupConnector") -> None:
+        self.connector = connector
         self.commits: List[Dict[int, int]] = []
+        self.positions: List[Dict[int, int]] = []
         self.sent: List[Tuple[str, Any]] = []
         self.releases = 0
+        self.takes = 0
+        self.stopped = False
+        # Partitions this member owns; position commits skip the others.
+        self.assigned: Optional[Set[int]] = None
 
     def commit(self, offsets: Dict[int, int]) -> Deferred:
         self.commits.append(dict(offsets))
         self.releases += 1
         return succeed(None)
+
+    def commitPositions(self, offsets: Dict[int, int]) -> Deferred:
+        owned = {p: o for p, o in offsets.items() if self.assigned is None or p in self.assigned}
+        if owned:
+            self.positions.append(owned)
+        return succeed(None)
+
+    def take(self, limit: int, timeout: float) -> Deferred:
+        self.takes += 1
+        d: Deferred = Deferred()
+        self.connector.polls.append(("t", "take", d))
+        return d
+
+    def release(self) -> None:
+        self.releases += 1
 
     def putBack(self, messages: List[Message]) -> None:
         self.sent.append(("putBack", [m.offset for m in messages]))
@@ -1163,7 +1187,8 @@ class FakeReader:
 
 class FakeGroupConnector:
     """
-    A Kafka connector's group mode, answering polls from a list.
+    A Kafka connector's group mode, answering polls (and the takes of a
+    batch that keeps its turn) from a list.
     """
 
     name = "kafka"
@@ -1171,8 +1196,7 @@ class FakeGroupConnector:
 
     def __init__(self, clock: Clock) -> None:
         self.reactor = clock
-        self.reader = FakeReader()
-        self.batches: List[List[Message]] = []
+        self.reader = FakeReader(self)
         self.polls: List[Tuple[str, str, Deferred]] = []
         self.left: List[Tuple[str, str]] = []
         self.options = {"group-prefix": "evgate"}
@@ -1189,14 +1213,17 @@ class FakeGroupConnector:
         self.left.append((topic, group))
         return succeed(None)
 
-    def answer(self, offsets: List[int]) -> None:
+    def answer(self, offsets: List[int], partition: int = 0, keys: Optional[List[str]] = None) -> None:
         """
-        Answer the oldest poll with messages at C{offsets} of partition 0.
+        Answer the oldest poll with messages at C{offsets} of C{partition}
+        (with C{keys}, if given).
         """
         _, _, d = self.polls.pop(0)
-        messages = [Message(b"k%d" % o, None, (), "t", 0, o, 0) for o in offsets]
-        first = Cursor.fromMapping({0: offsets[0]}) if offsets else Cursor()
-        d.callback(GroupBatch(self.reader, messages, first, Cursor.fromMapping({0: (offsets or [0])[-1] + 1})))
+        messages = [Message(b"k%d" % o, keys[i] if keys else None, (), "t", partition, o, 0)
+                    for i, o in enumerate(offsets)]
+        first = Cursor.fromMapping({partition: offsets[0]}) if offsets else Cursor()
+        d.callback(GroupBatch(self.reader, messages, first,  # type: ignore[arg-type]
+                              Cursor.fromMapping({partition: (offsets or [0])[-1] + 1})))
 
 
 class FakeDeliverer:
@@ -1251,41 +1278,82 @@ class KafkaFeedTests(SynchronousTestCase):
         self.assertEqual(webhookGroup("orders", "sub_1"), "webhook.orders.sub_1")
         self.assertEqual(self.feed.groupId, "evgate.webhook.orders.sub_00000000000000000000")
 
-    def test_commitAfterSettled(self) -> None:
+    def test_readAheadWhileDelivering(self) -> None:
         """
-        A batch is committed only once the deliverer settled all of it, and
-        the next poll follows the commit.
+        The next batch is taken, in the same poll turn, while fewer than a
+        batch of messages is unsettled; no more once a batch is.
+        """
+        self.feed.limit = self.feed.ahead = 3
+        self.feed.start(None)
+        self.connector.answer([0, 1])
+        self.assertEqual([e.message.offset for e in self.deliverer.offered], [0, 1])
+        self.assertEqual(self.connector.reader.takes, 1)
+        self.connector.answer([2, 3])
+        self.assertEqual(self.connector.reader.takes, 1)
+        self.assertEqual(self.connector.polls, [])
+        self.deliverer.pending = 2
+        self.feed.progress()
+        self.assertEqual(self.connector.reader.takes, 2)
+        self.assertEqual(self.connector.reader.releases, 0)
+
+    def test_commitFollowsPosition(self) -> None:
+        """
+        The group's offsets follow the deliverer's position, at most every
+        commit interval, and only where it moved.
         """
         self.feed.start(None)
         self.connector.answer([0, 1, 2])
-        self.assertEqual([e.message.offset for e in self.deliverer.offered], [0, 1, 2])
-        self.assertEqual(self.connector.reader.commits, [])
-        self.assertEqual(len(self.connector.polls), 0)
-        self.deliverer.pending = 0
+        self.deliverer.position = Cursor.fromMapping({0: 1})
         self.feed.progress()
-        self.assertEqual(self.connector.reader.commits, [{0: 3}])
-        self.assertEqual(len(self.connector.polls), 1)
+        self.deliverer.position = Cursor.fromMapping({0: 2})
+        self.feed.progress()
+        self.assertEqual(self.connector.reader.positions, [])
+        self.clock.advance(self.feed.commitInterval)
+        self.assertEqual(self.connector.reader.positions, [{0: 2}])
+        self.feed.progress()
+        self.clock.advance(self.feed.commitInterval)
+        self.assertEqual(self.connector.reader.positions, [{0: 2}])
+        self.assertEqual(self.connector.reader.commits, [])
 
-    def test_filteredBatchCommittedAtOnce(self) -> None:
+    def test_filteredBatchCommitted(self) -> None:
         """
         A batch the filter drops entirely is committed without delivering.
         """
         self.feed.filter = lambda event: False
         self.feed.start(None)
         self.connector.answer([0, 1])
-        self.assertEqual(self.connector.reader.commits, [{0: 2}])
+        self.deliverer.position = Cursor.fromMapping({0: 2})
+        self.feed.progress()
+        self.clock.advance(self.feed.commitInterval)
+        self.assertEqual(self.connector.reader.positions, [{0: 2}])
 
     def test_closeCommitsSettledAndGivesBackTheRest(self) -> None:
         """
         Closing mid-batch commits the settled messages and gives the others
         back to the reader, releasing the poll turn once.
         """
+        self.deliverer.pending = 100
         self.feed.start(None)
         self.connector.answer([5, 6, 7])
         self.deliverer.position = Cursor.fromMapping({0: 6})
         self.feed.close()
         self.assertEqual(self.connector.reader.sent, [("putBack", [6, 7])])
-        self.assertEqual(self.connector.reader.commits, [{0: 6}])
+        self.assertEqual(self.connector.reader.positions, [{0: 6}])
+        self.assertEqual(self.connector.reader.releases, 1)
+
+    def test_closeDuringTake(self) -> None:
+        """
+        Closed while a take is under way, the feed gives back what it has
+        not passed followed by what the take brings, in stream order, and
+        the turn with them.
+        """
+        self.feed.start(None)
+        self.connector.answer([5, 6, 7])
+        self.deliverer.position = Cursor.fromMapping({0: 6})
+        self.feed.close()
+        self.assertEqual(self.connector.reader.sent, [])
+        self.connector.answer([8, 9])
+        self.assertEqual(self.connector.reader.sent, [("putBack", [6, 7, 8, 9])])
         self.assertEqual(self.connector.reader.releases, 1)
 
     def test_closeLeavesTheGroup(self) -> None:

@@ -60,6 +60,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from evgate.entrypoints.heartbeats import heartbeatTimer
 from evgate.entrypoints.queues import ADVANCE, DEFAULT_QUEUE_BYTES, MESSAGE, NOTICE, QueueEntry, ledgerFor
 from evgate.hub import Event, HubSubscription
 from evgate.ini import ApiContext, SectionReader, apiOptionParser
@@ -78,6 +79,13 @@ DEFAULT_HEARTBEAT = 15.0
 # longer wait (a quota used up) ends the stream instead.
 THROTTLE_MAX = 60.0
 DEFAULT_SSE_RETRY = 3000
+
+# The queue of every stream that has nothing queued (most of them, most of
+# the time): an empty deque holds a 600-byte block.  A stream gets a queue
+# of its own on its first push and gives it up once drained.  Its maxlen of
+# 0 would drop anything appended; only push appends, and it never appends
+# to this one.
+NO_QUEUE: Deque[QueueEntry] = deque(maxlen=0)
 
 class Goodbye:
     """
@@ -122,6 +130,12 @@ class StreamSubscriber:
 
     log = Logger()
 
+    # Thousands of these live at once, most of them idle: no __dict__.
+    __slots__ = ("call", "api", "entrypoint", "framer", "reactor", "tag", "queueLimit", "queueBytesLimit", "ledger",
+                 "heartbeat", "maxDuration", "queue", "queuedMessages", "queuedBytes", "headSent", "paused",
+                 "closed", "opened", "subscription", "written", "lastWrite", "openedAt", "_timers", "beatEntry",
+                 "sent", "bytesOut", "received", "tally", "meter", "throttled")
+
     def __init__(self, call: Any, entrypoint: Any, framer: IStreamFramer, heartbeat: float = 0.0,
                  maxDuration: float = 0.0) -> None:
         api = call.api
@@ -137,7 +151,7 @@ class StreamSubscriber:
         self.ledger = ledgerFor(api)
         self.heartbeat = heartbeat
         self.maxDuration = maxDuration
-        self.queue: Deque[QueueEntry] = deque()
+        self.queue = NO_QUEUE
         self.queuedMessages = 0
         self.queuedBytes = 0
         # Bytes of the head entry already written (a large frame goes out
@@ -150,7 +164,10 @@ class StreamSubscriber:
         self.written: Optional[Cursor] = None
         self.lastWrite = self.reactor.seconds()
         self.openedAt = self.lastWrite
-        self._timers: Dict[str, Any] = {}
+        # Named timers (expiry, max-duration, throttle), made on first use;
+        # the heartbeat is on the reactor's HeartbeatTimer.
+        self._timers: Optional[Dict[str, Any]] = None
+        self.beatEntry: Optional[List[Any]] = None
         # Counted per batch (evgate.metrics): messages handed to this
         # stream, and its entrypoint's tally; bytes for the access log.
         self.sent = 0
@@ -190,16 +207,19 @@ class StreamSubscriber:
         Run C{f} after C{delay} seconds unless the stream ends first; one
         timer per C{name}.
         """
-        old = self._timers.pop(name, None)
+        timers = self._timers
+        if timers is None:
+            timers = self._timers = {}
+        old = timers.pop(name, None)
         if old is not None and old.active():
             old.cancel()
 
         def fire() -> None:
-            self._timers.pop(name, None)
+            timers.pop(name, None)
             if not self.closed:
                 f()
 
-        self._timers[name] = self.reactor.callLater(delay, fire)
+        timers[name] = self.reactor.callLater(delay, fire)
 
     def end(self) -> None:
         """
@@ -209,10 +229,13 @@ class StreamSubscriber:
         if self.closed:
             return
         self.closed = True
-        for timer in self._timers.values():
-            if timer.active():
-                timer.cancel()
-        self._timers.clear()
+        if self._timers is not None:
+            for timer in self._timers.values():
+                if timer.active():
+                    timer.cancel()
+            self._timers = None
+        if self.beatEntry is not None:
+            heartbeatTimer(self.reactor).cancel(self)
         self._dropQueue()
         if self.subscription is not None:
             self.subscription.close()
@@ -276,7 +299,7 @@ class StreamSubscriber:
             return
         self.opened = True
         if self.heartbeat > 0:
-            self.later("heartbeat", self.heartbeat, self._beat)
+            heartbeatTimer(self.reactor).schedule(self, self.heartbeat)
         if self.maxDuration > 0:
             self.later("max-duration", self.maxDuration, lambda: self.goodbye(Goodbye(Goodbye.MAX_DURATION)))
 
@@ -341,7 +364,10 @@ class StreamSubscriber:
         Queue C{entries} behind what waits already, and write what the
         transport takes now.
         """
-        self.queue.extend(entries)
+        if self.queue is NO_QUEUE:
+            self.queue = deque(entries)
+        else:
+            self.queue.extend(entries)
         size = 0
         for entry in entries:
             size += entry.size
@@ -410,6 +436,7 @@ class StreamSubscriber:
             self._emit(batch[0].frame if len(batch) == 1 else b"".join([e.frame for e in batch]))
         if not queue:
             self.ledger.members.discard(self)
+            self.queue = NO_QUEUE
         if not (self.paused or self.throttled or self.closed) and self.subscription is not None:
             self.subscription.resume()
 
@@ -422,7 +449,7 @@ class StreamSubscriber:
 
     def _dropQueue(self) -> None:
         self.ledger.leave(self, self.queue)
-        self.queue.clear()
+        self.queue = NO_QUEUE
         self.queuedMessages = 0
         self.queuedBytes = 0
         self.headSent = 0
@@ -491,7 +518,13 @@ class StreamSubscriber:
         self.tally.dropped += self.queuedMessages
         self.goodbye(Goodbye(kind, detail))
 
-    def _beat(self) -> None:
+    def beat(self) -> None:
+        """
+        The heartbeat timer: write a heartbeat if nothing was written for
+        C{heartbeat} seconds, and set the next.
+        """
+        if self.closed:
+            return
         idle = self.reactor.seconds() - self.lastWrite
         if idle >= self.heartbeat - 1e-6:
             # A paused transport is full already; a heartbeat would only
@@ -504,7 +537,7 @@ class StreamSubscriber:
             delay = self.heartbeat
         else:
             delay = self.heartbeat - idle
-        self.later("heartbeat", delay, self._beat)
+        heartbeatTimer(self.reactor).schedule(self, delay)
 
     # IPushProducer (the transport's side)
 

@@ -283,7 +283,7 @@ class WebhookService(Service):
         view = api.pipeline.hubView
         if IConsumerGroups.providedBy(connector):
             return lambda deliverer: KafkaGroupFeed(deliverer, connector, config.topic, api.name, filter,
-                                                    view=view)
+                                                    view=view, window=maxInFlight)
         if ISharedSubscriptions.providedBy(connector):
             return lambda deliverer: ShareGroupFeed(deliverer, connector, config.topic, f"evgate-{id}", filter, high,
                                                     view)

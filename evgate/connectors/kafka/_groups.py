@@ -8,7 +8,7 @@ from __future__ import annotations
 import itertools
 from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, fail
 from twisted.python.failure import Failure
 
 from evgate.connectors.kafka._client import toMessage
@@ -84,6 +84,28 @@ class GroupBatch:
             return
         self.ended = True
         self.reader.putBack(self.messages)
+
+    def takeNext(self, limit: int, timeout: float) -> Deferred:
+        """
+        End this batch without a commit and, in the same poll turn, take up
+        to C{limit} more messages (a Deferred of the next L{GroupBatch}).
+
+        For a caller that keeps delivering these messages while it reads
+        the next ones, and commits how far it got itself, as it goes
+        (L{GroupReader.commitPositions}): webhook deliveries, whose window
+        would otherwise drain at every batch boundary.  A take that fails
+        releases the turn.
+        """
+        self.ended = True
+        reader = self.reader
+        if reader is None or reader.stopped:
+            return fail(EndpointUnavailable("the consumer group reader has closed"))
+
+        def released(failure: Failure) -> Failure:
+            reader.release()
+            return failure
+
+        return reader.take(limit, timeout).addErrback(released)
 
 
 class GroupReader(ConsumerThread):
@@ -187,6 +209,23 @@ class GroupReader(ConsumerThread):
         self.send("commit", commitId, dict(offsets))
         d.addErrback(self._commitFailed)
         d.addBoth(self._released)
+        return d
+
+    def commitPositions(self, offsets: Mapping[int, int]) -> Deferred:
+        """
+        Commit C{offsets} (partition to next offset) of the partitions this
+        member still owns, without ending the poll turn: the positions of a
+        caller that commits as its deliveries settle (see
+        L{GroupBatch.takeNext}).  A partition taken away by a rebalance is
+        left to its new owner, whose position a late commit from here would
+        move back.  The Deferred fires once the commit has ended (a refusal
+        is logged).
+        """
+        d: Deferred = Deferred()
+        commitId = next(self._commitIds)
+        self.commits[commitId] = d
+        self.send("commit", commitId, dict(offsets), True)
+        d.addErrback(self._commitFailed)
         return d
 
     def committed(self, commitId: int, error: Optional[str]) -> None:
@@ -403,10 +442,16 @@ class GroupReader(ConsumerThread):
                     nextOffsets[tp.partition] = tp.offset
         return Cursor.fromMapping(nextOffsets)
 
-    def do_commit(self, commitId: int, offsets: Mapping[int, int]) -> None:
+    def do_commit(self, commitId: int, offsets: Mapping[int, int], owned: bool = False) -> None:
         """
-        Command: commit C{offsets} synchronously.
+        Command: commit C{offsets} synchronously (C{owned}: only those of
+        partitions assigned to this member now).
         """
+        if owned:
+            offsets = {p: o for p, o in offsets.items() if p in self.assigned}
+            if not offsets:
+                self.callOnReactor(self.committed, commitId, None)
+                return
         try:
             self.consumer.commit(offsets=[self.tp(p, o) for p, o in sorted(offsets.items())],
                                  asynchronous=False)
