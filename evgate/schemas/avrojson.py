@@ -13,9 +13,11 @@ fastavro value already is its JSON value (null, boolean, int, long,
 string, enum, and the containers of only those).  A schema made of such
 nodes only converts nothing at all.
 
-A record that needs converting becomes a new object of the schema's
-fields in order, as in the walk; one that does not is fastavro's own dict,
-which holds exactly those fields in that order.  The property tests of
+A record is fastavro's own dict, which holds exactly the schema's fields
+in order, as the walk's new object does; the fields that need converting
+are converted in it.  Where a union's record branch is taken for a plain
+dict (read from another branch), the record becomes a new object of its
+fields, converted exactly as the walk converts them.  The property tests of
 tests/test_avrojson.py hold the two to the same output for arbitrary
 schemas and the records fastavro reads with them.
 """
@@ -243,8 +245,10 @@ class _Compiler:
             return slot.call
         slot = self.records[id(schema)] = _RecordSlot()
         fields = [(f["name"], self.compile(f["type"])) for f in schema["fields"]]
-        if self.exact or slot.recursive or any(c is not None for _, c in fields):
+        if self.exact:
             slot.converter = _record(fields)
+        elif slot.recursive or any(c is not None for _, c in fields):
+            slot.converter = _recordInPlace(fields)
         slot.done = True
         return slot.converter
 
@@ -342,6 +346,27 @@ def _map(values: Optional[Converter], exact: bool) -> Optional[Converter]:
         if value is None:
             return None
         return {k: values(v) for k, v in value.items()}
+    return convert
+
+
+def _recordInPlace(fields: List[Any]) -> Converter:
+    # fastavro reads a record into a new dict of exactly its fields, in
+    # order: the fields that need it are converted in that dict, and a
+    # finite float (what a double field nearly always holds) is not even
+    # passed to a function.
+    floats = [name for name, converter in fields if converter is _float]
+    others = [(name, converter) for name, converter in fields if converter is not None and converter is not _float]
+
+    def convert(value: Any) -> Any:
+        if value is None:
+            return None
+        for name in floats:
+            number = value[name]
+            if number is not None and number - number != 0.0:
+                value[name] = floatToJson(number)
+        for name, converter in others:
+            value[name] = converter(value[name])
+        return value
     return convert
 
 
