@@ -196,6 +196,34 @@ def headerObject(headers: Tuple[Tuple[str, str], ...]) -> Dict[str, Any]:
     return out
 
 
+class _LastHeaders:
+    """
+    The text of the last headers L{headerText} encoded, by the identity of
+    their tuple.
+    """
+
+    headers: Any = ()
+    text = "{}"
+
+
+_lastHeaders = _LastHeaders()
+_compactJSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def headerText(headers: Tuple[Tuple[str, str], ...]) -> str:
+    """
+    L{headerObject} as compact JSON text.  Records decoded by a schema
+    codec share one headers tuple (L{evgate.schemas.steps}): a page of
+    them encodes it once.
+    """
+    if headers is _lastHeaders.headers:
+        return _lastHeaders.text
+    text = _compactJSON(headerObject(headers)) if headers else "{}"
+    _lastHeaders.headers = headers
+    _lastHeaders.text = text
+    return text
+
+
 def _encodable(text: str) -> bool:
     # JSON may carry a lone surrogate (\ud800), which no broker can take
     # as UTF-8: refusing it here keeps it from failing inside a connector.

@@ -19,7 +19,21 @@ import time
 from typing import Any, Dict, List, Sequence, Tuple
 
 from evbench import peers
-from evbench.common import KAFKA, CpuMeter, Settings, deleteTopics, kafkaTopic, kafkaUp, ratio, say, table
+from evbench.common import (
+    KAFKA,
+    RESULTS,
+    CpuMeter,
+    Settings,
+    deleteTopics,
+    finishProfile,
+    kafkaTopic,
+    kafkaUp,
+    ratio,
+    say,
+    startProfile,
+    summariseProfile,
+    table,
+)
 from evbench.poll import PAGE, Reading
 from evbench.publish import RECORD
 
@@ -125,15 +139,22 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
              "every GET starts from the beginning (the hub's replay window does not hold the topic, "
              "so each read is a private read of Kafka, decoded on the way)"]
     results: Dict[str, List[Dict[str, Any]]] = {"raw JSON (/json)": [], "Avro, value-format = registry (/avro)": []}
+    profile = os.path.join(RESULTS, "profiles", "schemas-avro.txt")
     ini = INI.format(page=PAGE, kafka=KAFKA, registry=REGISTRY, json=jsonTopic, avro=avroTopic)
     try:
         with peers.evgate(ini) as gw:
             for round in range(rounds):
                 for name, path in (("raw JSON (/json)", "/json"), ("Avro, value-format = registry (/avro)", "/avro")):
                     say(f"schemas: round {round + 1}, {name}")
+                    spy = None
+                    if settings.profile and round == min(1, rounds - 1) and path == "/avro":
+                        # The second Avro read (the first fetches the schema),
+                        # sampled for as long as it may take.
+                        spy = startProfile(gw, settings.duration, profile)
                     meter = CpuMeter(gw.pids).start()
                     result = readAll(gw.port, path, wanted, limit)
                     meter.stop()
+                    finishProfile(spy)
                     result["serverCpu"] = meter.percent
                     results[name].append(result)
                     say(f"  {result['records']:,} records, {result['records_per_s'] or 0:,.0f}/s steady")
@@ -145,7 +166,14 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
         rates = [r["records_per_s"] for r in runs if r["records_per_s"]]
         rows.append({"contender": name, "records_per_s": statistics.median(rates) if rates else None,
                      "runs": runs, "serverCpu": statistics.median([r["serverCpu"] for r in runs]) if runs else None})
-    return {"rows": rows, "notes": notes, "records": wanted, "page": PAGE}, render(rows, notes)
+    out = {"rows": rows, "notes": notes, "records": wanted, "page": PAGE}
+    text = render(rows, notes)
+    if settings.profile:
+        top = summariseProfile(profile)
+        out["profile"] = top
+        text += "\n" + table("py-spy of evgate during the second Avro read", ["function", "self %", "total %"],
+                             [list(t) for t in top]) + "\n"
+    return out, text
 
 
 def render(rows: Sequence[Dict[str, Any]], notes: Sequence[str]) -> str:

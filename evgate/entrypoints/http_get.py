@@ -32,7 +32,7 @@ from evgate.filters import filterFor as subscriptionFilter
 from evgate.gateway import ApiCall, queryArgs
 from evgate.hub import Event, HubSubscription
 from evgate.interfaces import IConsumerGroups, IEntrypoint, ISubscriber
-from evgate.message import Cursor, CursorError, contentForJSON, cursorsAfter, headerObject
+from evgate.message import Cursor, CursorError, contentForJSON, cursorsAfter, headerText
 from evgate.metrics import countPage, headOffsets, tallyFor, tallyOf
 
 DEFAULT_LIMIT = 100
@@ -164,7 +164,7 @@ def jsonItemText(event: Event, tag: bytes) -> str:
         '"timestamp":%d%s}%s%s}' % (
             event.token(tag),
             "null" if key is None else _quote(key),
-            _json(headerObject(headers)) if headers else "{}",
+            headerText(headers),
             content,
             _quote(message.topic), message.partition, message.offset, message.timestamp,
             "," + _json(dict(extra))[1:-1] if extra else "",

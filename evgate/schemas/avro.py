@@ -43,12 +43,20 @@ from zope.interface import implementer
 
 from evgate import jsonlimits
 from evgate.interfaces import ISchemaCodec
+from evgate.schemas.avrojson import (
+    NOT_LOGICAL,
+    PRIMITIVES,
+    branchName,
+    compileToJson,
+    floatToJson,
+    isOptional,
+    logicalToJson,
+    matches,
+)
 from evgate.schemas.errors import DecodeError, EncodeError, SchemaError, pointerFor
 
 _INT = (-(2**31), 2**31 - 1)
 _LONG = (-(2**63), 2**63 - 1)
-_PRIMITIVES = ("null", "boolean", "int", "long", "float", "double", "bytes", "string")
-_UTC = datetime.timezone.utc
 
 
 # Schema texts come from the registry or a file: bounded like any outside
@@ -79,6 +87,9 @@ class AvroCodec:
             raise SchemaError(f"not a valid Avro schema: {e}", reason="bad-schema") from None
         except Exception as e:  # fastavro raises its own SchemaParseException and others
             raise SchemaError(f"not a valid Avro schema: {e}", reason="bad-schema") from None
+        # The JSON mapping of this schema's values, walked once here rather
+        # than with every record (None: fastavro's value is the JSON).
+        self._toJson = compileToJson(self.schema, self.named)
 
     # ------------------------------------------------------------ decoding
 
@@ -97,19 +108,24 @@ class AvroCodec:
         left = len(payload) - buf.tell()
         if left:
             raise DecodeError(f"Avro payload has {left} bytes after the value: not written with this schema")
+        toJson = self._toJson
+        if toJson is None:
+            return value
         try:
-            return self.toJson(self.schema, value)
+            return toJson(value)
         except Exception as e:
             raise DecodeError(f"Avro value cannot be shown as JSON: {e}") from None
 
     def _resolve(self, schema: Any) -> Any:
-        if isinstance(schema, str) and schema not in _PRIMITIVES:
+        if isinstance(schema, str) and schema not in PRIMITIVES:
             return self.named[schema]
         return schema
 
     def toJson(self, schema: Any, value: Any) -> Any:
         """
-        C{value}, as fastavro read it with C{schema}, in the JSON mapping.
+        C{value}, as fastavro read it with C{schema}, in the JSON mapping:
+        the definition, walked with the value.  L{decode} uses the same
+        mapping compiled for the schema (L{compileToJson}).
         """
         schema = self._resolve(schema)
         if isinstance(schema, list):
@@ -117,19 +133,19 @@ class AvroCodec:
                 return None  # null is never wrapped, in the Avro JSON encoding too
             branch, inner = self._branchOf(schema, value)
             json_ = self.toJson(branch, inner)
-            if _isOptional(schema):
+            if isOptional(schema):
                 return json_
-            return {_branchName(branch, self.named): json_}
+            return {branchName(branch, self.named): json_}
         kind = schema if isinstance(schema, str) else schema["type"]
         logical = schema.get("logicalType") if isinstance(schema, dict) else None
         if value is None:
             return None
         if logical is not None:
-            converted = _logicalToJson(logical, value)
-            if converted is not _NOT_LOGICAL:
+            converted = logicalToJson(logical, value)
+            if converted is not NOT_LOGICAL:
                 return converted
         if kind in ("float", "double"):
-            return _floatToJson(value)
+            return floatToJson(value)
         if kind in ("bytes", "fixed"):
             return base64.b64encode(value).decode("ascii")
         if kind == "array":
@@ -149,7 +165,7 @@ class AvroCodec:
                 if isinstance(resolved, dict) and resolved.get("name") == value[0]:
                     return resolved, value[1]
         for branch in union:
-            if _matches(self._resolve(branch), value):
+            if matches(self._resolve(branch), value):
                 return branch, value
         raise ValueError(f"no branch of the union {union!r} holds {value!r}")
 
@@ -184,7 +200,7 @@ class AvroCodec:
         logical = schema.get("logicalType") if isinstance(schema, dict) else None
         if logical is not None and value is not None:
             converted = _logicalFromJson(schema, logical, value, path)
-            if converted is not _NOT_LOGICAL:
+            if converted is not NOT_LOGICAL:
                 return converted
         return self._plainFromJson(schema, kind, value, path)
 
@@ -260,17 +276,17 @@ class AvroCodec:
             if "null" in branches:
                 return None
             raise EncodeError(pointerFor(path), f"null is not allowed here (union of {_names(branches, self.named)})")
-        if _isOptional(union):
+        if isOptional(union):
             branch = next(b for b in branches if b != "null")
             converted = self.fromJson(branch, value, path)
-            return (_branchName(branch, self.named), converted)
+            return (branchName(branch, self.named), converted)
         if not isinstance(value, dict) or len(value) != 1:
             raise EncodeError(pointerFor(path), "a union of several types takes a one-key object naming the "
-                              f"branch, e.g. {{\"{_branchName(branches[1], self.named)}\": ...}} "
+                              f"branch, e.g. {{\"{branchName(branches[1], self.named)}\": ...}} "
                               f"(branches: {_names(branches, self.named)})")
         name, inner = next(iter(value.items()))
         for branch in branches:
-            full = _branchName(branch, self.named)
+            full = branchName(branch, self.named)
             if name == full or (isinstance(branch, dict) and name == full.rsplit(".", 1)[-1]):
                 return (full, self.fromJson(branch, inner, path + [name]))
         raise EncodeError(pointerFor(path + [name]),
@@ -279,25 +295,11 @@ class AvroCodec:
 
 # ---------------------------------------------------------------- helpers
 
-_NOT_LOGICAL = object()
 _SPECIAL_FLOATS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 
 
-def _isOptional(union: Sequence[Any]) -> bool:
-    return len(union) == 2 and "null" in union
-
-
-def _branchName(branch: Any, named: Mapping[str, Any]) -> str:
-    if isinstance(branch, str):
-        return branch
-    if branch.get("type") in ("record", "enum", "fixed", "error"):
-        return str(branch["name"])
-    kind = branch["type"]
-    return kind if isinstance(kind, str) else _branchName(kind, named)
-
-
 def _names(branches: Sequence[Any], named: Mapping[str, Any]) -> str:
-    return ", ".join(_branchName(b, named) for b in branches)
+    return ", ".join(branchName(b, named) for b in branches)
 
 
 def _jsonType(value: Any) -> str:
@@ -324,14 +326,6 @@ def _integral(value: Any) -> Optional[int]:
     return None
 
 
-def _floatToJson(value: float) -> Any:
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "Infinity" if value > 0 else "-Infinity"
-    return value
-
-
 def _base64(value: Any, path: List[Any]) -> bytes:
     if not isinstance(value, str):
         raise EncodeError(pointerFor(path), f"expected a base64 string, got {_jsonType(value)}")
@@ -339,68 +333,6 @@ def _base64(value: Any, path: List[Any]) -> bytes:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError):
         raise EncodeError(pointerFor(path), "is not valid base64") from None
-
-
-def _matches(schema: Any, value: Any) -> bool:
-    """
-    Whether the Python C{value} fastavro read can be of C{schema} (to tell
-    union branches apart; named types come as (name, value) tuples).
-    """
-    kind = schema if isinstance(schema, str) else schema["type"]
-    logical = schema.get("logicalType") if isinstance(schema, dict) else None
-    if logical is not None:
-        if logical == "date":
-            if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
-                return True
-        elif logical.startswith("time-"):
-            if isinstance(value, datetime.time):
-                return True
-        elif "timestamp" in logical:
-            if isinstance(value, datetime.datetime):
-                return True
-        elif logical == "decimal":
-            if isinstance(value, Decimal):
-                return True
-        elif logical == "uuid":
-            if isinstance(value, uuid.UUID):
-                return True
-    if kind == "null":
-        return value is None
-    if kind == "boolean":
-        return isinstance(value, bool)
-    if kind in ("int", "long"):
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind in ("float", "double"):
-        return isinstance(value, float)
-    if kind == "string":
-        return isinstance(value, str)
-    if kind in ("bytes", "fixed"):
-        return isinstance(value, (bytes, bytearray))
-    if kind == "enum":
-        return isinstance(value, str)
-    if kind == "array":
-        return isinstance(value, list)
-    if kind in ("map", "record"):
-        return isinstance(value, dict)
-    return False
-
-
-def _logicalToJson(logical: str, value: Any) -> Any:
-    # millisecond types show milliseconds, whatever the value's microseconds
-    timespec = "milliseconds" if logical.endswith("-millis") else "auto"
-    if isinstance(value, datetime.datetime):
-        if value.tzinfo is not None:
-            return value.astimezone(_UTC).isoformat(timespec=timespec).replace("+00:00", "Z")
-        return value.isoformat(timespec=timespec)
-    if isinstance(value, datetime.time):
-        return value.isoformat(timespec=timespec)
-    if isinstance(value, datetime.date):
-        return value.isoformat()
-    if isinstance(value, Decimal):
-        return format(value, "f")
-    if isinstance(value, uuid.UUID):
-        return str(value)
-    return _NOT_LOGICAL
 
 
 def _logicalFromJson(schema: Mapping[str, Any], logical: str, value: Any, path: List[Any]) -> Any:
@@ -427,7 +359,7 @@ def _logicalFromJson(schema: Mapping[str, Any], logical: str, value: Any, path: 
             raise EncodeError(pointerFor(path), f"{value} has more than {precision} digits")
         return number
     if not isinstance(value, str):
-        return _NOT_LOGICAL
+        return NOT_LOGICAL
     try:
         if logical == "uuid":
             return str(uuid.UUID(value))
@@ -444,4 +376,4 @@ def _logicalFromJson(schema: Mapping[str, Any], logical: str, value: Any, path: 
             return datetime.datetime.fromisoformat(value).replace(tzinfo=None)
     except ValueError as e:
         raise EncodeError(pointerFor(path), f"{value!r} is not a valid {logical}: {e}") from None
-    return _NOT_LOGICAL
+    return NOT_LOGICAL

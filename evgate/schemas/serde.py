@@ -10,8 +10,7 @@ and L{SchemaDecoder.decodeKnown} answers without a Deferred at all.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
@@ -27,10 +26,9 @@ from evgate.schemas.registry import RegisteredSchema, RegistryClient
 MAX_REFERENCE_DEPTH = 16
 
 
-@dataclass(frozen=True)
-class Decoded:
+class Decoded(NamedTuple):
     """
-    A decoded payload.
+    A decoded payload (a named tuple: one is made per record read).
 
     @ivar value: the JSON value.
     @ivar schemaId: the id from the wire-format header (L{None} for a bare
@@ -157,6 +155,10 @@ class SchemaDecoder:
         self._localCodec = local.codec() if local is not None else None
         if local is not None and local.schemaId is not None:
             self._cache.codecs[local.schemaId] = self._localCodec
+        # The wire-format headers (magic byte and id) of the known schemas,
+        # as bytes: every record of a topic starts with the same few, and
+        # one dictionary lookup of them stands for unpacking the header.
+        self._heads: Dict[bytes, Tuple[int, Any]] = {}
 
     def decodeKnown(self, data: bytes) -> Optional[Decoded]:
         """
@@ -167,10 +169,14 @@ class SchemaDecoder:
         """
         if self._localCodec is not None and self.local is not None and self.local.schemaId is None:
             return Decoded(self._localCodec.decode(bytes(data)), None, self._localCodec.schemaType)
+        known = self._heads.get(data[:wire.HEADER_SIZE])
+        if known is not None:
+            return self._decodeWith(known[1], known[0], bytes(data[wire.HEADER_SIZE:]))
         schemaId, body = wire.unpack(data)
         codec = self._cache.codecs.get(schemaId)
         if codec is None:
             return None
+        self._heads[bytes(data[:wire.HEADER_SIZE])] = (schemaId, codec)
         return self._decodeWith(codec, schemaId, body)
 
     def pending(self, data: bytes) -> "Optional[Deferred[Any]]":
@@ -181,6 +187,8 @@ class SchemaDecoder:
         with L{DecodeError} (why it could not be).
         """
         if self.local is not None and self.local.schemaId is None:
+            return None
+        if data[:wire.HEADER_SIZE] in self._heads:
             return None
         try:
             schemaId, _ = wire.unpack(data)
@@ -208,12 +216,12 @@ class SchemaDecoder:
 
     @staticmethod
     def _decodeWith(codec: Any, schemaId: int, body: bytes) -> Decoded:
+        schemaType = codec.schemaType
         try:
-            indexes: List[int] = []
-            if codec.schemaType == "PROTOBUF":
-                indexes, offset = wire.decodeIndexes(body)
-                body = body[offset:]
-            return Decoded(codec.decode(body, indexes), schemaId, codec.schemaType)
+            if schemaType != "PROTOBUF":
+                return Decoded(codec.decode(body), schemaId, schemaType)
+            indexes, offset = wire.decodeIndexes(body)
+            return Decoded(codec.decode(body[offset:], indexes), schemaId, schemaType)
         except DecodeError as e:
             e.schemaId = schemaId
             raise

@@ -57,6 +57,9 @@ log = Logger()
 
 _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 _JSON_TYPE = ("content-type", "application/json")
+# The headers of a decoded record that had none: one tuple for all, so
+# that readers which render headers can tell it is the same as before.
+_JSON_HEADERS = (_JSON_TYPE,)
 # Failures of schema fetches kept for the marker's detail: bounded, since
 # corrupt headers can name any id.
 MAX_REMEMBERED_FAILURES = 1024
@@ -176,7 +179,7 @@ class SchemaDecodeStep:
             self._failures[(which, error.schemaId)] = (error, self._now())
 
     def _pending(self, decoder: SchemaDecoder, which: str, data: bytes) -> Optional[Deferred]:
-        if len(data) >= 5 and data[0] == 0:
+        if self._failures and len(data) >= 5 and data[0] == 0:
             failed = self._failures.get((which, int.from_bytes(data[1:5], "big")))
             if failed is not None and self._now() - failed[1] < RETRY_FAILED_SCHEMA:
                 # Tried a moment ago: mark it rather than hold the stream.
@@ -246,7 +249,10 @@ class SchemaDecodeStep:
                 # A float NaN or infinity decoded from a payload: the
                 # codecs spell those as strings; anything else is a bug.
                 raise StepError(f"the value cannot be shown as JSON: {e}", slug="decode-failed") from None
-            headers = tuple(h for h in headers if h[0].lower() != "content-type") + (_JSON_TYPE,)
+            if headers:
+                headers = tuple(h for h in headers if h[0].lower() != "content-type") + (_JSON_TYPE,)
+            else:
+                headers = _JSON_HEADERS
             jsonContent = True
             changed = True
         if not changed:
