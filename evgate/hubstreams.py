@@ -9,7 +9,8 @@ parks private ones between the pages of a long poll.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, List, NamedTuple, Optional, Sequence, Tuple
+from collections import deque
+from typing import TYPE_CHECKING, Any, Deque, List, NamedTuple, Optional, Sequence, Tuple
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,6 +39,25 @@ class HubSubscription:
     """
     One subscriber's attachment to a stream.  The entrypoint holds it to
     pause, resume and close.
+
+    Held batches: while the API's delivery pipeline prepares (a decoder
+    fetching a schema), the batches the stream delivers, and its gap
+    notices, wait in C{held}, in order, and are offered one by one once
+    it is ready.  The subscriber may stop after any of them, and what it
+    was not offered yet is never dropped unseen:
+
+     - released (a long-poll page answered, L{release}): a private read
+       is kept for the next page only with every event past the released
+       cursor, what was left of the batch being offered and then every
+       held batch, in order; when that cannot be (a gap notice is held),
+       the read ends and the next page reads afresh from its cursor.  A
+       shared stream's next page replays from the window (or reads
+       privately from its cursor when the window moved on);
+     - paused: the held batches wait for L{resume}, unless the stream
+       delivers more meanwhile (a paused subscriber is still given what
+       the stream delivers, queued to its own bound, so the held ones go
+       first);
+     - closed: they are dropped; the client resumes from its own cursor.
     """
 
     def __init__(self, stream: "_Stream", subscriber: ISubscriber, filter: Optional[Filter],
@@ -49,9 +69,14 @@ class HubSubscription:
         # The API's delivery pipeline (evgate.pipeline.Pipeline), or None:
         # what turns the stream's shared events into the API's own.
         self.view = view
-        # Batches waiting, in order, while the pipeline prepares (a
-        # decoder fetching a schema).
-        self.held: Optional[List[Any]] = None
+        # Batches and gap notices waiting, in order, while the pipeline
+        # prepares or the subscriber is paused in the middle of them.
+        self.held: Optional[Deque[Any]] = None
+        # Whether the pipeline prepares for the first held batch.
+        self.preparing = False
+        # The last batch handed to the subscriber, as the stream made it:
+        # what a release leaves of it is kept for the next page.
+        self.offered: Sequence[Event] = ()
         self.paused = False
         self.closed = False
         self.cursor: Optional[Cursor] = None
@@ -66,25 +91,30 @@ class HubSubscription:
 
     def resume(self) -> None:
         """
-        The subscriber can write again.
+        The subscriber can write again: held batches that waited for it
+        are offered.
         """
         if self.paused and not self.closed:
             self.paused = False
             self.stream.subscriberResumed(self)
+            if self.held and not self.preparing:
+                self._replay()
 
     def close(self) -> None:
         """
-        Detach from the stream.  Idempotent.
+        Detach from the stream, dropping what is held.  Idempotent.
         """
         if not self.closed:
             self.closed = True
+            self.held = None
             self.stream.detach(self)
 
     def release(self, cursor: Optional[Cursor]) -> None:
         """
         Detach like L{close}, saying that the subscriber read up to
         C{cursor}: a private read may then be kept a while for the next
-        subscriber that starts there (the next page of a long poll).
+        subscriber that starts there (the next page of a long poll), with
+        every event past C{cursor} it was not offered.
         """
         if self.closed:
             return
@@ -94,10 +124,29 @@ class HubSubscription:
             stream.park(cursor)
         else:
             stream.detach(self)
+        self.held = None
+
+    def unread(self, cursor: Cursor) -> Optional[List[Event]]:
+        """
+        The events past C{cursor} of the batch last offered and of every
+        held batch, in order: what the next subscriber starting at
+        C{cursor} must get first.  L{None} when a gap notice is held: no
+        list of events can carry it.
+        """
+        kept: List[Event] = []
+        for batch in (self.offered, *(self.held or ())):
+            if isinstance(batch, _HeldGap):
+                return None
+            for event in batch:
+                wanted = cursor.get(event.message.partition)
+                if wanted is None or event.message.offset >= wanted:
+                    kept.append(event)
+        return kept
 
     def offer(self, events: Sequence[Event]) -> None:
         """
-        Hand C{events} to the subscriber, through the floor and the filter.
+        Hand C{events} to the subscriber, through the pipeline, the floor
+        and the filter; or hold them behind batches already held.
         """
         if self.closed or not events:
             return
@@ -105,15 +154,24 @@ class HubSubscription:
         if view is not None:
             # Transformed once per message and API (cached on the shared
             # event); the API's subscribers share the result.
-            if self.held is not None:
-                self.held.append(events)
+            held = self.held
+            if held is not None:
+                held.append(events)
+                if self.paused and not self.preparing:
+                    # Only the pause held them: it does not hold what the
+                    # stream delivers, so they go first.
+                    self._replay(force=True)
                 return
             wait = view.ready(events)
             if wait is not None:
-                self.held = [events]
-                wait.addBoth(self._prepared)
+                self.held = deque((events,))
+                self._prepare(wait)
                 return
-            events = view.events(events)
+        self._hand(events)
+
+    def _hand(self, shared: Sequence[Event]) -> None:
+        self.offered = shared
+        events = self.view.events(shared) if self.view is not None else shared
         if self.floor is not None:
             events = self._applyFloor(events)
             if not events:
@@ -135,7 +193,7 @@ class HubSubscription:
     def gap(self, cursor: Cursor, reason: str) -> None:
         """
         Tell the subscriber that part of the stream is gone, in its turn:
-        behind the batches held while the pipeline prepares.
+        behind the batches held.
         """
         if self.closed:
             return
@@ -144,15 +202,34 @@ class HubSubscription:
             return
         self.subscriber.gap(cursor, reason)
 
+    def _prepare(self, wait: Any) -> None:
+        self.preparing = True
+        wait.addBoth(self._prepared)
+
     def _prepared(self, ignored: Any) -> None:
-        # Offered again in order; a batch that must wait once more holds
-        # the ones after it (and any gap notice) again.
-        held, self.held = self.held, None
-        for item in held or ():
+        self.preparing = False
+        self._replay()
+
+    def _replay(self, force: bool = False) -> None:
+        # One held item at a time, taken off the queue before it is offered:
+        # a subscriber that stops inside the offer (released, closed,
+        # paused) finds the rest still held (see the class docstring).
+        held = self.held
+        view = self.view
+        while held and not self.closed and not self.preparing and (force or not self.paused):
+            item = held.popleft()
             if isinstance(item, _HeldGap):
-                self.gap(item.cursor, item.reason)
-            else:
-                self.offer(item)
+                self.subscriber.gap(item.cursor, item.reason)
+                continue
+            wait = view.ready(item)
+            if wait is not None:
+                # It must wait once more, and what came after it with it.
+                held.appendleft(item)
+                self._prepare(wait)
+                return
+            self._hand(item)
+        if self.held is held and not held and not self.preparing:
+            self.held = None
 
     def _applyFloor(self, events: Sequence[Event]) -> List[Event]:
         # Drop what the subscriber saw already and give the rest ids that
@@ -382,9 +459,8 @@ class PrivateStream(_Stream):
         super().__init__(hub, connector, topic)
         self.subscription = subscription
         subscription.stream = self
-        # The last batch offered, for what its subscriber left of it; while
-        # parked, what the next subscriber gets first.
-        self.lastBatch: List[Event] = []
+        # While parked: what the next subscriber gets first.
+        self.kept: List[Event] = []
         self.parkedAt: Optional[Cursor] = None
         self.parkTimer: Any = None
         self.upstream = connector.subscribe(topic, start, self)
@@ -400,9 +476,8 @@ class PrivateStream(_Stream):
         events = self.makeEvents(messages)
         if self.parkedAt is not None:
             # An upstream that cannot hold delivers while parked: kept.
-            self.lastBatch = self.lastBatch + events
+            self.kept = self.kept + events
             return
-        self.lastBatch = events
         self.subscription.offer(events)
 
     def gap(self, cursor: Cursor, reason: str) -> None:
@@ -437,23 +512,22 @@ class PrivateStream(_Stream):
     def park(self, cursor: Cursor) -> None:
         """
         The subscriber read up to C{cursor} and left: keep reading for the
-        next subscriber that starts exactly there, for a while.  What the
-        last batch holds past C{cursor} is kept for it; the upstream is held
-        (a Kafka reader keeps what it prefetched, where pausing would throw
-        it away).
+        next subscriber that starts exactly there, for a while.  Every
+        event past C{cursor} that the subscriber was not given (the rest of
+        the batch it was offered, and the batches held behind it while the
+        pipeline prepared) is kept for it; the upstream is held (a Kafka
+        reader keeps what it prefetched, where pausing would throw it
+        away).
         """
-        leftovers = []
-        for event in self.lastBatch:
-            wanted = cursor.get(event.message.partition)
-            if wanted is None or event.message.offset >= wanted:
-                leftovers.append(event)
+        kept = self.subscription.unread(cursor)
         # The kept events and the upstream must carry on exactly from the
         # cursor, or the next page would skip or repeat records.
-        end = leftovers[-1].cursor if leftovers else cursor
-        if self.error is not None or self.head is None or end != self.head or not self.hub.park(self, cursor):
+        end = (kept[-1].cursor if kept else cursor) if kept is not None else None
+        if (kept is None or self.error is not None or self.head is None or end != self.head
+                or not self.hub.park(self, cursor)):
             self.upstream.close()
             return
-        self.lastBatch = leftovers
+        self.kept = kept
         self.parkedAt = cursor
         if IHoldableSubscription.providedBy(self.upstream):
             self.upstream.hold()
@@ -471,7 +545,7 @@ class PrivateStream(_Stream):
         self.subscription = subscription
         subscription.stream = self
         subscription.subscriber.started(cursor)
-        kept, self.lastBatch = self.lastBatch, []
+        kept, self.kept = self.kept, []
         if IHoldableSubscription.providedBy(self.upstream):
             # What the upstream read while parked joins the kept events:
             # one fuller page rather than a page per batch.
@@ -479,7 +553,6 @@ class PrivateStream(_Stream):
             if more:
                 kept = kept + self.makeEvents(more)
         if kept and not subscription.closed:
-            self.lastBatch = kept
             subscription.offer(kept)
         if not subscription.closed and not subscription.paused:
             self.upstream.resume()
