@@ -23,6 +23,7 @@ from evgate.interfaces import IPreparingDeliveryStep, ISubscriber
 from evgate.message import Cursor, Draft, Message
 from evgate.pipeline import Pipeline
 from evgate.service import GatewayService
+from evgate.webhook.feeds import HubFeed, ShareGroupFeed
 
 from .helpers import MEMORY_INI
 
@@ -398,3 +399,140 @@ class GetPagesTests(SynchronousTestCase):
             doc = self.answer(self.request(doc["pagination"]["nextCursor"], 4))
         self.assertEqual([i["content"] for i in seen], [str(i) for i in range(30)])
         self.assertEqual({i["key"] for i in seen}, {"decoded"})
+
+
+class Deliverer:
+    """
+    The side of a webhook deliverer a feed talks to: what it was offered,
+    unsettled until the test settles it.
+    """
+
+    def __init__(self) -> None:
+        self.offered: List[str] = []
+        self.unsettled = 0
+        self.tail: Optional[Cursor] = None
+        self.gaps: List[str] = []
+
+    def began(self, cursor: Cursor) -> None:
+        if self.tail is None:
+            self.tail = cursor
+
+    def offer(self, events: Any) -> None:
+        self.offered.extend(e.message.content.decode() for e in events)
+        self.unsettled += len(events)
+        self.tail = events[-1].cursor
+
+    def skipped(self, cursor: Cursor) -> None:
+        self.tail = cursor
+
+    def gap(self, cursor: Cursor, reason: str) -> None:
+        self.gaps.append(reason)
+        self.tail = cursor
+
+    def backlog(self) -> int:
+        return self.unsettled
+
+    def feedFailed(self, reason: Any) -> None:
+        raise AssertionError(reason)
+
+
+class HubFeedTests(HubHeldTestCase):
+    """
+    A webhook subscription's hub feed over its bound in the middle of the
+    held batches.
+    """
+
+    def feed(self, high: int) -> Any:
+        self.deliverer = Deliverer()
+        feed = HubFeed(self.deliverer, self.hub, "local", "t", None, "earliest", high, self.view)
+        feed.start(None)
+        self.clock.advance(0)
+        return feed
+
+    def settle(self, feed: Any) -> None:
+        self.deliverer.unsettled = 0
+        feed.progress()
+        self.clock.advance(0)
+
+    def test_pausedWaits(self) -> None:
+        """
+        The batch that takes the backlog to the bound pauses the feed; the
+        held batches after it wait until the deliverer settles, then come
+        in order, and the feed never lets go of the hub.
+        """
+        self.publish(3)
+        feed = self.feed(4)
+        self.publish(3)
+        self.publish(3)
+        self.step.fetched()
+        self.assertEqual(self.deliverer.offered, [str(i) for i in range(6)])
+        self.assertFalse(feed.detached)
+        self.settle(feed)
+        self.assertEqual(self.deliverer.offered, [str(i) for i in range(9)])
+
+    def test_detachedComesBackFromTail(self) -> None:
+        """
+        A feed that lets go of the hub in the middle of the held batches
+        comes back from the deliverer's tail and gets the rest once, in
+        order.
+        """
+        self.publish(3)
+        feed = self.feed(1)
+        self.publish(3)
+        self.publish(3)
+        self.step.fetched()
+        self.assertTrue(feed.detached)
+        self.assertEqual(self.deliverer.offered, ["0", "1", "2"])
+        for _ in range(5):
+            self.settle(feed)
+        self.assertEqual(self.deliverer.offered, [str(i) for i in range(9)])
+
+
+class ShareGroupFeedTests(SynchronousTestCase):
+    """
+    An MQTT shared-subscription feed over its bound in the middle of the
+    held batches.
+    """
+
+    def test_pausedWaits(self) -> None:
+        """
+        The held batches after the one that paused the feed wait (with a
+        gap notice in its turn) until the deliverer settles, then come in
+        order.
+        """
+        class Upstream:
+            paused = False
+
+            def pause(self) -> None:
+                self.paused = True
+
+            def resume(self) -> None:
+                self.paused = False
+
+            def close(self) -> None:
+                pass
+
+        class Connector:
+            def subscribe(self, topic: str, start: Any, sink: Any, group: str) -> Any:
+                self.upstream = Upstream()
+                return self.upstream
+
+        step = Fetching()
+        deliverer = Deliverer()
+        connector = Connector()
+        feed = ShareGroupFeed(deliverer, connector, "t", "g", None, 4, Pipeline((), [step]).hubView)
+        feed.start(None)
+        feed.started(Cursor(1, ((0, 0),)))
+        offset = 0
+        for size in (3, 3, 3):
+            feed.deliver([Message(str(offset + i).encode(), None, (), "t", 0, offset + i, 0) for i in range(size)])
+            offset += size
+        feed.gap(Cursor(1, ((0, 20),)), "lost")
+        step.fetched()
+        self.assertEqual(deliverer.offered, [str(i) for i in range(6)])
+        self.assertTrue(connector.upstream.paused)
+        self.assertEqual(deliverer.gaps, [])
+        deliverer.unsettled = 0
+        feed.progress()
+        self.assertEqual(deliverer.offered, [str(i) for i in range(9)])
+        self.assertEqual(deliverer.gaps, ["lost"])

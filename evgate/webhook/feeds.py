@@ -25,7 +25,8 @@ once the backlog is down to half).
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from collections import deque
+from typing import Any, Deque, List, Optional, Sequence
 
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -181,8 +182,10 @@ class ShareGroupFeed:
         self.high = high
         self.view = view
         # Batches (lists) and gap notices (tuples) waiting, in order, while
-        # the API's pipeline prepares (evgate.pipeline).
-        self.held: Optional[List[Any]] = None
+        # the API's pipeline prepares (evgate.pipeline), or while the feed
+        # is paused in the middle of offering them again.
+        self.held: Optional[Deque[Any]] = None
+        self.preparing = False
         self.upstream: Any = None
         self.head: Optional[Cursor] = None
         self.paused = False
@@ -201,6 +204,8 @@ class ShareGroupFeed:
         if self.paused and not self.closed and self.deliverer.backlog() <= self.high // 2:
             self.paused = False
             self.upstream.resume()
+            if self.held and not self.preparing:
+                self._replay()
 
     def close(self) -> None:
         """
@@ -227,32 +232,48 @@ class ShareGroupFeed:
         self._take(events)
 
     def _take(self, events: List[Event]) -> None:
-        # In order: behind the batches held while the pipeline prepares.
+        # In order: behind the batches held.
         if self.held is not None:
             self.held.append(events)
             return
+        self._offer(events)
+
+    def _offer(self, events: List[Event]) -> bool:
+        # False when the batch must wait for the pipeline (it is held first).
         if self.view is not None and events:
             wait = self.view.ready(events)
             if wait is not None:
                 # A decoder fetching a schema: this batch and those after it
                 # wait for it, rather than being marked.
-                self.held = [events]
+                if self.held is None:
+                    self.held = deque()
+                self.held.appendleft(events)
+                self.preparing = True
                 wait.addCallback(self._prepared)
-                return
+                return False
         offerFiltered(self.deliverer, events, self.filter, self.view)
         if not self.paused and self.deliverer.backlog() >= self.high:
             self.paused = True
             self.upstream.pause()
+        return True
 
     def _prepared(self, ignored: Any) -> None:
-        held, self.held = self.held, None
-        for item in held or ():
-            if self.closed:
-                return
+        self.preparing = False
+        self._replay()
+
+    def _replay(self) -> None:
+        # One at a time, off the queue: a batch that takes the backlog over
+        # the bound pauses the feed, and the rest wait for progress() like
+        # the messages the paused upstream keeps.
+        held = self.held
+        while held and not self.closed and not self.preparing and not self.paused:
+            item = held.popleft()
             if isinstance(item, tuple):
-                self._gap(*item)
-            else:
-                self._take(item)
+                self.deliverer.gap(*item)
+            elif not self._offer(item):
+                return
+        if self.held is held and not held and not self.preparing:
+            self.held = None
 
     def gap(self, cursor: Cursor, reason: str) -> None:
         if self.closed:
