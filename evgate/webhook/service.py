@@ -27,13 +27,11 @@ from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from evgate.deadlines import atDeadline
 from evgate.entrypoints.webhook import WebhookGatewaySettings
 from evgate.errors import BadCursor, BadFilter, BadRequest, Conflict, EndpointUnavailable, NotFound, Problem
 from evgate.filters import FilterSyntaxError, SubscriptionFilter, compileFilter
-from evgate.interfaces import IConsumerGroups, IRetainedLog, ISharedSubscriptions, IUpstreamSink
+from evgate.interfaces import IConsumerGroups, IRetainedLog, ISharedSubscriptions
 from evgate.message import Cursor, CursorError
 from evgate.webhook import records
 from evgate.webhook.client import DeliveryAgent, WebhookTrust
@@ -41,9 +39,6 @@ from evgate.webhook.delivery import Deliverer, DeliveryContext, checkStaticHeade
 from evgate.webhook.feeds import HubFeed, ShareGroupFeed
 from evgate.webhook.groupreplay import MEMBERS_GRACE, commitGroupOffsets, waitForNoMembers
 from evgate.webhook.kafka import KafkaGroupFeed, webhookGroup
-
-if TYPE_CHECKING:
-    from evgate.node import NodeContext
 from evgate.webhook.retry import RetryPolicy, parsePolicy
 from evgate.webhook.signing import newSecret, secretKey
 from evgate.webhook.ssrf import (
@@ -56,78 +51,10 @@ from evgate.webhook.ssrf import (
     parseCallbackUrl,
     reactorResolver,
 )
+from evgate.webhook.starting import FIELDS, checkMaxInFlight, resolveStart
 
-# How long creating a subscription waits to learn where the topic starts.
-START_TIMEOUT = 10.0
-
-FIELDS = frozenset({"callbackUrl", "headers", "filter", "start", "retry", "maxInFlight"})
-
-# The bounds of webhook.max-in-flight and of a subscription's maxInFlight.
-MAX_IN_FLIGHT_LIMIT = 1000
-
-
-def checkMaxInFlight(value: Any) -> Optional[int]:
-    """
-    A subscription's C{maxInFlight} as the admin API got it: L{None} (the
-    API's C{webhook.max-in-flight}) or an integer from 1 to
-    L{MAX_IN_FLIGHT_LIMIT}.
-
-    @raise ValueError: for anything else.
-    """
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_IN_FLIGHT_LIMIT:
-        raise ValueError(f"maxInFlight must be an integer from 1 to {MAX_IN_FLIGHT_LIMIT}")
-    return value
-
-
-@implementer(IUpstreamSink)
-class _StartProbe:
-    """
-    A throw-away upstream subscription that learns which cursor C{latest}
-    or C{earliest} means right now.
-    """
-
-    def __init__(self, deferred: Deferred) -> None:
-        self.deferred = deferred
-        self.subscription: Any = None
-
-    def _end(self) -> None:
-        if self.subscription is not None:
-            self.subscription.close()
-
-    def started(self, cursor: Cursor) -> None:
-        if not self.deferred.called:
-            self.deferred.callback(cursor)
-        self._end()
-
-    def deliver(self, messages: Any) -> None:
-        pass
-
-    def gap(self, cursor: Cursor, reason: str) -> None:
-        pass
-
-    def failed(self, reason: Failure) -> None:
-        if not self.deferred.called:
-            self.deferred.errback(reason)
-
-
-def resolveStart(connector: Any, topic: str, start: Any, reactor: Any, timeout: float = START_TIMEOUT) -> Deferred:
-    """
-    The cursor C{start} (C{"latest"}, C{"earliest"} or a L{Cursor}) stands
-    for now, so that a subscription made with C{latest} receives every
-    message published after its creation was answered.
-    """
-    d: Deferred = Deferred()
-    probe = _StartProbe(d)
-    probe.subscription = connector.subscribe(topic, start, probe)
-
-    def tooLate() -> None:
-        probe._end()
-        d.errback(EndpointUnavailable(f"endpoint {connector.name} did not say where topic {topic} starts "
-                                      f"within {timeout:g} s; try again"))
-
-    return atDeadline(reactor, timeout, d, tooLate)
+if TYPE_CHECKING:
+    from evgate.node import NodeContext
 
 
 class WebhookService(Service):
