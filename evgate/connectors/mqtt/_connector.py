@@ -83,6 +83,10 @@ class MqttConnector(Service):
         self.reactor = reactor
         self.connected = False
         self.lastError: Optional[str] = None
+        # Why the broker refuses the gateway (credentials, TLS), while it
+        # does: subscriptions fail at once rather than wait for a
+        # connection that a retry alone will not get.
+        self.refusal: Optional[str] = None
         rng = random.SystemRandom()
         self._epoch = epoch if epoch is not None else rng.randrange(1, 2**31)
         suffix = "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(10))
@@ -369,6 +373,14 @@ class MqttConnector(Service):
             raise ValueError(f"topic {topic!r} {problem}")
         if group is not None and (not group or any(c in group for c in "/+#\x00")):
             raise ValueError(f"share group {group!r} must be non-empty, without / + # or NUL")
+        if self.refusal is not None:
+            # A feed of its own that the connector does not keep, failed on
+            # the next turn: the caller gets its subscription first.
+            refused = _Feed(self, group, topic, self.apiOptions(topic).qos, 0, 0)
+            reader = MqttSubscription(refused, sink, start, 0)
+            refused.readers.append(reader)
+            self.reactor.callLater(0, refused.fail, Failure(self.refused("cannot read")))
+            return reader
         feed = self._feeds.get((group, topic))
         if feed is None:
             feed = self._newFeed(group, topic)
@@ -523,6 +535,7 @@ class MqttConnector(Service):
                 self.lastError = (f"authentication failed: the broker refused the connection: {reason} "
                                   "(check username and password-file)")
                 self._logProblem(self.lastError, "error")
+                self._refusedBy(self.lastError)
             else:
                 self.lastError = f"the broker refused the connection: {reason}"
                 self._logProblem(self.lastError)
@@ -533,6 +546,7 @@ class MqttConnector(Service):
         self.connected = True
         self._everConnected = True
         self.lastError = None
+        self.refusal = None
         self._failedAttempts = 0
         self._problemLogged = (None, 0.0, 0)
         self._idsAvailable = props.get("SubscriptionIdentifierAvailable", 1) == 1
@@ -572,6 +586,34 @@ class MqttConnector(Service):
         if self._stopping:
             return
         self._logProblem(self.lastError, "error" if refused else "warn")
+        if refused:
+            self._refusedBy(self.lastError)
+
+    def refused(self, what: str) -> EndpointUnavailable:
+        """
+        The 503 of a call while the broker refuses the gateway.
+        """
+        return EndpointUnavailable(f"MQTT endpoint {self.name}: the broker at {self.where} refuses the gateway: "
+                                   f"{self.refusal}; {what}")
+
+    def _refusedBy(self, reason: str) -> None:
+        # The broker refuses the gateway (credentials, TLS): paho retries,
+        # but only a change on one side lets it in.  Until then every
+        # subscription fails with a 503, as publishes do: readers attached
+        # now end (their clients retry and are answered 503 at once)
+        # rather than wait on a stream that cannot start.
+        self.refusal = reason
+        feeds = list(self._feeds.values())
+        self._feeds.clear()
+        self._feedsById.clear()
+        self._subscribing.clear()
+        problem = Failure(self.refused("cannot read"))
+        for feed in feeds:
+            self._sequences[feed.key] = feed.nextOffset
+            if feed.state == "active":
+                # A session the broker kept would still hold it.
+                self._stale.add(feed.mqttFilter)
+            feed.fail(problem)
 
     def _on_disconnect(self, code: int, reason: str, fromServer: bool) -> None:
         wasConnected = self.connected
