@@ -31,7 +31,7 @@ from evgate.connectors.kafka import (
     producerSettings,
     toMessage,
 )
-from evgate.connectors.kafka._groups import COMMIT_WAIT
+from evgate.connectors.kafka._groups import COMMIT_WAIT, FULL_POLL_INTERVAL
 from evgate.errors import EndpointTimeout, EndpointUnavailable, PayloadTooLarge
 from evgate.interfaces import (
     IConnector,
@@ -1588,9 +1588,9 @@ class GroupTests(ConnectorTestCase):
     def test_bufferBound(self) -> None:
         """
         Between polls the reader buffers about batch-size records, then
-        takes one record per turn at most (polling for the group's sake)
-        and never pauses its partitions, which would drop what librdkafka
-        prefetched.
+        takes one record per FULL_POLL_INTERVAL at most (polling for the
+        group's sake) and never pauses its partitions, which would drop
+        what librdkafka prefetched.
         """
         first = self.poll(timeout=0)
         self.group.runOnce()
@@ -1601,7 +1601,10 @@ class GroupTests(ConnectorTestCase):
         self.assertEqual(len(self.group.buffer), 3)
         self.group.runOnce()
         self.group.runOnce()
-        self.assertEqual(len(self.group.buffer), 5)
+        self.assertEqual(len(self.group.buffer), 3)
+        self.reactor.advance(FULL_POLL_INTERVAL)
+        self.group.runOnce()
+        self.assertEqual(len(self.group.buffer), 4)
         self.assertEqual(self.consumer.named("pause"), [])
         d = self.poll(limit=4)
         self.group.runOnce()
@@ -1690,6 +1693,26 @@ class GroupTests(ConnectorTestCase):
         self.consumer.answerCommits = True
         self.group.runOnce()
         self.assertEqual(self.group.commitsInFlight, [])
+
+    def test_fullBufferPollsSeldom(self) -> None:
+        """
+        While nobody takes (a webhook receiver that is down), a reader
+        whose buffer is full polls only every FULL_POLL_INTERVAL seconds,
+        so its buffer grows by one record per interval at most, not by one
+        per turn.
+        """
+        d = self.poll(timeout=0)
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        self.successResultOf(d).commit()
+        self.group.runCommands = lambda wait=0.0: None  # type: ignore[method-assign]
+        self.consumer.records = [FakeRecord(0, offset) for offset in range(100)]
+        self.group.runOnce()
+        self.assertEqual(len(self.group.buffer), 3)
+        for _ in range(50):
+            self.reactor.advance(0.2)
+            self.group.runOnce()
+        self.assertLessEqual(len(self.group.buffer), 3 + 10 / FULL_POLL_INTERVAL + 1)
 
     def test_idleClose(self) -> None:
         """

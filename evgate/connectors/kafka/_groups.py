@@ -33,6 +33,13 @@ COMMIT_WAIT = 0.5
 # commit's callback inside poll but does not return from poll for it.
 COMMIT_POLL = 0.01
 
+# Seconds between the idle polls of a reader whose buffer is full (its
+# deliverer does not take: a webhook receiver that is down).  Each poll
+# takes a record, so polling every turn grew the buffer by five records a
+# second for as long as the receiver was down; this still serves the
+# group's rebalances within a few seconds.
+FULL_POLL_INTERVAL = 5.0
+
 
 class TakeRequest:
     """
@@ -131,6 +138,7 @@ class GroupReader(ConsumerThread):
         self.fetchPaused = False
         self.pendingTake: Optional[TakeRequest] = None
         self.takeDeadline = 0.0
+        self.fullPollAt = 0.0
         # Commits sent and not confirmed yet: commit id, offsets, and
         # whether the reactor was answered already (COMMIT_WAIT passed).
         self.config["on_commit"] = self.onCommit
@@ -311,10 +319,14 @@ class GroupReader(ConsumerThread):
         # take what is there, serving rebalances, then sleep on the command
         # queue, so that the next take or commit starts at once rather than
         # after a blocking poll.  A full buffer still polls, for the group's
-        # sake, taking one record per turn at most; the partitions are never
-        # paused, which would drop what librdkafka prefetched and cost the
-        # next take a fetch (fetch.wait.max.ms, 500 ms by default).
-        self.pollInto(0.0)
+        # sake, but only every FULL_POLL_INTERVAL, taking one record each
+        # time; the partitions are never paused, which would drop what
+        # librdkafka prefetched and cost the next take a fetch
+        # (fetch.wait.max.ms, 500 ms by default).
+        if len(self.buffer) < self.batchSize or self.now() >= self.fullPollAt:
+            self.pollInto(0.0)
+            if len(self.buffer) >= self.batchSize:
+                self.fullPollAt = self.now() + FULL_POLL_INTERVAL
         self.runCommands(self.pollTimeout)
 
     def pollInto(self, timeout: float, upTo: int = 0) -> None:
