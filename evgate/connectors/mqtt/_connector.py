@@ -5,7 +5,6 @@ The MQTT endpoint: one MQTT 5 connection shared by every API on it.
 from __future__ import annotations
 
 import random
-import re
 import string
 import traceback
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
@@ -31,7 +30,14 @@ from evgate.connectors.mqtt._options import (
     filterProblem,
     tlsContext,
 )
-from evgate.connectors.mqtt._paho import _Incoming, _incoming, _propertyValues, connectFailure, pahoClient
+from evgate.connectors.mqtt._paho import (
+    _Incoming,
+    _incoming,
+    _propertyValues,
+    connectFailure,
+    pahoClient,
+    publishProperties,
+)
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, PayloadTooLarge
 from evgate.ini import ConfigError
 from evgate.interfaces import IConnector, ISharedSubscriptions, IUpstreamSink
@@ -41,17 +47,6 @@ from evgate.threads import ReactorBatches, StartThread, deferToOwnThread, startD
 # Events handed to the reactor per turn: large enough to amortise a hop,
 # small enough that a burst from the broker does not starve other work.
 BATCH = 1000
-
-# What an MQTT string may not hold: U+0000 is forbidden [MQTT-1.5.4-2], and
-# Mosquitto also refuses the control characters and non-characters the
-# specification says a receiver may refuse [MQTT-1.5.4-3], by disconnecting.
-_NOT_MQTT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef\ufffe\uffff"
-                            "\U0001fffe\U0001ffff\U0002fffe\U0002ffff\U0003fffe\U0003ffff"
-                            "\U0004fffe\U0004ffff\U0005fffe\U0005ffff\U0006fffe\U0006ffff"
-                            "\U0007fffe\U0007ffff\U0008fffe\U0008ffff\U0009fffe\U0009ffff"
-                            "\U000afffe\U000affff\U000bfffe\U000bffff\U000cfffe\U000cffff"
-                            "\U000dfffe\U000dffff\U000efffe\U000effff\U000ffffe\U000fffff"
-                            "\U0010fffe\U0010ffff]")
 
 # Seconds before the same connection problem is logged again (with how
 # often it happened meanwhile): paho retries with back-off, forever.
@@ -279,7 +274,7 @@ class MqttConnector(Service):
         settings = self.apiOptions(topic)
         try:
             target = settings.target(topic, draft.key)
-            properties = self._publishProperties(draft)
+            properties = publishProperties(draft)
         except BadRequest as e:
             return fail(e)
         client = self._client
@@ -322,27 +317,6 @@ class MqttConnector(Service):
         on the wire, and paho pipelines the packets anyway.
         """
         return publishEach(self, topic, drafts, timeout)
-
-    def _publishProperties(self, draft: Draft) -> Any:
-        # Every header is kept, repeated names included, in order: MQTT 5
-        # user properties are an ordered list in which names may repeat.
-        properties = Properties(PacketTypes.PUBLISH)
-        user: List[Tuple[str, str]] = []
-        for name, value in draft.headers:
-            bad = _NOT_MQTT_TEXT.search(name) or _NOT_MQTT_TEXT.search(value)
-            if bad is not None:
-                # Mosquitto closes the connection of a client that sends
-                # such a string: every subscription and publish of this
-                # endpoint would pay for one bad header.
-                raise BadRequest(f"message header {name!r} holds U+{ord(bad.group()):04X}: MQTT user properties "
-                                 "cannot carry control characters or Unicode non-characters")
-            if name.lower() == "content-type":
-                properties.ContentType = value
-            else:
-                user.append((name, value))
-        if user:
-            properties.UserProperty = user
-        return properties
 
     def _publishTimedOut(self, mid: int, timeout: float) -> None:
         entry = self._publishes.pop(mid, None)
