@@ -33,7 +33,8 @@ The admin listener uses the same site class with the same limits.
 
 from __future__ import annotations
 
-from typing import Any, Optional, Set
+import weakref
+from typing import Any, Optional
 
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Protocol
@@ -475,7 +476,10 @@ class GatewaySite(Site):
     Open connections are known by their transports: a WebSocket takes its
     transport over from the HTTP channel (the channel never hears of its
     end), so a connection counts until its socket is closed, found when
-    the cap is reached.
+    the cap is reached.  The set holds its transports weakly: a closed
+    transport that nothing else holds (the reactor lets go of it when it
+    closes) leaves at once, rather than staying until the cap is reached,
+    with whatever it had not sent.
     """
 
     requestFactory = GatewayRequest
@@ -501,7 +505,7 @@ class GatewaySite(Site):
         self.requestLog = requestLog
         self.metrics = metrics
         self.connectionCounts = ConnectionCounts()
-        self.openTransports: Set[Any] = set()
+        self.openTransports: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._prunedAt = -1.0
 
     @property
@@ -527,7 +531,8 @@ class GatewaySite(Site):
         if now - self._prunedAt < 1.0:
             return False
         self._prunedAt = now
-        self.openTransports = {t for t in self.openTransports if not getattr(_socketOf(t), "disconnected", 0)}
+        self.openTransports = weakref.WeakSet(
+            t for t in list(self.openTransports) if not getattr(_socketOf(t), "disconnected", 0))
         return len(self.openTransports) < self.limits.maxConnections
 
     def connectionOpened(self, transport: Any) -> None:

@@ -31,6 +31,7 @@ from evgate.connectors.kafka import (
     producerSettings,
     toMessage,
 )
+from evgate.connectors.kafka._groups import COMMIT_WAIT, FULL_POLL_INTERVAL
 from evgate.errors import EndpointTimeout, EndpointUnavailable, PayloadTooLarge
 from evgate.interfaces import (
     IConnector,
@@ -136,6 +137,7 @@ class TP:
         self.topic = topic
         self.partition = partition
         self.offset = offset
+        self.error: Optional[KafkaError] = None
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, TP) and (self.topic, self.partition, self.offset) == (
@@ -233,6 +235,14 @@ class FakeConsumer:
         self.brokerDown: Optional[KafkaError] = None
         self.pollError: Optional[BaseException] = None
         self.commitError: Optional[BaseException] = None
+        # Asynchronous commits wait here until a poll answers them through
+        # on_commit, with commitOutcome (None: success); unless
+        # answerCommits is off (no coordinator answers).
+        self.inFlight: List[List[TP]] = []
+        self.answerCommits = True
+        self.commitOutcome: Optional[KafkaError] = None
+        # Called with each poll's timeout (a test's clock advances).
+        self.elapse: Optional[Callable[[float], None]] = None
         self.positions: Dict[int, int] = {}
         self.subscription: Dict[str, Any] = {}
         self.closed = False
@@ -274,6 +284,12 @@ class FakeConsumer:
         return taken[0] if taken else None
 
     def consume(self, num_messages: int, timeout: float) -> List[Any]:
+        if self.elapse is not None and timeout > 0:
+            self.elapse(timeout)
+        if self.answerCommits and self.inFlight and "on_commit" in self.config:
+            inFlight, self.inFlight = self.inFlight, []
+            for offsets in inFlight:
+                self.config["on_commit"](self.commitOutcome, offsets)
         # Like librdkafka, paused partitions return nothing.
         paused = {tp.partition for tps in self.named("pause") for tp in tps} - {
             tp.partition for tps in self.named("resume") for tp in tps}
@@ -288,6 +304,8 @@ class FakeConsumer:
         self.calls.append(("commit", (offsets, asynchronous)))
         if self.commitError is not None:
             raise self.commitError
+        if asynchronous:
+            self.inFlight.append(offsets)
 
     def position(self, tps: List[TP]) -> List[TP]:
         return [TP(tp.topic, tp.partition, self.positions.get(tp.partition, -1001)) for tp in tps]
@@ -1458,8 +1476,9 @@ class GroupTests(ConnectorTestCase):
     def test_takeAndCommit(self) -> None:
         """
         A poll returns the records, with the cursors before and after them;
-        committing commits each partition past its last message,
-        synchronously, and lets the next poll in.
+        committing commits each partition past its last message (sent
+        asynchronously, waited for on the thread), and lets the next poll
+        in once the coordinator confirmed it.
         """
         d = self.poll(limit=2)
         self.consumer.records = [FakeRecord(0, 5), FakeRecord(1, 9), FakeRecord(0, 6)]
@@ -1473,7 +1492,7 @@ class GroupTests(ConnectorTestCase):
         self.assertNoResult(second)
         committed = batch.commit()
         self.group.runOnce()
-        self.assertEqual(self.consumer.named("commit"), [([TP(TOPIC, 0, 6), TP(TOPIC, 1, 10)], False)])
+        self.assertEqual(self.consumer.named("commit"), [([TP(TOPIC, 0, 6), TP(TOPIC, 1, 10)], True)])
         self.reactor.runFromThread()
         self.successResultOf(committed)
         self.group.runOnce()
@@ -1569,9 +1588,9 @@ class GroupTests(ConnectorTestCase):
     def test_bufferBound(self) -> None:
         """
         Between polls the reader buffers about batch-size records, then
-        takes one record per turn at most (polling for the group's sake)
-        and never pauses its partitions, which would drop what librdkafka
-        prefetched.
+        takes one record per FULL_POLL_INTERVAL at most (polling for the
+        group's sake) and never pauses its partitions, which would drop
+        what librdkafka prefetched.
         """
         first = self.poll(timeout=0)
         self.group.runOnce()
@@ -1582,7 +1601,10 @@ class GroupTests(ConnectorTestCase):
         self.assertEqual(len(self.group.buffer), 3)
         self.group.runOnce()
         self.group.runOnce()
-        self.assertEqual(len(self.group.buffer), 5)
+        self.assertEqual(len(self.group.buffer), 3)
+        self.reactor.advance(FULL_POLL_INTERVAL)
+        self.group.runOnce()
+        self.assertEqual(len(self.group.buffer), 4)
         self.assertEqual(self.consumer.named("pause"), [])
         d = self.poll(limit=4)
         self.group.runOnce()
@@ -1642,7 +1664,7 @@ class GroupTests(ConnectorTestCase):
         self.group.runOnce()
         self.reactor.runFromThread()
         self.successResultOf(committed)
-        self.assertEqual(self.consumer.named("commit"), [([TP(TOPIC, 0, 6)], False)])
+        self.assertEqual(self.consumer.named("commit"), [([TP(TOPIC, 0, 6)], True)])
         self.assertTrue(self.group.lock.locked)
         self.assertNoResult(other)
 
@@ -1659,6 +1681,79 @@ class GroupTests(ConnectorTestCase):
         self.reactor.advance(1.0 + 5.0 + 1.0)
         self.failureResultOf(following, EndpointUnavailable)
         self.assertFalse(self.group.lock.locked)
+
+    def test_commitRefusedByCoordinator(self) -> None:
+        """
+        A commit the coordinator answers with an error fails the batch's
+        commit with that reason (logged; the group may read the messages
+        again) and frees the group's turn.
+        """
+        d = self.poll()
+        self.consumer.records = [FakeRecord(0, 1)]
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        batch = self.successResultOf(d)
+        self.consumer.commitOutcome = kafkaError(KafkaError.NOT_COORDINATOR, "Not coordinator")
+        committed = batch.commit()
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        self.successResultOf(committed)
+        self.assertFalse(self.group.lock.locked)
+        self.assertEqual(self.group.commitsInFlight, [])
+
+    def test_commitWithoutCoordinatorDoesNotHoldTheReader(self) -> None:
+        """
+        While the group has no coordinator (a broker restarting), a commit
+        is not confirmed: the reader waits for it only COMMIT_WAIT seconds
+        (polling meanwhile), reports it failed, and serves the next poll,
+        where a synchronous commit would hold the reader for librdkafka's
+        whole session timeout.  The late answer is not reported again.
+        """
+        d = self.poll()
+        self.consumer.records = [FakeRecord(0, 1)]
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        batch = self.successResultOf(d)
+        self.consumer.answerCommits = False
+        waited: List[float] = []
+        self.consumer.elapse = lambda seconds: (waited.append(seconds), self.reactor.advance(seconds))
+        committed = batch.commit()
+        self.group.runOnce()
+        self.assertEqual(self.consumer.named("commit")[-1][1], True)
+        self.assertLessEqual(sum(waited), COMMIT_WAIT + 0.05)
+        self.reactor.runFromThread()
+        self.successResultOf(committed)
+        self.assertFalse(self.group.lock.locked)
+        self.consumer.elapse = None
+        second = self.poll()
+        self.consumer.records = [FakeRecord(0, 2)]
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        self.assertEqual([m.offset for m in self.successResultOf(second).messages], [2])
+        # The coordinator is back: the late answer is taken, not reported.
+        self.consumer.answerCommits = True
+        self.group.runOnce()
+        self.assertEqual(self.group.commitsInFlight, [])
+
+    def test_fullBufferPollsSeldom(self) -> None:
+        """
+        While nobody takes (a webhook receiver that is down), a reader
+        whose buffer is full polls only every FULL_POLL_INTERVAL seconds,
+        so its buffer grows by one record per interval at most, not by one
+        per turn.
+        """
+        d = self.poll(timeout=0)
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        self.successResultOf(d).commit()
+        self.group.runCommands = lambda wait=0.0: None  # type: ignore[method-assign]
+        self.consumer.records = [FakeRecord(0, offset) for offset in range(100)]
+        self.group.runOnce()
+        self.assertEqual(len(self.group.buffer), 3)
+        for _ in range(50):
+            self.reactor.advance(0.2)
+            self.group.runOnce()
+        self.assertLessEqual(len(self.group.buffer), 3 + 10 / FULL_POLL_INTERVAL + 1)
 
     def test_idleClose(self) -> None:
         """

@@ -1038,6 +1038,53 @@ class SubscribeTests(ConnectorTestMixin, SynchronousTestCase):
         self.connector.subscribe("secret/#", "latest", RecordingSink())
         self.assertEqual(len(self.client.subscribes), 2)
 
+    def test_refusedCredentialsFailNewSubscriptions(self) -> None:
+        """
+        While the broker refuses the gateway's credentials, a new
+        subscription fails on the next turn with a 503 that says why,
+        without sending a SUBSCRIBE; once the broker accepts the gateway,
+        subscriptions are sent and start again.
+        """
+        self.client.connack(code=0x86)
+        self.reactor.runHops()
+        sink = RecordingSink()
+        subscription = self.connector.subscribe("sensors/+/temperature", "latest", sink)
+        self.assertEqual(sink.events, [])
+        self.reactor.advance(0)
+        [(kind, reason)] = sink.events
+        self.assertEqual(kind, "failed")
+        self.assertIsInstance(reason.value, EndpointUnavailable)
+        self.assertIn("Bad user name or password", reason.value.detail)
+        subscription.close()
+        self.connect()
+        self.assertEqual(self.client.subscribes, [])
+        again = RecordingSink()
+        self.connector.subscribe("sensors/+/temperature", "latest", again)
+        self.client.suback(self.client.subscribes[0][0], 1)
+        self.reactor.runHops()
+        self.assertEqual(again.kinds(), ["started"])
+
+    def test_refusalEndsWaitingReaders(self) -> None:
+        """
+        Readers that wait for a connection when the broker refuses the
+        credentials end with a 503 instead of waiting for good; readers of
+        a subscription that was granted before end too, and its filter is
+        removed from a session the broker kept.
+        """
+        self.connect()
+        _, active = self.subscribeActive("a")
+        self.client.lose()
+        self.reactor.runHops()
+        waiting = RecordingSink()
+        self.connector.subscribe("b", "latest", waiting)
+        self.client.connack(code=0x87)
+        self.reactor.runHops()
+        self.assertEqual(waiting.kinds(), ["failed"])
+        self.assertEqual(active.kinds(), ["started", "failed"])
+        self.assertIsInstance(waiting.events[0][1].value, EndpointUnavailable)
+        self.connect(sessionPresent=True)
+        self.assertEqual(self.client.unsubscribes, ["a"])
+
     def test_closedWhileSubscribing(self) -> None:
         """
         A reader that leaves before the SUBACK does not start, and the

@@ -478,3 +478,58 @@ class RefusalTests(SecuredCase):
         self.assertEqual(len(redis), 1, redis)
         self.assertIn("authentication failed", redis[0])
         self.assertIn("authentication failed", jsonOf(body).get("limitsStore", ""))
+
+
+class RedisPasswordRotationTests(SecuredCase):
+    """
+    The limits store on the rig's TLS Redis, started with a wrong password.
+    """
+
+    def test_fixedPasswordFileTakenWithoutRestart(self) -> None:
+        """
+        A gateway whose limits-store-password-file is wrong counts on the
+        node and says why in /ready; once the file holds the right
+        password, the next connection attempt (every few seconds) reads it
+        again and the node counts in Redis, without a restart or reload.
+        """
+        rig = self.rig
+        passwordFile = os.path.join(self.directory, "redis-password")
+        with open(passwordFile, "w", encoding="utf-8") as f:
+            f.write("not-the-password\n")
+        os.chmod(passwordFile, 0o600)
+        gateway = self.startGateway(f"""
+[gateway]
+listen = tcp:0:interface=127.0.0.1
+admin = tcp:0
+admin-token = {TOKEN}
+limits-store = rediss://{rig['EVGATE_REDIS_USER']}@127.0.0.1:{rig['EVGATE_REDIS_TLS_PORT']}/0
+limits-store-password-file = {passwordFile}
+limits-store-ca-file = {rig['EVGATE_TLS_CA_FILE']}
+limits-prefix = evgate-test:{uuid.uuid4().hex[:12]}:
+
+[endpoint:local]
+type = memory
+
+[api:demo]
+path = /demo
+endpoint = local
+topic = demo
+entrypoints = http-post
+rate-limit = 1000/s
+""")
+
+        def limitsStore() -> str:
+            httpRequest("POST", gateway.url("/demo"), b"counted")
+            _, _, body = httpRequest("GET", gateway.adminUrl("/ready"))
+            return str(jsonOf(body).get("limitsStore") or "")
+
+        waitFor(lambda: "authentication failed" in limitsStore(), 30, interval=0.5,
+                what="/ready to say Redis refused the password")
+        with open(passwordFile, "w", encoding="utf-8") as f:
+            f.write(rig.secret("EVGATE_REDIS_PASSWORD_FILE") + "\n")
+        started = time.monotonic()
+        waitFor(lambda: limitsStore() == "", 30, interval=0.5, what="the limits store to be used again")
+        self.assertLess(time.monotonic() - started, 20)
+        output = gateway.output()
+        self.assertEqual(len([line for line in output.splitlines() if "authentication failed" in line]), 1, output)
+        self.assertIn("counting in Redis again", output)

@@ -7,7 +7,9 @@ fail), in memory over StringTransports driven by a Clock.
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from typing import Any, Dict, Tuple
 
 from twisted.internet.address import IPv4Address
@@ -321,6 +323,26 @@ class ConnectionCapTests(SiteTestCase):
         protocol, transport = connect(self.site)
         self.assertFalse(transport.disconnecting)
         self.assertEqual(self.site.openConnections, 1)
+
+
+    def test_closedTakenOverTransportNotKept(self) -> None:
+        """
+        A taken-over transport (a WebSocket's) that closed and that nothing
+        else holds is not kept by the site until the cap is reached: it is
+        gone at once, and the connection no longer counts.
+        """
+        protocol, transport = connect(self.site)
+        # What autobahn's WebSocketResource does: the channel lets go of
+        # the transport, which now belongs to the WebSocket protocol.
+        protocol.transport = None
+        transport.protocol = object()
+        transport.disconnected = True
+        protocol.setTimeout(None)
+        gone = weakref.ref(transport)
+        del protocol, transport
+        gc.collect()
+        self.assertIsNone(gone())
+        self.assertEqual(self.site.openConnections, 0)
 
 
 class InternalErrorTests(SynchronousTestCase):

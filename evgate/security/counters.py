@@ -37,6 +37,9 @@ UNITS = {
 DEFAULT_REDIS_TIMEOUT = 0.25
 # Seconds between attempts to reach a Redis that failed.
 REDIS_RETRY = 5.0
+# Seconds between new connections to a Redis that refused the gateway
+# (authentication, TLS): txredisapi stops trying after a refusal.
+REDIS_REFUSED_RETRY = 5.0
 # How often (in counted requests) the local counters drop ended windows.
 SWEEP_EVERY = 1000
 
@@ -242,7 +245,7 @@ class RedisCounters(Service):
 
     def __init__(self, url: str, reactor: Any, local: LocalCounters, timeout: float = DEFAULT_REDIS_TIMEOUT,
                  prefix: str = "evgate:limits:", password: Optional[str] = None,
-                 caFile: Optional[str] = None) -> None:
+                 caFile: Optional[str] = None, passwordFile: Optional[str] = None) -> None:
         parsed = urlparse(url)
         self.url = redactedUrl(url)
         self.host = parsed.hostname or "127.0.0.1"
@@ -252,6 +255,9 @@ class RedisCounters(Service):
         self.db = int(path) if path else 0
         self.username = parsed.username or None
         self.password = password if password is not None else parsed.password
+        # Read again before every new connection after a refusal, so that a
+        # rotated (or corrected) password is taken without a restart.
+        self.passwordFile = passwordFile
         self.caFile = caFile
         self.reactor = reactor
         self.local = local
@@ -263,9 +269,19 @@ class RedisCounters(Service):
         self.fallbacks = 0
         self.problem: Optional[str] = None
         self._lostBeforeReady: Optional[str] = None
+        self._factory: Any = None
+        self._reconnectCall: Any = None
+        self.refusedRetry = REDIS_REFUSED_RETRY
 
     def startService(self) -> None:
         super().startService()
+        self._connect()
+
+    def _connect(self) -> None:
+        # A fresh txredisapi factory (its pool of one connection), which
+        # reconnects by itself while Redis is unreachable, but not after a
+        # refusal: then _refused schedules the next one.
+        self._reconnectCall = None
         counters = self
 
         class Protocol(txredisapi.RedisProtocol):  # type: ignore[misc]
@@ -284,7 +300,8 @@ class RedisCounters(Service):
             protocol = Protocol
 
             def connectionError(self, why: str) -> None:
-                counters._refused(why)
+                if self is counters._factory:
+                    counters._refused(why)
                 super().connectionError(why)
 
         timeout = max(1.0, self.timeout * 4)
@@ -293,8 +310,24 @@ class RedisCounters(Service):
         endpoint: Any = HostnameEndpoint(self.reactor, self.host, self.port, timeout=timeout)
         if self.tls:
             endpoint = wrapClientTLS(redisTlsOptions(self.host, self.caFile), endpoint)
+        # The pool's "ready" Deferred fails on a refusal, which _refused
+        # reports; nobody waits on it (the handler is lazy).
+        factory.deferred.addErrback(lambda _: None)
         factory.startConnecting(endpoint)
+        self._factory = factory
         self.redis = factory.handler
+
+    def _rereadPassword(self) -> None:
+        if self.passwordFile is None:
+            return
+        try:
+            self.password = rereadSecret(self.passwordFile)
+        except (OSError, ValueError) as e:
+            problem = f"cannot read limits-store-password-file {self.passwordFile}: {e}"
+            if problem != self.problem:
+                self.log.error("limits store {url}: {problem}; trying with the password read before",
+                               url=self.url, problem=problem)
+            self.problem = problem
 
     def _refused(self, why: str) -> None:
         # txredisapi gave up on the connection (it does not retry after
@@ -305,11 +338,36 @@ class RedisCounters(Service):
             problem = (f"authentication failed: {why.split(': ', 2)[-1]} (check the user in limits-store and "
                        "limits-store-password-file)")
         if problem != self.problem:
-            self.log.error("limits store {url}: {problem}; counting on this node", url=self.url, problem=problem)
+            self.log.error("limits store {url}: {problem}; counting on this node, and trying again every "
+                           "{retry:g} s", url=self.url, problem=problem, retry=self.refusedRetry)
         self.problem = problem
+        now = self.reactor.seconds()
+        if self.downSince is None:
+            self.downSince = now
+        # Nothing to ask until the next connection: count on the node.
+        self.retryAt = now + self.refusedRetry
+        if self.running and (self._reconnectCall is None or not self._reconnectCall.active()):
+            self._reconnectCall = self.reactor.callLater(self.refusedRetry, self._reconnect)
+
+    def _reconnect(self) -> None:
+        """
+        A new connection after a refusal, with the password file read again.
+        """
+        self._reconnectCall = None
+        if not self.running:
+            return
+        old, self._factory = self._factory, None
+        if old is not None:
+            old.disconnect().addErrback(lambda f: None)
+        self._rereadPassword()
+        self._connect()
 
     def stopService(self) -> Any:
         super().stopService()
+        if self._reconnectCall is not None and self._reconnectCall.active():
+            self._reconnectCall.cancel()
+        self._reconnectCall = None
+        self._factory = None
         redis, self.redis = self.redis, None
         if redis is not None:
             return redis.disconnect()
@@ -368,6 +426,26 @@ class RedisCounters(Service):
         # txredisapi sends EVALSHA once it has loaded the script on a
         # connection, and EVAL again when Redis forgot it (NOSCRIPT).
         return self.redis.eval(TAKE_SCRIPT, keys, args)  # type: ignore[no-any-return]
+
+
+def rereadSecret(path: str) -> str:
+    """
+    The secret in the file C{path} (already resolved from the
+    configuration), read as the configuration reads it: UTF-8, without
+    one trailing newline.
+
+    @raise OSError: when the file cannot be read.
+    @raise ValueError: when it is empty or not UTF-8 text.
+    """
+    with open(path, "rb") as f:
+        content = f.read()
+    if content.endswith(b"\r\n"):
+        content = content[:-2]
+    elif content.endswith(b"\n"):
+        content = content[:-1]
+    if not content:
+        raise ValueError("the file is empty")
+    return content.decode("utf-8")
 
 
 def redactedUrl(url: str) -> str:

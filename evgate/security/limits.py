@@ -121,14 +121,16 @@ class Limits(Service):
 
     def __init__(self, reactor: Any, storeUrl: Optional[str] = None,
                  timeout: float = DEFAULT_REDIS_TIMEOUT, prefix: str = "evgate:limits:",
-                 password: Optional[str] = None, caFile: Optional[str] = None) -> None:
+                 password: Optional[str] = None, caFile: Optional[str] = None,
+                 passwordFile: Optional[str] = None) -> None:
         self.reactor = reactor
         self.local = LocalCounters(reactor)
         # Messages are always counted here (see the module's docstring).
         self.messages = LocalCounters(reactor)
         self.shared: Optional[RedisCounters] = None
         if storeUrl is not None:
-            self.shared = RedisCounters(storeUrl, reactor, self.local, timeout, prefix, password, caFile)
+            self.shared = RedisCounters(storeUrl, reactor, self.local, timeout, prefix, password, caFile,
+                                        passwordFile)
 
     def startService(self) -> None:
         super().startService()
@@ -376,6 +378,10 @@ def parseLimitsStore(section: SectionReader) -> Mapping[str, Any]:
     return {
         "limitsStore": None if store == "local" else store,
         "limitsStorePassword": password,
+        # Read again when Redis refused the password (see RedisCounters).
+        "limitsStorePasswordFile": (resolvePath(section, "limits-store-password-file",
+                                                section.get("limits-store-password-file"))
+                                    if store != "local" and section.has("limits-store-password-file") else None),
         "limitsStoreCaFile": caFile,
         "limitsTimeout": section.getFloat("limits-timeout", DEFAULT_REDIS_TIMEOUT, minimum=0.01),
         "limitsPrefix": section.get("limits-prefix", "evgate:limits:"),
@@ -389,4 +395,4 @@ def buildLimits(settings: Any, reactor: Any) -> Limits:
     options = getattr(settings, "options", {}) or {}
     return Limits(reactor, options.get("limitsStore"), options.get("limitsTimeout", DEFAULT_REDIS_TIMEOUT),
                   options.get("limitsPrefix", "evgate:limits:"), options.get("limitsStorePassword"),
-                  options.get("limitsStoreCaFile"))
+                  options.get("limitsStoreCaFile"), options.get("limitsStorePasswordFile"))

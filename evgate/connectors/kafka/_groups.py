@@ -20,6 +20,26 @@ from evgate.message import Cursor, Message
 if TYPE_CHECKING:
     from evgate.connectors.kafka._connector import KafkaConnector
 
+# Seconds the owner thread waits for the group coordinator to confirm a
+# commit, polling meanwhile.  A synchronous commit would wait as long as
+# librdkafka defers it: while the group has no coordinator (a broker that
+# restarts), up to session.timeout.ms (45 s by default), with the thread
+# neither reading nor answering polls.  An unconfirmed commit is reported
+# as failed and the group reads on: a later commit (absolute offsets)
+# covers it, and at worst the group reads those messages again.
+COMMIT_WAIT = 0.5
+
+# How long one poll of the wait for a commit blocks: librdkafka serves the
+# commit's callback inside poll but does not return from poll for it.
+COMMIT_POLL = 0.01
+
+# Seconds between the idle polls of a reader whose buffer is full (its
+# deliverer does not take: a webhook receiver that is down).  Each poll
+# takes a record, so polling every turn grew the buffer by five records a
+# second for as long as the receiver was down; this still serves the
+# group's rebalances within a few seconds.
+FULL_POLL_INTERVAL = 5.0
+
 
 class TakeRequest:
     """
@@ -140,6 +160,11 @@ class GroupReader(ConsumerThread):
         self.fetchPaused = False
         self.pendingTake: Optional[TakeRequest] = None
         self.takeDeadline = 0.0
+        self.fullPollAt = 0.0
+        # Commits sent and not confirmed yet: commit id, offsets, and
+        # whether the reactor was answered already (COMMIT_WAIT passed).
+        self.config["on_commit"] = self.onCommit
+        self.commitsInFlight: List[Tuple[int, Dict[int, int], bool]] = []
 
     # the reactor side
 
@@ -333,10 +358,14 @@ class GroupReader(ConsumerThread):
         # take what is there, serving rebalances, then sleep on the command
         # queue, so that the next take or commit starts at once rather than
         # after a blocking poll.  A full buffer still polls, for the group's
-        # sake, taking one record per turn at most; the partitions are never
-        # paused, which would drop what librdkafka prefetched and cost the
-        # next take a fetch (fetch.wait.max.ms, 500 ms by default).
-        self.pollInto(0.0)
+        # sake, but only every FULL_POLL_INTERVAL, taking one record each
+        # time; the partitions are never paused, which would drop what
+        # librdkafka prefetched and cost the next take a fetch
+        # (fetch.wait.max.ms, 500 ms by default).
+        if len(self.buffer) < self.batchSize or self.now() >= self.fullPollAt:
+            self.pollInto(0.0)
+            if len(self.buffer) >= self.batchSize:
+                self.fullPollAt = self.now() + FULL_POLL_INTERVAL
         self.runCommands(self.pollTimeout)
 
     def pollInto(self, timeout: float, upTo: int = 0) -> None:
@@ -444,8 +473,10 @@ class GroupReader(ConsumerThread):
 
     def do_commit(self, commitId: int, offsets: Mapping[int, int], owned: bool = False) -> None:
         """
-        Command: commit C{offsets} synchronously (C{owned}: only those of
-        partitions assigned to this member now).
+        Command: commit C{offsets} (C{owned}: only those of partitions
+        assigned to this member now), and wait up to L{COMMIT_WAIT} seconds
+        for the coordinator to confirm it, polling meanwhile (records are
+        buffered, rebalances served).
         """
         if owned:
             offsets = {p: o for p, o in offsets.items() if p in self.assigned}
@@ -454,11 +485,51 @@ class GroupReader(ConsumerThread):
                 return
         try:
             self.consumer.commit(offsets=[self.tp(p, o) for p, o in sorted(offsets.items())],
-                                 asynchronous=False)
+                                 asynchronous=True)
         except Exception as e:
             self.callOnReactor(self.committed, commitId, _kafkaReason(e))
+            return
+        self.commitsInFlight.append((commitId, dict(offsets), False))
+        deadline = self.now() + min(COMMIT_WAIT, self.requestTimeout)
+        while self.waitingFor(commitId) and self.now() < deadline and not self.stopRequested.is_set():
+            try:
+                self.pollInto(COMMIT_POLL)
+            except Exception:
+                break
+        if self.waitingFor(commitId):
+            self.commitsInFlight = [(i, o, answered or i == commitId) for i, o, answered in self.commitsInFlight]
+            self.callOnReactor(self.committed, commitId,
+                               f"the group coordinator did not confirm it within {COMMIT_WAIT:g} s")
+
+    def waitingFor(self, commitId: int) -> bool:
+        """
+        Whether the reactor still waits for the outcome of commit
+        C{commitId}.
+        """
+        return any(i == commitId and not answered for i, _, answered in self.commitsInFlight)
+
+    def onCommit(self, error: Any, partitions: Optional[Sequence[Any]]) -> None:
+        """
+        librdkafka's C{on_commit}, on this thread (inside poll): the outcome
+        of a commit sent by L{do_commit}.
+        """
+        got = {tp.partition: tp.offset for tp in partitions or () if tp.topic == self.topic}
+        entry = next((c for c in self.commitsInFlight if c[1] == got),
+                     self.commitsInFlight[0] if self.commitsInFlight else None)
+        if entry is None:
+            return
+        self.commitsInFlight.remove(entry)
+        commitId, _, answered = entry
+        reason: Optional[str] = None
+        if error is not None:
+            reason = error.str()
         else:
-            self.callOnReactor(self.committed, commitId, None)
+            failed = [tp.error for tp in partitions or () if tp.error is not None]
+            if failed:
+                reason = failed[0].str()
+        # One that was answered already was reported (and logged) as failed.
+        if not answered:
+            self.callOnReactor(self.committed, commitId, reason)
 
     def do_putBack(self, messages: List[Message]) -> None:
         """
@@ -466,3 +537,4 @@ class GroupReader(ConsumerThread):
         partitions still ours).
         """
         self.buffer[:0] = [m for m in messages if m.partition in self.assigned]
+

@@ -5,7 +5,6 @@ The MQTT endpoint: one MQTT 5 connection shared by every API on it.
 from __future__ import annotations
 
 import random
-import re
 import string
 import traceback
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
@@ -31,7 +30,14 @@ from evgate.connectors.mqtt._options import (
     filterProblem,
     tlsContext,
 )
-from evgate.connectors.mqtt._paho import _Incoming, _incoming, _propertyValues, connectFailure, pahoClient
+from evgate.connectors.mqtt._paho import (
+    _Incoming,
+    _incoming,
+    _propertyValues,
+    connectFailure,
+    pahoClient,
+    publishProperties,
+)
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, PayloadTooLarge
 from evgate.ini import ConfigError
 from evgate.interfaces import IConnector, ISharedSubscriptions, IUpstreamSink
@@ -41,17 +47,6 @@ from evgate.threads import ReactorBatches, StartThread, deferToOwnThread, startD
 # Events handed to the reactor per turn: large enough to amortise a hop,
 # small enough that a burst from the broker does not starve other work.
 BATCH = 1000
-
-# What an MQTT string may not hold: U+0000 is forbidden [MQTT-1.5.4-2], and
-# Mosquitto also refuses the control characters and non-characters the
-# specification says a receiver may refuse [MQTT-1.5.4-3], by disconnecting.
-_NOT_MQTT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef\ufffe\uffff"
-                            "\U0001fffe\U0001ffff\U0002fffe\U0002ffff\U0003fffe\U0003ffff"
-                            "\U0004fffe\U0004ffff\U0005fffe\U0005ffff\U0006fffe\U0006ffff"
-                            "\U0007fffe\U0007ffff\U0008fffe\U0008ffff\U0009fffe\U0009ffff"
-                            "\U000afffe\U000affff\U000bfffe\U000bffff\U000cfffe\U000cffff"
-                            "\U000dfffe\U000dffff\U000efffe\U000effff\U000ffffe\U000fffff"
-                            "\U0010fffe\U0010ffff]")
 
 # Seconds before the same connection problem is logged again (with how
 # often it happened meanwhile): paho retries with back-off, forever.
@@ -83,6 +78,10 @@ class MqttConnector(Service):
         self.reactor = reactor
         self.connected = False
         self.lastError: Optional[str] = None
+        # Why the broker refuses the gateway (credentials, TLS), while it
+        # does: subscriptions fail at once rather than wait for a
+        # connection that a retry alone will not get.
+        self.refusal: Optional[str] = None
         rng = random.SystemRandom()
         self._epoch = epoch if epoch is not None else rng.randrange(1, 2**31)
         suffix = "".join(rng.choice(string.ascii_lowercase + string.digits) for _ in range(10))
@@ -275,7 +274,7 @@ class MqttConnector(Service):
         settings = self.apiOptions(topic)
         try:
             target = settings.target(topic, draft.key)
-            properties = self._publishProperties(draft)
+            properties = publishProperties(draft)
         except BadRequest as e:
             return fail(e)
         client = self._client
@@ -319,27 +318,6 @@ class MqttConnector(Service):
         """
         return publishEach(self, topic, drafts, timeout)
 
-    def _publishProperties(self, draft: Draft) -> Any:
-        # Every header is kept, repeated names included, in order: MQTT 5
-        # user properties are an ordered list in which names may repeat.
-        properties = Properties(PacketTypes.PUBLISH)
-        user: List[Tuple[str, str]] = []
-        for name, value in draft.headers:
-            bad = _NOT_MQTT_TEXT.search(name) or _NOT_MQTT_TEXT.search(value)
-            if bad is not None:
-                # Mosquitto closes the connection of a client that sends
-                # such a string: every subscription and publish of this
-                # endpoint would pay for one bad header.
-                raise BadRequest(f"message header {name!r} holds U+{ord(bad.group()):04X}: MQTT user properties "
-                                 "cannot carry control characters or Unicode non-characters")
-            if name.lower() == "content-type":
-                properties.ContentType = value
-            else:
-                user.append((name, value))
-        if user:
-            properties.UserProperty = user
-        return properties
-
     def _publishTimedOut(self, mid: int, timeout: float) -> None:
         entry = self._publishes.pop(mid, None)
         if entry is not None:
@@ -369,6 +347,14 @@ class MqttConnector(Service):
             raise ValueError(f"topic {topic!r} {problem}")
         if group is not None and (not group or any(c in group for c in "/+#\x00")):
             raise ValueError(f"share group {group!r} must be non-empty, without / + # or NUL")
+        if self.refusal is not None:
+            # A feed of its own that the connector does not keep, failed on
+            # the next turn: the caller gets its subscription first.
+            refused = _Feed(self, group, topic, self.apiOptions(topic).qos, 0, 0)
+            reader = MqttSubscription(refused, sink, start, 0)
+            refused.readers.append(reader)
+            self.reactor.callLater(0, refused.fail, Failure(self.refused("cannot read")))
+            return reader
         feed = self._feeds.get((group, topic))
         if feed is None:
             feed = self._newFeed(group, topic)
@@ -523,6 +509,7 @@ class MqttConnector(Service):
                 self.lastError = (f"authentication failed: the broker refused the connection: {reason} "
                                   "(check username and password-file)")
                 self._logProblem(self.lastError, "error")
+                self._refusedBy(self.lastError)
             else:
                 self.lastError = f"the broker refused the connection: {reason}"
                 self._logProblem(self.lastError)
@@ -533,6 +520,7 @@ class MqttConnector(Service):
         self.connected = True
         self._everConnected = True
         self.lastError = None
+        self.refusal = None
         self._failedAttempts = 0
         self._problemLogged = (None, 0.0, 0)
         self._idsAvailable = props.get("SubscriptionIdentifierAvailable", 1) == 1
@@ -572,6 +560,34 @@ class MqttConnector(Service):
         if self._stopping:
             return
         self._logProblem(self.lastError, "error" if refused else "warn")
+        if refused:
+            self._refusedBy(self.lastError)
+
+    def refused(self, what: str) -> EndpointUnavailable:
+        """
+        The 503 of a call while the broker refuses the gateway.
+        """
+        return EndpointUnavailable(f"MQTT endpoint {self.name}: the broker at {self.where} refuses the gateway: "
+                                   f"{self.refusal}; {what}")
+
+    def _refusedBy(self, reason: str) -> None:
+        # The broker refuses the gateway (credentials, TLS): paho retries,
+        # but only a change on one side lets it in.  Until then every
+        # subscription fails with a 503, as publishes do: readers attached
+        # now end (their clients retry and are answered 503 at once)
+        # rather than wait on a stream that cannot start.
+        self.refusal = reason
+        feeds = list(self._feeds.values())
+        self._feeds.clear()
+        self._feedsById.clear()
+        self._subscribing.clear()
+        problem = Failure(self.refused("cannot read"))
+        for feed in feeds:
+            self._sequences[feed.key] = feed.nextOffset
+            if feed.state == "active":
+                # A session the broker kept would still hold it.
+                self._stale.add(feed.mqttFilter)
+            feed.fail(problem)
 
     def _on_disconnect(self, code: int, reason: str, fromServer: bool) -> None:
         wasConnected = self.connected

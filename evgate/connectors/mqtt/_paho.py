@@ -6,12 +6,17 @@ paho client itself.
 from __future__ import annotations
 
 import base64
+import re
 import ssl
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from paho.mqtt.client import CallbackAPIVersion, Client, MQTTv5
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from evgate.errors import BadRequest
 
 
 @dataclass(frozen=True)
@@ -114,3 +119,43 @@ def connectFailure(error: Optional[BaseException]) -> Tuple[str, bool]:
                     "tls-key: expired, or not signed by a CA the broker trusts?)"), True
         return f"TLS failed: {text}", True
     return f"{error.strerror or error}" if isinstance(error, OSError) else str(error), False
+
+
+# What an MQTT string may not hold: U+0000 is forbidden [MQTT-1.5.4-2], and
+# Mosquitto also refuses the control characters and non-characters the
+# specification says a receiver may refuse [MQTT-1.5.4-3], by disconnecting.
+_NOT_MQTT_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ufdd0-\ufdef\ufffe\uffff"
+                            "\U0001fffe\U0001ffff\U0002fffe\U0002ffff\U0003fffe\U0003ffff"
+                            "\U0004fffe\U0004ffff\U0005fffe\U0005ffff\U0006fffe\U0006ffff"
+                            "\U0007fffe\U0007ffff\U0008fffe\U0008ffff\U0009fffe\U0009ffff"
+                            "\U000afffe\U000affff\U000bfffe\U000bffff\U000cfffe\U000cffff"
+                            "\U000dfffe\U000dffff\U000efffe\U000effff\U000ffffe\U000fffff"
+                            "\U0010fffe\U0010ffff]")
+
+
+def publishProperties(draft: Any) -> Any:
+    """
+    The MQTT 5 PUBLISH properties of C{draft}: its content-type header as
+    the content type, the other headers as user properties.
+
+    @raise BadRequest: for a header MQTT cannot carry.
+    """
+    # Every header is kept, repeated names included, in order: MQTT 5
+    # user properties are an ordered list in which names may repeat.
+    properties = Properties(PacketTypes.PUBLISH)
+    user: List[Tuple[str, str]] = []
+    for name, value in draft.headers:
+        bad = _NOT_MQTT_TEXT.search(name) or _NOT_MQTT_TEXT.search(value)
+        if bad is not None:
+            # Mosquitto closes the connection of a client that sends
+            # such a string: every subscription and publish of this
+            # endpoint would pay for one bad header.
+            raise BadRequest(f"message header {name!r} holds U+{ord(bad.group()):04X}: MQTT user properties "
+                             "cannot carry control characters or Unicode non-characters")
+        if name.lower() == "content-type":
+            properties.ContentType = value
+        else:
+            user.append((name, value))
+    if user:
+        properties.UserProperty = user
+    return properties
