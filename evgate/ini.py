@@ -228,6 +228,28 @@ class ApiContext:
 _apiOptionParsers: List[ApiOptionParser] = []
 
 
+def descriptionFields(description: str) -> List[str]:
+    """
+    The fields of a listener description as Twisted's strports write them:
+    C{":"} separates fields and a backslash escapes the next character (an
+    IPv6 interface is C{tcp6:8080:interface=\\:\\:1}).
+    """
+    fields, current, escaped = [], [], False
+    for char in description:
+        if escaped:
+            current.append(char)
+            escaped = False
+        elif char == "\\":
+            escaped = True
+        elif char == ":":
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    fields.append("".join(current))
+    return fields
+
+
 GatewayKeyParser = Callable[[SectionReader], Optional[Mapping[str, Any]]]
 _gatewayKeyParsers: List[GatewayKeyParser] = []
 

@@ -25,6 +25,7 @@ from evgate.config import Config, ConfigError, GatewayConfig
 from evgate.connectors import buildConnector
 from evgate.gateway import ApiRuntime, GatewayResource, GatewaySite
 from evgate.hub import Hub
+from evgate.ini import descriptionFields
 from evgate.interfaces import IConnector, IStore
 from evgate.logs import RequestLog, offerLogObserver
 from evgate.metrics import CountingStore, GatewayMetrics, RateSampler
@@ -227,25 +228,6 @@ class TcpAddress:
     backlog: int = 50
 
 
-def _strportsFields(description: str) -> List[str]:
-    # Fields are separated by ":"; a backslash escapes the next character
-    # (an IPv6 interface is written tcp6:8080:interface=\:\:1).
-    fields, current, escaped = [], [], False
-    for char in description:
-        if escaped:
-            current.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            fields.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    fields.append("".join(current))
-    return fields
-
-
 def tcpAddress(description: str) -> TcpAddress:
     """
     The address of the C{tcp:} or C{tcp6:} strports C{description}
@@ -256,7 +238,7 @@ def tcpAddress(description: str) -> TcpAddress:
 
     @raise ValueError: if C{description} is not a TCP description.
     """
-    kind, *rest = _strportsFields(description)
+    kind, *rest = descriptionFields(description)
     kind = kind.lower()
     if kind not in ("tcp", "tcp6"):
         raise ValueError(f"not a TCP description: {description}")

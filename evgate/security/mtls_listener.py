@@ -50,7 +50,7 @@ from OpenSSL import SSL, crypto
 from twisted.internet.endpoints import SSL4ServerEndpoint
 from twisted.internet.ssl import CertificateOptions
 
-from evgate.ini import SectionReader, gatewayKeys
+from evgate.ini import SectionReader, descriptionFields, gatewayKeys
 from evgate.secrets import resolvePath
 
 PREFIX = "mtls"
@@ -62,25 +62,6 @@ def isMtls(description: str) -> bool:
     Whether the listener description C{description} is an C{mtls:} one.
     """
     return description.split(":", 1)[0].lower() == PREFIX
-
-
-def _fields(description: str) -> List[str]:
-    # As strports: ":" separates fields and a backslash escapes the next
-    # character (an IPv6 interface is interface=\:\:1).
-    fields, current, escaped = [], [], False
-    for char in description:
-        if escaped:
-            current.append(char)
-            escaped = False
-        elif char == "\\":
-            escaped = True
-        elif char == ":":
-            fields.append("".join(current))
-            current = []
-        else:
-            current.append(char)
-    fields.append("".join(current))
-    return fields
 
 
 @dataclass(frozen=True)
@@ -175,7 +156,7 @@ def parseMtlsListen(section: SectionReader, description: str) -> MtlsListener:
     def error(message: str) -> Exception:
         return section.error("listen", f"{description}: {message}")
 
-    kind, *rest = _fields(description)
+    kind, *rest = descriptionFields(description)
     values: Dict[str, str] = {}
     positional = ["port", "interface", "backlog"]
     for item in rest:
