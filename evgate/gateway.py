@@ -29,6 +29,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 # Problem answers live in evgate.answers (below the site and the admin API);
 # imported from here by older code.
@@ -37,7 +38,7 @@ from evgate.config import ApiConfig
 from evgate.cors import applyCors, preflight
 from evgate.errors import MethodNotAllowed, NotFound, Unauthorized
 from evgate.hub import Hub
-from evgate.interfaces import IConnector, IEntrypoint, IPlan, ISubtreeEntrypoint
+from evgate.interfaces import IBodyPipes, IConnector, IEntrypoint, IPlan, ISubtreeEntrypoint
 from evgate.message import cursorTag
 from evgate.metrics import tallyFor
 from evgate.pipeline import NO_PIPELINE, Pipeline
@@ -106,6 +107,7 @@ class ApiCall:
     consumer: Consumer
 
 
+@implementer(IBodyPipes)
 class GatewayResource(Resource):
     """
     The root of the data plane: finds the API owning the request path, picks
@@ -130,6 +132,9 @@ class GatewayResource(Resource):
         self.byPath = {api.config.path.encode("ascii"): api for api in apis}
         self.bySubtree = {api.config.path.encode("ascii"): api for api in apis
                           if any(ISubtreeEntrypoint.providedBy(e) for e in api.entrypoints)}
+        # Only the APIs that serve a subtree take bodies as they arrive: the
+        # site skips the body pipe lookup when there are none.
+        self.streamsBodies = bool(self.bySubtree)
 
     def route(self, path: bytes) -> Optional[ApiRuntime]:
         """

@@ -330,6 +330,24 @@ class IPlan(Interface):
         """
 
 
+class IBodyPipes(Interface):
+    """
+    A site's root resource under which some paths take request bodies as
+    they arrive (the gateway's, for an API with an L{ISubtreeEntrypoint}).
+    """
+
+    streamsBodies = Attribute(
+        "Whether any path takes its body as it arrives now (set when the APIs change): a request to a site "
+        "without such an API pays this one test, not a lookup of its path.")
+
+    def bodyPipeFor(path):
+        """
+        What opens the pipe the body of a request to C{path} goes to (see
+        L{ISubtreeEntrypoint.openBodyPipe}), or L{None} when C{path} takes
+        its body once it has arrived.
+        """
+
+
 class IMetricsSource(Interface):
     """
     Something that counts more than the node's own metrics say (an C{http}
