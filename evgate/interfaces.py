@@ -330,6 +330,24 @@ class IPlan(Interface):
         """
 
 
+class ISynchronousPlan(IPlan):
+    """
+    A plan that always knows its answer at once, from the request alone
+    (keyless).  The gateway asks such a plan L{consumerOf} instead of
+    C{authenticate}, so that the request path makes no Deferred for an
+    answer that is already known.  C{authenticate} still answers with a
+    Deferred, as every L{IPlan} does.
+    """
+
+    def consumerOf(request):
+        """
+        The L{evgate.gateway.Consumer} of C{request}, now.
+
+        @raise evgate.errors.Problem: (L{evgate.errors.Unauthorized},
+            L{evgate.errors.Forbidden}) when the plan refuses it.
+        """
+
+
 class IBodyPipes(Interface):
     """
     A site's root resource under which some paths take request bodies as
