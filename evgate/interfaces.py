@@ -332,19 +332,15 @@ class IPlan(Interface):
 
 class ISynchronousPlan(IPlan):
     """
-    A plan that always knows its answer at once, from the request alone
-    (keyless).  The gateway asks such a plan L{consumerOf} instead of
-    C{authenticate}, so that the request path makes no Deferred for an
-    answer that is already known.  C{authenticate} still answers with a
-    Deferred, as every L{IPlan} does.
+    A plan that knows its answer at once, from the request alone (keyless):
+    the gateway asks it L{consumerOf}, and makes no Deferred.
     """
 
     def consumerOf(request):
         """
         The L{evgate.gateway.Consumer} of C{request}, now.
 
-        @raise evgate.errors.Problem: (L{evgate.errors.Unauthorized},
-            L{evgate.errors.Forbidden}) when the plan refuses it.
+        @raise evgate.errors.Problem: when the plan refuses it.
         """
 
 
@@ -354,15 +350,12 @@ class IBodyPipes(Interface):
     they arrive (the gateway's, for an API with an L{ISubtreeEntrypoint}).
     """
 
-    streamsBodies = Attribute(
-        "Whether any path takes its body as it arrives now (set when the APIs change): a request to a site "
-        "without such an API pays this one test, not a lookup of its path.")
+    streamsBodies = Attribute("Whether any path does now: if not, a request pays this one test, no lookup.")
 
     def bodyPipeFor(path):
         """
-        What opens the pipe the body of a request to C{path} goes to (see
-        L{ISubtreeEntrypoint.openBodyPipe}), or L{None} when C{path} takes
-        its body once it has arrived.
+        What opens the pipe a body sent to C{path} goes to
+        (L{ISubtreeEntrypoint.openBodyPipe}), or L{None}.
         """
 
 
