@@ -22,22 +22,23 @@ of the prefix).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, cast
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
 
 # Problem answers live in evgate.answers (below the site and the admin API);
 # imported from here by older code.
 from evgate.answers import clientLeft, finishWithFailure, finishWithProblem, watchDeparture, writeProblem  # noqa: F401
 from evgate.config import ApiConfig
 from evgate.cors import applyCors, preflight
-from evgate.errors import MethodNotAllowed, NotFound, Unauthorized
+from evgate.errors import MethodNotAllowed, NotFound, Problem, Unauthorized
 from evgate.hub import Hub
-from evgate.interfaces import IConnector, IEntrypoint, IPlan, ISubtreeEntrypoint
+from evgate.interfaces import IBodyPipes, IConnector, IEntrypoint, IPlan, ISubtreeEntrypoint, ISynchronousPlan
 from evgate.message import cursorTag
 from evgate.metrics import tallyFor
 from evgate.pipeline import NO_PIPELINE, Pipeline
@@ -72,6 +73,10 @@ class ApiRuntime:
     tally: Any = None
     # The API's transform steps and codecs (evgate.pipeline), built with it.
     pipeline: Pipeline = NO_PIPELINE
+    # Those of its plans that answer at once (ISynchronousPlan), each with
+    # what it answers with, asked without a Deferred: see synchronousPlans()
+    # and GatewayResource.render.
+    synchronousPlans: Dict[IPlan, Callable[[Request], Consumer]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tag = cursorTag(self.config.name, self.config.topic)
@@ -96,6 +101,16 @@ class ApiRuntime:
         return methods
 
 
+def synchronousPlans(plans: Sequence[IPlan]) -> Dict[IPlan, Callable[[Request], Consumer]]:
+    """
+    Those of C{plans} that answer at once (L{ISynchronousPlan}), each with
+    its C{consumerOf}: the value of L{ApiRuntime.synchronousPlans},
+    computed once when the API is built rather than asked of a plan per
+    request.
+    """
+    return {plan: ISynchronousPlan(plan).consumerOf for plan in plans if ISynchronousPlan.providedBy(plan)}
+
+
 @dataclass
 class ApiCall:
     """
@@ -106,6 +121,7 @@ class ApiCall:
     consumer: Consumer
 
 
+@implementer(IBodyPipes)
 class GatewayResource(Resource):
     """
     The root of the data plane: finds the API owning the request path, picks
@@ -130,6 +146,9 @@ class GatewayResource(Resource):
         self.byPath = {api.config.path.encode("ascii"): api for api in apis}
         self.bySubtree = {api.config.path.encode("ascii"): api for api in apis
                           if any(ISubtreeEntrypoint.providedBy(e) for e in api.entrypoints)}
+        # Only the APIs that serve a subtree take bodies as they arrive: the
+        # site skips the body pipe lookup when there are none.
+        self.streamsBodies = bool(self.bySubtree)
 
     def route(self, path: bytes) -> Optional[ApiRuntime]:
         """
@@ -194,10 +213,20 @@ class GatewayResource(Resource):
             return writeProblem(request, MethodNotAllowed(
                 f"{request.method.decode('latin-1')} is not served by API {api.name}; "
                 f"allowed: {allow.decode('ascii') or 'none'}"))
-        # Every plan answers with a Deferred, also when it knows at once
-        # (keyless): one path, whose callbacks run before this returns when
-        # nothing waits (see docs/benchmarks.md for its cost).
-        consumer = admit(api, entrypoint, request, authenticate(api, request))
+        # A plan that knows its answer at once (keyless, ISynchronousPlan)
+        # is asked without a Deferred, and so are the local limits: a
+        # request they let through is rendered before this returns.  Any
+        # other plan, or limits counted in Redis, answer with a Deferred.
+        try:
+            plan = presentedPlan(api, request)
+            consumerOf = api.synchronousPlans.get(plan)
+            who: Any = consumerOf(request) if consumerOf is not None else plan.authenticate(request)
+        except Problem as problem:
+            return writeProblem(request, problem)
+        consumer = admit(api, entrypoint, request, who)
+        if not isinstance(consumer, Deferred):
+            request.evgateConsumer = consumer.id  # type: ignore[attr-defined]
+            return entrypoint.render(request, ApiCall(api, consumer))
 
         def authenticated(who: Consumer) -> None:
             request.evgateConsumer = who.id  # type: ignore[attr-defined]
@@ -215,19 +244,18 @@ class GatewayResource(Resource):
         return NOT_DONE_YET
 
 
-def authenticate(api: ApiRuntime, request: Request) -> Deferred:
+def presentedPlan(api: ApiRuntime, request: Request) -> IPlan:
     """
-    Run the plan chain: the one plan whose credentials the request carries
+    The plan of C{api} whose credentials C{request} carries: that one plan
     decides (keyless's "credentials" are none at all).  Credentials present
-    but invalid never fall back to another plan; credentials of two plans
-    at once, or credentials that none of the API's plans takes, are a 401.
+    but invalid never fall back to another plan.
 
-    @return: a Deferred of the L{Consumer}, which may fail with a
-        L{Problem}.
+    @raise Unauthorized: when the request carries credentials of two plans
+        at once, or credentials that none of the API's plans takes.
     """
     presented = [plan for plan in api.plans if plan.present(request)]
     if len(presented) == 1:
-        return presented[0].authenticate(request)
+        return presented[0]
     names = ", ".join(p.name for p in api.plans)
     challenges = [p.challenge for p in api.plans if p.challenge]
     headers = [("WWW-Authenticate", ", ".join(challenges))] if challenges else []
@@ -240,9 +268,21 @@ def authenticate(api: ApiRuntime, request: Request) -> Deferred:
         detail = f"API {api.name} needs credentials ({names})"
         if any(p.name == "mtls" for p in api.plans):
             detail += "; for mtls, a client certificate on a TLS connection to an mtls: listener"
-    d: Deferred = Deferred()
-    d.errback(Unauthorized(detail, headers=headers))
-    return d
+    raise Unauthorized(detail, headers=headers)
+
+
+def authenticate(api: ApiRuntime, request: Request) -> Deferred:
+    """
+    Run the plan chain (see L{presentedPlan}).
+
+    @return: a Deferred of the L{Consumer}, which may fail with a
+        L{Problem}.
+    """
+    try:
+        plan = presentedPlan(api, request)
+    except Unauthorized as e:
+        return fail(e)
+    return plan.authenticate(request)
 
 
 def queryArgs(request: Request) -> Dict[bytes, List[bytes]]:

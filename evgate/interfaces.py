@@ -330,6 +330,35 @@ class IPlan(Interface):
         """
 
 
+class ISynchronousPlan(IPlan):
+    """
+    A plan that knows its answer at once, from the request alone (keyless):
+    the gateway asks it L{consumerOf}, and makes no Deferred.
+    """
+
+    def consumerOf(request):
+        """
+        The L{evgate.gateway.Consumer} of C{request}, now.
+
+        @raise evgate.errors.Problem: when the plan refuses it.
+        """
+
+
+class IBodyPipes(Interface):
+    """
+    A site's root resource under which some paths take request bodies as
+    they arrive (the gateway's, for an API with an L{ISubtreeEntrypoint}).
+    """
+
+    streamsBodies = Attribute("Whether any path does now: if not, a request pays this one test, no lookup.")
+
+    def bodyPipeFor(path):
+        """
+        What opens the pipe a body sent to C{path} goes to
+        (L{ISubtreeEntrypoint.openBodyPipe}), or L{None}.
+        """
+
+
 class IMetricsSource(Interface):
     """
     Something that counts more than the node's own metrics say (an C{http}

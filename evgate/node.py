@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional
 
 from evgate.config import Config, GatewayConfig
 from evgate.entrypoints import buildEntrypoints
-from evgate.gateway import ApiRuntime
+from evgate.gateway import ApiRuntime, synchronousPlans
 from evgate.interfaces import IConnector, IStore
 from evgate.pipeline import buildPipeline
 from evgate.security import buildPlans
@@ -113,5 +113,6 @@ def buildApis(config: Config, connectors: Mapping[str, IConnector], node: NodeCo
         runtime.pipeline = buildPipeline(runtime)
         runtime.entrypoints = buildEntrypoints(runtime)
         runtime.plans = buildPlans(runtime)
+        runtime.synchronousPlans = synchronousPlans(runtime.plans)
         apis.append(runtime)
     return apis

@@ -56,6 +56,7 @@ from evgate.errors import (
     RequestTimeout,
     ServiceOverloaded,
 )
+from evgate.interfaces import IBodyPipes
 from evgate.logs import RequestLog
 from evgate.security import redactedLogFormatter
 
@@ -147,7 +148,8 @@ class GatewayChannel(HTTPChannel):
 
     def allHeadersReceived(self) -> None:
         self._inHead = False
-        self._cancel("_headCall")
+        if self._headCall is not None:
+            self._cancel("_headCall")
         self._inBody = self.length != 0
         self._bodyBytes = 0
         super().allHeadersReceived()
@@ -161,7 +163,8 @@ class GatewayChannel(HTTPChannel):
 
     def allContentReceived(self) -> None:
         self._inBody = False
-        self._cancel("_bodyCall")
+        if self._bodyCall is not None:
+            self._cancel("_bodyCall")
         super().allContentReceived()
 
     def timeoutConnection(self) -> None:
@@ -306,31 +309,31 @@ class GatewayRequest(Request):
     # watchDeparture needs no notifyFinish Deferred for this class.
     evgateLeft = False
 
-    def _limit(self) -> int:
-        return getattr(getattr(self.channel, "site", None), "maxBodyBytes", 1 << 62) if self.channel else 1 << 62
+    # The site's body limit, read once per request in gotLength (Twisted
+    # calls it before any chunk of the body).
+    _maxBody = 1 << 62
 
     def gotLength(self, length: Optional[int]) -> None:
-        if length != 0 and self._streamBody(length):
-            return
-        if length is not None and length > self._limit():
+        site = getattr(self.channel, "site", None)
+        if isinstance(site, GatewaySite):
+            self._maxBody = site.maxBodyBytes
+            pipes = site.bodyPipes
+            if length != 0 and pipes is not None and pipes.streamsBodies and self._streamBody(pipes, length):
+                return
+        if length is not None and length > self._maxBody:
             self.content = _Discard()  # type: ignore[assignment]
             self._refuse()
             return
         super().gotLength(length)
 
-    def _streamBody(self, length: Optional[int]) -> bool:
+    def _streamBody(self, pipes: Any, length: Optional[int]) -> bool:
         # An API that takes request bodies as they arrive (the HTTP proxy,
         # whose module evgate.proxy._forward explains the design) gets the
         # request now, with a pipe for its body instead of a file; the end
         # of the body comes to requestReceived.  Its size is the
         # upstream's business, not max-message-bytes.
-        channel = self.channel
-        resource = getattr(getattr(channel, "site", None), "resource", None)
-        pipeFor = getattr(resource, "bodyPipeFor", None)
-        if channel is None or pipeFor is None:
-            return False
-        command, path, version = twistedprivate.channelRequestLine(channel)
-        openPipe = pipeFor(path.split(b"?", 1)[0])
+        command, path, version = twistedprivate.channelRequestLine(self.channel)
+        openPipe = pipes.bodyPipeFor(path.split(b"?", 1)[0])
         if openPipe is None:
             return False
         self.content = self._streamedBody = openPipe(self, length)
@@ -348,7 +351,7 @@ class GatewayRequest(Request):
         if self._refused:
             return
         self._received += len(data)
-        if self._received > self._limit():
+        if self._received > self._maxBody:
             self._refuse()
             return
         super().handleContentChunk(data)
@@ -429,7 +432,7 @@ class GatewayRequest(Request):
         # needs them for the HTTP version and keep-alive decision.
         self.method, self.uri, self.clientproto = twistedprivate.channelRequestLine(self.channel)
         self.path = self.uri.split(b"?", 1)[0]
-        problem = PayloadTooLarge(f"the message is larger than max-message-bytes ({self._limit()} bytes)")
+        problem = PayloadTooLarge(f"the message is larger than max-message-bytes ({self._maxBody} bytes)")
         self.setHeader(b"Connection", b"close")
         body = writeProblem(self, problem)
         self.setHeader(b"Content-Length", str(len(body)).encode("ascii"))
@@ -500,6 +503,9 @@ class GatewaySite(Site):
         kwargs.setdefault("timeout", self.limits.keepAliveTimeout)
         super().__init__(resource, **kwargs)
         self.maxBodyBytes = maxBodyBytes
+        # Where paths that take their bodies as they arrive are found (the
+        # gateway's resource; the admin's has none).
+        self.bodyPipes: Optional[IBodyPipes] = IBodyPipes(resource, None)
         if requestLog is None and accessLog:
             requestLog = RequestLog(True)
         self.requestLog = requestLog

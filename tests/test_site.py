@@ -284,6 +284,51 @@ class SlowClientTests(SiteTestCase):
         self.assertFalse(transport.disconnecting)
 
 
+class BodyPipeTests(SiteTestCase):
+    """
+    The body pipe lookup (for APIs that take bodies as they arrive) is
+    made only when the site serves such an API.
+    """
+
+    def test_noStreamingApi(self) -> None:
+        """
+        A site whose APIs all take their bodies once arrived never asks for
+        a body pipe, and its resource says so.
+        """
+        self.assertIs(self.site.bodyPipes, self.gateway.resource)
+        self.assertFalse(self.gateway.resource.streamsBodies)
+        self.patch(self.gateway.resource, "bodyPipeFor", lambda path: self.fail("bodyPipeFor was asked"))
+        protocol, transport = connect(self.site)
+        protocol.dataReceived(b'POST /demo HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\n{"n":1}')
+        self.assertEqual(answer(transport)[0], 202)
+
+    def test_streamingApi(self) -> None:
+        """
+        Once the site serves an API with a subtree entrypoint, every request
+        with a body asks for a pipe: the resource knows it from its APIs.
+        """
+        resource = self.gateway.resource
+        asked = []
+
+        def bodyPipeFor(path: bytes) -> None:
+            asked.append(path)
+            return None
+
+        self.patch(resource, "streamsBodies", True)
+        self.patch(resource, "bodyPipeFor", bodyPipeFor)
+        protocol, transport = connect(self.site)
+        protocol.dataReceived(b'POST /demo?x=1 HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\n{"n":1}')
+        self.assertEqual(asked, [b"/demo"])
+        self.assertEqual(answer(transport)[0], 202)
+
+    def test_adminSite(self) -> None:
+        """
+        A site whose resource has no body pipes (the admin's) never looks.
+        """
+        site = GatewaySite(Resource(), 1024)
+        self.assertIsNone(site.bodyPipes)
+
+
 class ConnectionCapTests(SiteTestCase):
     """
     max-connections: connections over the cap are answered 503 and closed.

@@ -5,7 +5,9 @@ delivery report, 50 concurrent connections from wrk.
 Contenders: evgate on Kafka (C{POST /kafka}), the Strimzi HTTP Bridge
 (C{POST /topics/{topic}}, C{application/vnd.kafka.json.v2+json}), the bare
 twisted.web POST handler (202 at once: the ceiling of one Twisted
-process), and evgate on its memory endpoint.
+process), and evgate on its memory endpoint, keyless, and keyless under a
+rate limit that never refuses (C{evgate-limited}: the production shape,
+where every request is counted and answered with C{RateLimit-*} headers).
 """
 
 from __future__ import annotations
@@ -35,6 +37,18 @@ BRIDGE_TYPE = "application/vnd.kafka.json.v2+json"
 # shorter warm-up would measure its interpreter.
 JVM_WARMUP = 10.0
 WORKERS = 2  # evgate processes in the "workers" row: one per core here
+# The production-like shape of the memory API: keyless callers under a
+# rate limit high enough never to refuse, so that every request pays for
+# the counting and the RateLimit-* headers.
+LIMITED_API = """
+[api:limited]
+path = /limited
+endpoint = mem
+topic = bench-limited
+entrypoints = http-post
+plans = keyless
+rate-limit = 1000000/s
+"""
 
 
 def bridgeBody(records: int = 1) -> bytes:
@@ -70,11 +84,14 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
         if settings.wants("evgate-memory") or settings.wants("evgate-kafka"):
             topic = kafkaTopic("publish") if kafka else "evbench-unused"
             topics.append(topic)
-            server = peers.evgate(peers.evgateIni(topic=topic, entrypoints="http-post")).start()
+            server = peers.evgate(peers.evgateIni(topic=topic, entrypoints="http-post", extra=LIMITED_API)).start()
             services.append(server)
             if settings.wants("evgate-memory"):
                 targets.append(("evgate memory", server, f"http://127.0.0.1:{server.port}/mem", BODY,
                                 "application/json", 0.0))
+            if settings.wants("evgate-limited"):
+                targets.append(("evgate-limited memory, keyless + rate limit", server,
+                                f"http://127.0.0.1:{server.port}/limited", BODY, "application/json", 0.0))
             if kafka and settings.wants("evgate-kafka"):
                 targets.append(("evgate kafka", server, f"http://127.0.0.1:{server.port}/kafka", BODY,
                                 "application/json", 0.0))

@@ -123,12 +123,20 @@ class Decision:
         """
         The C{RateLimit-*} response headers of this decision.
         """
-        closest = self.closest()
+        states = self.states
+        # Every response of a limited API carries these: one policy (the
+        # usual case) needs no search for the closest and no join.
+        if len(states) == 1:
+            closest = states[0]
+            policies = closest.policy.describe()
+        else:
+            closest = self.closest()
+            policies = ", ".join(s.policy.describe() for s in states)
         return [
             ("RateLimit-Limit", str(closest.policy.limit)),
             ("RateLimit-Remaining", str(closest.remaining)),
             ("RateLimit-Reset", str(max(0, math.ceil(closest.reset)))),
-            ("RateLimit-Policy", ", ".join(s.policy.describe() for s in self.states)),
+            ("RateLimit-Policy", policies),
         ]
 
 

@@ -20,7 +20,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from evgate.config import Config
-from evgate.interfaces import IPlan
+from evgate.interfaces import IPlan, ISynchronousPlan
 from evgate.security.apikey import DEFAULT_HEADER, DEFAULT_QUERY
 from evgate.security.consumer import Consumer
 from evgate.security.mtls import peerCertificate
@@ -54,7 +54,7 @@ def credentialCarriers(config: Config) -> Tuple[FrozenSet[bytes], FrozenSet[byte
     return frozenset(headers), frozenset(queries)
 
 
-@implementer(IPlan)
+@implementer(IPlan, ISynchronousPlan)
 class KeylessPlan:
     """
     Accepts every request that carries no credentials (see the module's
@@ -104,6 +104,13 @@ class KeylessPlan:
                 if name in args:
                     return False
         return True
+
+    def consumerOf(self, request: Request) -> Consumer:
+        """
+        The anonymous consumer, at once (L{ISynchronousPlan}: the gateway
+        makes no Deferred for it).
+        """
+        return ANONYMOUS
 
     def authenticate(self, request: Request) -> Deferred:
         """
