@@ -80,6 +80,9 @@ class IConnector(Interface):
                      "Code that needs a capability asks for its interface (L{IConsumerGroups}, "
                      "L{IHeadOffsets}, L{IRetainedLog} ...) with C{providedBy}, never by this name.")
     connected = Attribute("Whether the broker is reachable now (bool).")
+    notConnectedReason = Attribute("One line on why the endpoint is not connected (a refused password, an "
+                                   "untrusted certificate, a broker that does not answer), for /ready; "
+                                   "None while it is connected.")
 
     def publish(topic, draft, timeout):
         """
@@ -393,6 +396,8 @@ class IStore(Interface):
     """
 
     description = Attribute("Where the records live, for logs (e.g. C{sqlite:/var/lib/evgate/evgate.sqlite}).")
+    isOpen = Attribute("Whether the store can answer for every record now (bool): a store that follows a "
+                       "log is open once it has read it up to its end; the others from start-up.")
 
     def get(kind, id):
         """

@@ -402,6 +402,13 @@ class CountingStore:
         """
         return self.store.description  # type: ignore[no-any-return]
 
+    @property
+    def isOpen(self) -> bool:
+        """
+        Whether the wrapped store is open.
+        """
+        return bool(self.store.isOpen)
+
     def get(self, kind: str, id: str) -> Any:
         return self.store.get(kind, id)
 

@@ -82,9 +82,9 @@ def ready(admin: AdminApp, request: Request) -> Any:
     down = sorted(name for name, connector in connectors.items() if not connector.connected)
     # Why each is down, when its connector knows (a refused password, an
     # untrusted certificate, a broker that does not answer).
-    reasons = {name: getattr(connectors[name], "notConnectedReason", None) or "not connected" for name in down}
+    reasons = {name: connectors[name].notConnectedReason or "not connected" for name in down}
     store = admin.gateway.store
-    if store is not None and getattr(store, "isOpen", True) is False:
+    if store is not None and not store.isOpen:
         # A node whose shared store has not been read up to its end cannot
         # check keys or own subscriptions yet.
         raise EndpointUnavailable(f"not ready: the store {store.description} is still being read",
@@ -111,9 +111,8 @@ def limitsStoreProblem(gateway: Any) -> Optional[str]:
     """
     Why the shared limits store (Redis) cannot be used, or L{None}.
     """
-    shared = getattr(getattr(gateway, "limits", None), "shared", None)
-    problem = getattr(shared, "problem", None)
-    return problem if isinstance(problem, str) else None
+    shared = gateway.limits.shared
+    return shared.problem if shared is not None else None
 
 
 @adminRoute("/metrics", methods=["GET"])

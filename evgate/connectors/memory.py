@@ -133,6 +133,8 @@ class MemoryConnector(Service):
 
     kind = "memory"
     connected = True
+    # Never down: the broker is this process.
+    notConnectedReason = None
     log = Logger()
 
     def __init__(self, name: str, retention: int, reactor: IReactorTime,

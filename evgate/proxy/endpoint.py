@@ -15,7 +15,7 @@ the response-head clock starts (see L{evgate.proxy._forward}).
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 from OpenSSL import SSL
 from twisted.application.service import Service
@@ -233,6 +233,15 @@ class HttpEndpoint(Service):
         Whether some target is in service.
         """
         return bool(self.targets.inService())
+
+    @property
+    def notConnectedReason(self) -> Optional[str]:
+        """
+        Why no target is in service, for C{/ready}; L{None} while one is.
+        """
+        if self.connected:
+            return None
+        return f"no target of endpoint {self.name} is in service"
 
     def epoch(self) -> int:
         """

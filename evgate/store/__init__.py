@@ -94,6 +94,7 @@ class MemoryStore(Service):
     """
 
     description = "memory"
+    isOpen = True
 
     def __init__(self) -> None:
         self.records: Dict[Tuple[str, str], Record] = {}

@@ -117,6 +117,8 @@ class SqliteStore(Service):
         self.path = path
         self.reactor = reactor
         self.description = f"sqlite:{path}"
+        # A local file: every record is there from the start.
+        self.isOpen = True
         self.pool: Optional[adbapi.ConnectionPool] = None
         self._pending: Dict[int, Deferred] = {}
         self._ids = 0
