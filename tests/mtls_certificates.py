@@ -1,6 +1,7 @@
 """
-Throw-away CAs and certificates for the client-certificate tests, made
-with C{cryptography}.  No tests here.
+Throw-away CAs and certificates for the TLS tests (client certificates,
+HTTPS webhook receivers, proxy targets), made with C{cryptography}.  No
+tests here.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from evgate.admin.samples import MetricsHistory, _quantile, parseSince
 from evgate.errors import BadRequest
 
+from .helpers import GatewayIni
 from .test_admin import AUTH, AdminHarness
 
 
@@ -197,24 +198,10 @@ class HistoryRouteTests(SynchronousTestCase):
             self.assertIn(words, document["detail"])
 
 
-KEYS_INI = """
-[gateway]
-listen = tcp:0
-store = memory
-admin = tcp:0
-admin-token = {token}
-{gateway}
-
-[endpoint:local]
-type = memory
-
-[api:orders]
-path = /orders
-endpoint = local
-topic = orders
-entrypoints = http-post webhook
-plans = api-key
-"""
+# The admin harness's gateway with API keys on /orders; {token} and
+# {gateway} are filled in by AdminHarness.
+KEYS_INI = str(GatewayIni(store="memory").admin("{token}").lines("gateway", "{gateway}").memory()
+               .api("orders", entrypoints="http-post webhook", plans="api-key"))
 
 
 class KeyExpiryRouteTests(SynchronousTestCase):
@@ -356,7 +343,7 @@ class ReplayRouteTests(SynchronousTestCase):
         """
         Endpoints that keep no log, or cannot find a time, refuse with a
         problem that says why (Kafka's consumer groups are moved instead:
-        tests.test_replay_kafka).
+        tests.test_replay_kafka_integration).
         """
         from zope.interface import directlyProvides
 

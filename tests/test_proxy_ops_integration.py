@@ -8,7 +8,6 @@ request in flight.
 
 from __future__ import annotations
 
-import datetime
 import http.client
 import os
 import shutil
@@ -20,13 +19,13 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any, Dict, Tuple
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.trial.unittest import TestCase
 
 from .helpers import GatewayIni, GatewayProcess, LocalHttpServer, freePort, httpRequest, jsonOf, waitFor
+from .mtls_certificates import certificatePem as pem
+from .mtls_certificates import issue, keyPem, makeCA
 from .test_proxy_integration import NGINX, UpstreamProcess, _connects, request
-from .test_webhook_tls import _name, makeCA, makeServerCertificate, pem
+from .test_webhook_tls import makeServerCertificate
 
 TOKEN = "proxy-ops-admin-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -37,19 +36,8 @@ def makeClientCertificate(caKey: Any, ca: x509.Certificate, common: str) -> Tupl
     A client certificate for C{common} signed by C{ca}: PEM certificate and
     PEM private key.
     """
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common)).issuer_name(ca.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(caKey, hashes.SHA256())
-    )
-    return (certificate.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()))
+    key, certificate = issue((caKey, ca), common=common)
+    return pem(certificate), keyPem(key)
 
 
 def write(directory: str, name: str, data: bytes) -> str:

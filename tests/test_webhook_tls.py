@@ -10,17 +10,12 @@ block; the gateway runs in another process.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import os
 import ssl
 import tempfile
 from typing import Any, Tuple
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from standardwebhooks.webhooks import Webhook
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -28,6 +23,8 @@ from evgate.config import ConfigError, parseConfig
 from evgate.webhook.client import WebhookTrust
 
 from .helpers import GatewayIni, GatewayProcess, WebhookReceiver, httpRequest, waitFor
+from .mtls_certificates import certificatePem as pem
+from .mtls_certificates import issue, keyPem, makeCA
 from .test_webhook_integration import TOKEN, admin
 
 
@@ -42,57 +39,13 @@ def trustingIni() -> GatewayIni:
             .api("orders", entrypoints="http-post webhook", webhook={"timeout": 5, "retry.max-attempts": 1}))
 
 
-def _name(common: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-
-def makeCA(common: str) -> Tuple[Any, x509.Certificate]:
-    """
-    A fresh CA: its private key and self-signed certificate.
-    """
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common)).issuer_name(_name(common))
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    return key, certificate
-
-
 def makeServerCertificate(caKey: Any, ca: x509.Certificate) -> Tuple[bytes, bytes]:
     """
     A server certificate for 127.0.0.1 signed by C{ca}: PEM certificate and
     PEM private key.
     """
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(_name("127.0.0.1")).issuer_name(ca.subject)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .sign(caKey, hashes.SHA256())
-    )
-    return (certificate.public_bytes(serialization.Encoding.PEM),
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption()))
-
-
-def pem(certificate: x509.Certificate) -> bytes:
-    """
-    C{certificate} as PEM.
-    """
-    return certificate.public_bytes(serialization.Encoding.PEM)
+    key, certificate = issue((caKey, ca), common="127.0.0.1", ips=["127.0.0.1"], server=True)
+    return pem(certificate), keyPem(key)
 
 
 def serverContext(directory: str, certificate: bytes, key: bytes) -> ssl.SSLContext:
