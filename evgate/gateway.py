@@ -292,6 +292,17 @@ def queryArgs(request: Request) -> Dict[bytes, List[bytes]]:
     return request.args or {}
 
 
+def answerJSON(request: Request, status: int, body: bytes) -> None:
+    """
+    Answer C{request} with the JSON document C{body}, already encoded.
+    """
+    request.setResponseCode(status)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Length", b"%d" % (len(body),))
+    request.write(body)
+    request.finish()
+
+
 def jsonBody(request: Request, status: int, document: Any) -> bytes:
     """
     Set C{request} up for a JSON response and return its body.

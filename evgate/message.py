@@ -28,6 +28,7 @@ import binascii
 import hashlib
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from types import MappingProxyType
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Tuple
 
@@ -76,6 +77,18 @@ class Position(NamedTuple):
         The acknowledgement body of a publish.
         """
         return {"topic": self.topic, "partition": self.partition, "offset": self.offset}
+
+    def encoded(self) -> bytes:
+        """
+        L{asJSON} encoded, written directly: it answers every publish.
+        """
+        return b'{"topic":%s,"partition":%d,"offset":%d}' % (_jsonString(self.topic), self.partition, self.offset)
+
+
+@lru_cache(maxsize=1024)
+def _jsonString(text: str) -> bytes:
+    # A topic's name as a JSON string; the topics answered are few.
+    return json.dumps(text).encode("utf-8")
 
 
 NO_EXTRA: Mapping[str, Any] = MappingProxyType({})

@@ -99,10 +99,14 @@ class GatewayChannel(HTTPChannel):
     _closeCall: Optional[IDelayedCall] = None
     _answered = False
     _discarding = False
+    _host: Any = None
     site: Any = None
 
     def connectionMade(self) -> None:
         self.MAX_LENGTH = self.totalHeadersSize = self.limits.maxHeaderBytes
+        # The local address does not change while the connection lasts;
+        # asked for every request, it cost a getsockname() each time.
+        self._host = self.transport.getHost() if self.transport is not None else None
         super().connectionMade()
         if self.site is not None:
             self.site.connectionOpened(self.transport)
@@ -166,6 +170,9 @@ class GatewayChannel(HTTPChannel):
         if self._bodyCall is not None:
             self._cancel("_bodyCall")
         super().allContentReceived()
+
+    def getHost(self) -> Any:
+        return self._host if self._host is not None else super().getHost()
 
     def timeoutConnection(self) -> None:
         # Twisted's idle timeout: it only runs between requests here (the

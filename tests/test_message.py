@@ -2,9 +2,23 @@
 Tests for L{evgate.message}: cursors and envelopes.
 """
 
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.trial.unittest import SynchronousTestCase
 
-from evgate.message import Cursor, CursorError, Message, cursorsAfter, cursorTag, envelope, headerObject, headerPairs
+from evgate.message import (
+    Cursor,
+    CursorError,
+    Message,
+    Position,
+    cursorsAfter,
+    cursorTag,
+    envelope,
+    headerObject,
+    headerPairs,
+)
 
 TAG = cursorTag("demo", "demo")
 
@@ -138,3 +152,15 @@ class HeaderPairsTests(SynchronousTestCase):
             with self.assertRaises(ValueError) as raised:
                 headerPairs(bad, "records[3].headers")
             self.assertIn("records[3].headers", str(raised.exception))
+
+
+class PositionTests(SynchronousTestCase):
+    """
+    L{Position.encoded} writes the same document as encoding
+    L{Position.asJSON}, for any topic name.
+    """
+
+    @given(st.text(), st.integers(min_value=0, max_value=2**31), st.integers(min_value=0, max_value=2**63))
+    def test_encodedIsAsJSON(self, topic: str, partition: int, offset: int) -> None:
+        position = Position(topic, partition, offset)
+        self.assertEqual(json.loads(position.encoded()), position.asJSON())

@@ -90,6 +90,30 @@ class SiteTestCase(SynchronousTestCase):
         return self.site.connectionCounts.refused[reason]
 
 
+class LocalAddressTests(SiteTestCase):
+    """
+    The channel asks its transport for the local address once per
+    connection, not once per request (a C{getsockname()} each time).
+    """
+
+    def test_askedOnce(self) -> None:
+        protocol, transport = connect(self.site)
+        asked = []
+        realGetHost = transport.getHost
+
+        def getHost() -> Any:
+            asked.append(1)
+            return realGetHost()
+
+        transport.getHost = getHost  # type: ignore[method-assign]
+        request = b"POST /demo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+        for _ in range(3):
+            protocol.dataReceived(request)
+        self.assertEqual(transport.value().count(b"HTTP/1.1 202 Accepted"), 3)
+        self.assertEqual(asked, [])
+        self.assertEqual(protocol.getHost(), IPv4Address("TCP", "127.0.0.1", 8080))
+
+
 class ReExportTests(SynchronousTestCase):
     """
     The classes moved out of evgate.gateway are still importable from it.

@@ -29,7 +29,7 @@ from zope.interface import implementer
 from evgate import jsonlimits
 from evgate.answers import clientLeft, finishWithFailure, finishWithProblem, writeProblem
 from evgate.errors import BadRequest, Problem
-from evgate.gateway import ApiCall, jsonBody, queryArgs
+from evgate.gateway import ApiCall, answerJSON, queryArgs
 from evgate.ini import ApiContext, SectionReader, apiOptionParser
 from evgate.interfaces import IEntrypoint
 from evgate.message import Draft, Position, headerPairs
@@ -269,8 +269,7 @@ class HttpPostEntrypoint:
         self.tally.published(size, self.api.node.reactor.seconds() - started)
         if clientLeft(request):
             return
-        request.write(jsonBody(request, 202, position.asJSON()))
-        request.finish()
+        answerJSON(request, 202, position.encoded())
 
 
     def renderBatch(self, request: Request, call: ApiCall, kind: str) -> Any:
@@ -308,12 +307,7 @@ class HttpPostEntrypoint:
                                      self.api.node.reactor.seconds() - started)
             if clientLeft(request):
                 return
-            body = b'{"published":%d,"positions":[%s]}' % (len(results), positionsJSON(results))
-            request.setResponseCode(202)
-            request.setHeader(b"Content-Type", b"application/json")
-            request.setHeader(b"Content-Length", b"%d" % (len(body),))
-            request.write(body)
-            request.finish()
+            answerJSON(request, 202, b'{"published":%d,"positions":[%s]}' % (len(results), positionsJSON(results)))
             return
         positions: List[Optional[Dict[str, Any]]] = []
         failed: List[Dict[str, Any]] = []

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from functools import cached_property
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import txredisapi
@@ -63,6 +64,13 @@ class Policy:
         """
         return f"{self.limit};w={self.window}"
 
+    @cached_property
+    def described(self) -> bytes:
+        """
+        L{describe} as bytes, made once.
+        """
+        return self.describe().encode("ascii")
+
     def text(self) -> str:
         """
         The policy as the configuration writes it.
@@ -75,10 +83,10 @@ class Policy:
         return f"{self.limit}/{self.window}s"  # pragma: no cover - every window divides by 1 s
 
 
-@dataclass(frozen=True)
-class PolicyState:
+class PolicyState(NamedTuple):
     """
-    Where a consumer stands against one policy after a check.
+    Where a consumer stands against one policy after a check (a named
+    tuple: one is made per policy per request).
 
     @ivar used: how much of the window is used, this request included.
     @ivar reset: seconds until the window ends.
@@ -96,8 +104,7 @@ class PolicyState:
         return max(0, self.policy.limit - self.used)
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     """
     The outcome of a check: allowed or not, and the state of every policy.
     """
@@ -119,25 +126,33 @@ class Decision:
         blocking = [s.reset for s in self.states if s.remaining <= 0] or [0.0]
         return max(1, math.ceil(max(blocking)))
 
-    def headers(self) -> List[Tuple[str, str]]:
+    def rawHeaders(self) -> Tuple[Tuple[bytes, bytes], ...]:
         """
-        The C{RateLimit-*} response headers of this decision.
+        The C{RateLimit-*} response headers of this decision, as bytes:
+        every response of a limited API carries them.
         """
         states = self.states
-        # Every response of a limited API carries these: one policy (the
-        # usual case) needs no search for the closest and no join.
+        # One policy (the usual case) needs no search for the closest and
+        # no join.
         if len(states) == 1:
             closest = states[0]
-            policies = closest.policy.describe()
+            policies = closest.policy.described
         else:
             closest = self.closest()
-            policies = ", ".join(s.policy.describe() for s in states)
-        return [
-            ("RateLimit-Limit", str(closest.policy.limit)),
-            ("RateLimit-Remaining", str(closest.remaining)),
-            ("RateLimit-Reset", str(max(0, math.ceil(closest.reset)))),
-            ("RateLimit-Policy", policies),
-        ]
+            policies = b", ".join(s.policy.described for s in states)
+        return (
+            (b"RateLimit-Limit", b"%d" % (closest.policy.limit,)),
+            (b"RateLimit-Remaining", b"%d" % (closest.remaining,)),
+            (b"RateLimit-Reset", b"%d" % (max(0, math.ceil(closest.reset)),)),
+            (b"RateLimit-Policy", policies),
+        )
+
+    def headers(self) -> List[Tuple[str, str]]:
+        """
+        The C{RateLimit-*} response headers of this decision (L{rawHeaders}
+        as text, for a problem document's headers).
+        """
+        return [(name.decode("ascii"), value.decode("ascii")) for name, value in self.rawHeaders()]
 
 
 def windowOf(policy: Policy, now: float) -> Tuple[int, float]:

@@ -241,16 +241,16 @@ def _decided(decision: Any, api: Any, request: Any, consumer: Any) -> Any:
 
 
 def _apply(decision: Decision, api: Any, request: Any, consumer: Any) -> Any:
-    headers = decision.headers()
     if not decision.allowed:
         closest = decision.closest()
         raise TooManyRequests(
             f"{consumer.id} reached the {closest.policy.kind} {closest.policy.text()} of API {api.name}; "
             f"retry in {decision.retryAfter} s",
-            headers=headers + [("Retry-After", str(decision.retryAfter))],
+            headers=decision.headers() + [("Retry-After", str(decision.retryAfter))],
             extra={"retryAfter": decision.retryAfter})
-    for name, value in headers:
-        request.setHeader(name.encode("ascii"), value.encode("ascii"))
+    setHeader = request.setHeader
+    for name, value in decision.rawHeaders():
+        setHeader(name, value)
     return consumer
 
 
