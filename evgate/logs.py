@@ -120,12 +120,20 @@ class RequestLog:
     def line(self, **fields: Any) -> None:
         """
         Write one access line with C{fields}.
+
+        The text is made here with one f-string and handed to the event as
+        its only format field (C{_accessLine}, which the JSON observer
+        leaves out, since its C{message} holds it): formatting the eleven
+        fields through twisted.logger's format string took half of what
+        an access line cost (about 40 of 80 µs), per request.
         """
         if fields.get("messages") is None:
             fields["messages"] = "-"
-        accessLog.info(
-            "{peer} {method} {path} {status} api={api} entrypoint={entrypoint} consumer={consumer} "
-            "duration={duration:.3f}s in={bytesIn} out={bytesOut} messages={messages}", **fields)
+        text = (f"{fields['peer']} {fields['method']} {fields['path']} {fields['status']} api={fields['api']} "
+                f"entrypoint={fields['entrypoint']} consumer={fields['consumer']} "
+                f"duration={fields['duration']:.3f}s in={fields['bytesIn']} out={fields['bytesOut']} "
+                f"messages={fields['messages']}")
+        accessLog.info("{_accessLine}", _accessLine=text, **fields)
 
 
 # What events of twisted.python.log carry besides their text: the text is

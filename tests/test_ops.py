@@ -7,6 +7,7 @@ no sleeps.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import tempfile
@@ -16,12 +17,13 @@ from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from evgate.config import loadConfig
 from evgate.interfaces import IStore, ISubscriber
+from evgate.logs import JsonLinesObserver, RequestLog
 from evgate.message import Cursor
 from evgate.metrics import CountingStore, Tally, headOffsets, lagOf
 from evgate.service import GatewayService
@@ -608,6 +610,26 @@ class AccessLogTests(SynchronousTestCase):
         globalLogPublisher.addObserver(observe)
         self.addCleanup(globalLogPublisher.removeObserver, observe)
         return events
+
+    def test_text(self) -> None:
+        """
+        An access line reads as one line of text with every field, and the
+        JSON observer writes the fields as keys and the text as the
+        message, once.
+        """
+        events = self.capture()
+        RequestLog(True).line(api="demo", entrypoint="http-post", method="POST", path="/demo", status=202,
+                              duration=0.0125, bytesIn=3, bytesOut=46, messages=None, consumer="anonymous",
+                              peer="127.0.0.1")
+        [event] = events
+        self.assertEqual(formatEvent(event), "127.0.0.1 POST /demo 202 api=demo entrypoint=http-post "
+                                             "consumer=anonymous duration=0.013s in=3 out=46 messages=-")
+        out = io.StringIO()
+        JsonLinesObserver(out)(event)
+        record = json.loads(out.getvalue())
+        self.assertEqual(record["message"], formatEvent(event))
+        self.assertEqual((record["status"], record["bytesOut"], record["consumer"]), (202, 46, "anonymous"))
+        self.assertNotIn("_accessLine", record)
 
     def test_off(self) -> None:
         """

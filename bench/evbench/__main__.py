@@ -10,6 +10,7 @@ import sys
 import time
 from typing import List, Optional
 
+from evbench import targets
 from evbench.common import RESULTS, Settings, say, writeResults
 
 SCENARIOS = {
@@ -82,6 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     began = time.monotonic()
     texts = []
+    documents = {}
     status = 0
     for name in names:
         module = importlib.import_module({**SCENARIOS, **SEPARATE}[name])
@@ -101,10 +103,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         path = writeResults(name, document, text)
         say(f"wrote {path}")
         texts.append(text)
+        documents[name] = document
     if len(names) > 1:
         minutes = (time.monotonic() - began) / 60
-        summary = "\n".join(texts) + f"\n(all scenarios in {minutes:.1f} min)\n"
-        writeResults("all", {"scenarios": names, "minutes": minutes}, summary)
+        met, metText = targets.summary(documents)
+        print(metText, flush=True)
+        summary = metText + "\n" + "\n".join(texts) + f"\n(all scenarios in {minutes:.1f} min)\n"
+        writeResults("all", {"scenarios": names, "minutes": minutes, "targets": met}, summary)
         say(f"all scenarios in {minutes:.1f} min; tables in {RESULTS}/*-latest.md")
     return status
 

@@ -56,28 +56,37 @@ start = {start}
 
 def evgateIni(topic: str = "evbench-unused", entrypoints: str = "http-post", start: str = "latest",
               heartbeat: Optional[float] = None, window: int = 10000, queue: int = 1000,
-              retention: int = 10000, extra: str = "") -> str:
+              retention: int = 10000, extra: str = "", limit: Optional[str] = None) -> str:
     """
-    A gateway with a memory API at C{/mem} and a Kafka API at C{/kafka}.
+    A gateway with a memory API at C{/mem} and a Kafka API at C{/kafka},
+    both keyless, and both under the rate limit C{limit} when one is given.
     """
     apiExtra = ""
     if heartbeat is not None and ("sse" in entrypoints or "websocket" in entrypoints):
         apiExtra = f"heartbeat = {heartbeat:g}\n"
+    if limit is not None:
+        apiExtra += f"plans = keyless\nrate-limit = {limit}\n"
     return EVGATE_INI.format(window=window, queue=queue, retention=retention, kafka=KAFKA, topic=topic,
                              entrypoints=entrypoints, start=start, apiExtra=apiExtra) + extra
 
 
-def evgateKafkaIni(topic: str, entrypoints: str, workers: int, heartbeat: float = 300) -> str:
+def evgateKafkaIni(topic: str, entrypoints: str, workers: int, heartbeat: float = 300,
+                   limit: Optional[str] = None) -> str:
     """
     A gateway with only the Kafka API at C{/kafka}, served by C{workers}
     processes (the memory endpoint lives in one process, so it is left
     out).
     """
-    ini = evgateIni(topic=topic, entrypoints=entrypoints, heartbeat=heartbeat)
+    ini = evgateIni(topic=topic, entrypoints=entrypoints, heartbeat=heartbeat, limit=limit)
+    gateway = f"[gateway]\nworkers = {workers}\n"
+    if limit is not None:
+        # Processes share their counters through Redis, as production
+        # would have them (the dev Redis of scripts/dev-services).
+        gateway += f"limits-store = redis://127.0.0.1:{os.environ.get('EVGATE_REDIS_PORT', '6379')}\n"
     head, _, rest = ini.partition("[endpoint:mem]")
     kafka = rest[rest.index("[endpoint:kafka]"):]
     kafka = kafka[:kafka.index("[api:mem]")] + kafka[kafka.index("[api:kafka]"):]
-    return head.replace("[gateway]\n", f"[gateway]\nworkers = {workers}\n", 1) + kafka
+    return head.replace("[gateway]\n", gateway, 1) + kafka
 
 
 def evgate(ini: str, name: str = "evgate") -> Service:
