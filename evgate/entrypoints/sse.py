@@ -46,7 +46,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from evgate.answers import finishWithFailure, writeProblem
-from evgate.directwrite import boundSendBuffer, writeChunk
+from evgate.directwrite import boundSendBuffer, writeChunk, writeChunksFrom
 from evgate.entrypoints.http_get import requestCursor
 from evgate.entrypoints.streaming import Goodbye, StreamSubscriber, stopAll
 from evgate.errors import (
@@ -232,6 +232,11 @@ class SseFramer:
     def write(self, data: bytes) -> None:
         if not self._gone():
             writeChunk(self.request, data)
+
+    def writeFrom(self, frame: bytes, start: int) -> int:
+        if self._gone():
+            return len(frame)
+        return writeChunksFrom(self.request, frame, start)
 
     def goodbye(self, reason: Goodbye, cursor: Optional[Cursor]) -> None:
         kind = reason.kind

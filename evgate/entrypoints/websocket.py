@@ -48,7 +48,7 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from evgate.answers import writeProblem
-from evgate.directwrite import boundSendBuffer, writeNow
+from evgate.directwrite import SLICE_BYTES, boundSendBuffer, writeFrom, writeNow
 from evgate.entrypoints.http_get import requestCursor
 from evgate.entrypoints.streaming import Goodbye, StreamSubscriber, stopAll
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, Forbidden, Problem
@@ -229,6 +229,18 @@ class WebSocketFramer:
             countAutobahnOctets(protocol, len(data))
         else:
             protocol.sendData(data)
+
+    def writeFrom(self, frame: bytes, start: int) -> int:
+        if not self._open():
+            return len(frame)
+        protocol = self.protocol
+        if autobahnWritesPlainFrames(protocol):
+            end = writeFrom(protocol.transport, frame, start)
+            countAutobahnOctets(protocol, end - start)
+            return end
+        end = min(len(frame), start + SLICE_BYTES)
+        protocol.sendData(frame[start:end])
+        return end
 
     def goodbye(self, reason: Goodbye, cursor: Optional[Cursor]) -> None:
         kind = reason.kind
