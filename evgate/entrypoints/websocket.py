@@ -47,8 +47,9 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from evgate import directwrite
 from evgate.answers import writeProblem
-from evgate.directwrite import SLICE_BYTES, boundSendBuffer, writeFrom, writeNow
+from evgate.directwrite import boundSendBuffer, writeFrom, writeNow
 from evgate.entrypoints.http_get import requestCursor
 from evgate.entrypoints.streaming import Goodbye, StreamSubscriber, stopAll
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, Forbidden, Problem
@@ -238,7 +239,7 @@ class WebSocketFramer:
             end = writeFrom(protocol.transport, frame, start)
             countAutobahnOctets(protocol, end - start)
             return end
-        end = min(len(frame), start + SLICE_BYTES)
+        end = min(len(frame), start + directwrite.SLICE_BYTES)
         protocol.sendData(frame[start:end])
         return end
 
