@@ -164,6 +164,9 @@ class SseFramer:
 
     log = Logger()
 
+    # One per stream, thousands at once: no __dict__.
+    __slots__ = ("request", "tag", "format", "retry", "reactor", "opened", "left", "subscriber")
+
     def __init__(self, request: Request, tag: bytes, format: str, retry: int, reactor: Any) -> None:
         self.request = request
         self.tag = tag

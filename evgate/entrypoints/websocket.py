@@ -160,6 +160,8 @@ class WebSocketFramer:
     never negotiates per-message compression), so a batch is one write.
     """
 
+    __slots__ = ("protocol", "tag", "json")
+
     def __init__(self, protocol: "GatewayWebSocketProtocol", tag: bytes, json: bool) -> None:
         self.protocol = protocol
         self.tag = tag
