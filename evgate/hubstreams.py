@@ -60,6 +60,10 @@ class HubSubscription:
      - closed: they are dropped; the client resumes from its own cursor.
     """
 
+    # One per subscriber, thousands at once: no __dict__.
+    __slots__ = ("stream", "subscriber", "filter", "floor", "view", "held", "preparing", "offered", "paused",
+                 "closed", "cursor")
+
     def __init__(self, stream: "_Stream", subscriber: ISubscriber, filter: Optional[Filter],
                  floor: Optional[Cursor], view: Any = None) -> None:
         self.stream = stream

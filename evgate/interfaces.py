@@ -520,6 +520,17 @@ class IStreamFramer(Interface):
         nothing once it is gone.
         """
 
+    def writeFrom(frame, start):
+        """
+        Write the large frame C{frame} from offset C{start}, as much of it
+        as the connection takes now, from views of the shared bytes (see
+        L{evgate.directwrite}); the framer may pause the subscriber, as its
+        transport would, until what it handed the transport is written.
+
+        @return: the offset where the next write of C{frame} starts (its
+            length once it was all written, or once the connection is gone).
+        """
+
     def goodbye(reason, cursor):
         """
         End the connection for C{reason} (an

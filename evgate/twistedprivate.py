@@ -40,7 +40,7 @@ KNOWN_AUTOBAHN = "26.11.1"
 # in `_tempDataBuffer` (new writes) and `dataBuffer` (being sent); no public
 # API says whether anything is waiting to be written.
 TCP_PRIVATE: Tuple[str, ...] = ("_tempDataBuffer", "dataBuffer", "_writeDisconnected", "socket",
-                                "connected", "disconnecting")
+                                "connected", "disconnecting", "producer", "streamingProducer", "producerPaused")
 
 # The attributes of autobahn's WebSocketServerProtocol read by
 # L{autobahnWritesPlainFrames}.
@@ -83,6 +83,29 @@ def tcpIdle(transport: Any) -> bool:
     """
     return bool(type(transport) is TcpServer and not transport._tempDataBuffer and not transport.dataBuffer
                 and transport.connected and not transport.disconnecting and not transport._writeDisconnected)
+
+
+def pauseUntilWritten(transport: Any) -> bool:
+    """
+    Pause the streaming producer of the TCP transport C{transport} while it
+    holds anything unwritten, as the transport itself does once it holds
+    more than its C{bufferSize}: it resumes the producer when its buffers
+    are written (C{FileDescriptor.doWrite}).  A large frame written
+    straight to the socket leaves the transport only the rest of what the
+    socket took in part, and waits for it to be written; no public API
+    lowers the threshold (C{bufferSize} is also the size of every read).
+
+    @return: whether the producer was paused.
+    """
+    if type(transport) is not TcpServer:
+        return False
+    producer: Any = transport.producer
+    if (producer is None or not transport.streamingProducer or transport.producerPaused
+            or not (transport._tempDataBuffer or transport.dataBuffer)):
+        return False
+    transport.producerPaused = True
+    producer.pauseProducing()
+    return True
 
 
 def tcpSocket(transport: Any) -> Any:

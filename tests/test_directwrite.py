@@ -9,13 +9,26 @@ import socket
 from typing import Any, List
 
 from twisted.internet import protocol, reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.task import deferLater
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.http import toChunk
+from zope.interface import implementer
 
-from evgate.directwrite import STREAM_SEND_BUFFER, boundSendBuffer, writeChunk, writeNow
+from evgate import directwrite
+from evgate.directwrite import (
+    PIECE_BYTES,
+    STREAM_SEND_BUFFER,
+    boundSendBuffer,
+    writeChunk,
+    writeChunksFrom,
+    writeFrom,
+    writeNow,
+)
+
+from .wire import dechunk
 
 
 class FakeRequest:
@@ -208,3 +221,132 @@ class SendBufferTests(TestCase):
         boundSendBuffer(self.transport)
         size = self.transport.socket.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         self.assertIn(size, (STREAM_SEND_BUFFER, 2 * STREAM_SEND_BUFFER))
+
+
+@implementer(IPushProducer)
+class RecordingProducer:
+    """
+    A streaming producer that notes when its transport pauses and resumes
+    it.
+    """
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.pauses = 0
+        self.resumes = 0
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.resumes += 1
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class LargeFrameTests(TestCase):
+    """
+    L{writeChunksFrom} and L{writeFrom} send a large frame from the shared
+    bytes over a real loopback connection whose buffers are small: the
+    transport never holds more than the rest of one piece, the producer is
+    paused until that is written, and the client gets the frame whole.
+    """
+
+    setUp = SocketTests.setUp
+    receive = SocketTests.receive
+
+    frame = bytes(range(256)) * 1024
+
+    def writeWhileResumed(self, write: Any) -> Deferred:
+        """
+        Write C{self.frame} with C{write(frame, start)} whenever the
+        producer is not paused; fire with the producer once it is all
+        written, checking after every call what the transport holds.
+        """
+        self.client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        self.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+        producer = RecordingProducer()
+        self.transport.registerProducer(producer, True)
+        self.addCleanup(self.transport.unregisterProducer)
+
+        async def run() -> RecordingProducer:
+            at = 0
+            while at < len(self.frame):
+                if producer.paused:
+                    await deferLater(reactor, 0.001, lambda: None)
+                    continue
+                at = write(self.frame, at)
+                held = sum(map(len, self.transport._tempDataBuffer)) + len(self.transport.dataBuffer)
+                self.assertLessEqual(held, PIECE_BYTES + 16)
+                if held:
+                    self.assertTrue(producer.paused, "a transport holding the rest pauses the producer")
+            return producer
+
+        return Deferred.fromCoroutine(run())
+
+    def test_chunksFromSharedBytes(self) -> None:
+        """
+        A chunked response gets the frame as chunks of at most
+        L{PIECE_BYTES}, counted as body bytes, and the stream was paused
+        and resumed on the way.
+        """
+        request = FakeRequest(self.transport)
+        writing = self.writeWhileResumed(lambda frame, at: writeChunksFrom(request, frame, at))
+        size = len(self.frame) + (len(self.frame) // PIECE_BYTES) * (len(b"%x" % PIECE_BYTES) + 4)
+        reading = self.receive(size, within=30)
+
+        def check(results: List[Any]) -> None:
+            producer, body = results
+            self.assertEqual(dechunk(body)[0], self.frame)
+            self.assertEqual(request.sentLength, len(self.frame))
+            self.assertEqual(request.written, [])
+            self.assertGreater(producer.pauses, 0)
+            self.assertEqual(producer.pauses, producer.resumes)
+
+        return gatherResults([writing, reading]).addCallback(check)
+
+    def test_rawFromSharedBytes(self) -> None:
+        """
+        Bytes already framed (a WebSocket's) go out as they are.
+        """
+        writing = self.writeWhileResumed(lambda frame, at: writeFrom(self.transport, frame, at))
+        reading = self.receive(len(self.frame), within=30)
+
+        def check(results: List[Any]) -> None:
+            producer, body = results
+            self.assertEqual(body, self.frame)
+            self.assertGreater(producer.pauses, 0)
+
+        return gatherResults([writing, reading]).addCallback(check)
+
+
+class LargeFrameFallbackTests(SynchronousTestCase):
+    """
+    Where the socket cannot be written to directly, a large frame goes
+    through the transport one slice at a time.
+    """
+
+    def test_chunkSlices(self) -> None:
+        """
+        A response on another transport gets slices of
+        L{directwrite.SLICE_BYTES} through C{request.write}.
+        """
+        request = FakeRequest(StringTransport())
+        frame = b"y" * (directwrite.SLICE_BYTES + 10)
+        at = writeChunksFrom(request, frame, 0)
+        self.assertEqual(at, directwrite.SLICE_BYTES)
+        self.assertEqual(writeChunksFrom(request, frame, at), len(frame))
+        self.assertEqual(b"".join(request.written), frame)
+
+    def test_rawSlices(self) -> None:
+        """
+        Another transport gets raw slices through its C{write}.
+        """
+        transport = StringTransport()
+        frame = b"y" * (directwrite.SLICE_BYTES + 10)
+        self.assertEqual(writeFrom(transport, frame, 0), directwrite.SLICE_BYTES)
+        self.assertEqual(writeFrom(transport, frame, directwrite.SLICE_BYTES), len(frame))
+        self.assertEqual(transport.value(), frame)

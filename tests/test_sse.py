@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from evgate import directwrite
 from evgate.config import parseConfig
 from evgate.entrypoints import sse as sseModule
 from evgate.entrypoints import streaming as streamingModule
@@ -670,9 +671,10 @@ class SseMemoryBoundTests(StreamTestCase):
 
     def test_largeFrameInSlices(self) -> None:
         """
-        A frame larger than a slice goes to the transport a slice at a
-        time, while it takes them: a transport that pushes back after the
-        first holds one slice, and the rest waits as the shared frame.
+        A frame larger than a slice goes to a transport that cannot be
+        written to directly (this in-memory one) a slice at a time, while
+        it takes them: a transport that pushes back after the first holds
+        one slice, and the rest waits as the shared frame.
         """
         connection = self.openStream()
         self.openStream()
@@ -689,6 +691,7 @@ class SseMemoryBoundTests(StreamTestCase):
         # A chunk goes out as (size line, data, CRLF).
         self.patch(connection.transport, "writeSequence", lambda parts: write(b"".join(parts)))
         self.patch(streamingModule, "FLUSH_BYTES", 1024)
+        self.patch(directwrite, "SLICE_BYTES", 1024)
         self.publish(b"z" * 4000)
         self.assertEqual(len(writes), 1)
         self.assertLessEqual(len(writes[0]), 1024 + 16)
@@ -699,6 +702,29 @@ class SseMemoryBoundTests(StreamTestCase):
             connection.drain()
         self.assertEqual(len(writes), 4)
         self.assertEqual([e["data"] for e in self.messages(connection)], ["z" * 4000])
+
+    def test_largeFrameSharedByStreams(self) -> None:
+        """
+        Every stream writes a large message from the one frame cached on
+        the hub's event, never from a copy of its own.
+        """
+        self.openStream()
+        self.openStream()
+        framed: List[bytes] = []
+        original = sseModule.SseFramer.writeFrom
+
+        def writeFrom(framer: Any, frame: bytes, start: int) -> int:
+            framed.append(frame)
+            return original(framer, frame, start)
+
+        self.patch(sseModule.SseFramer, "writeFrom", writeFrom)
+        self.patch(streamingModule, "FLUSH_BYTES", 1024)
+        self.publish(b"w" * 4000)
+        (event,) = self.gateway.hub.streams[("local", "demo")].window.events
+        shared = event.frames[("sse", TAG, "text")]
+        self.assertGreaterEqual(len(framed), 2)
+        for frame in framed:
+            self.assertIs(frame, shared)
 
     def test_byteBoundCuts(self) -> None:
         """

@@ -6,6 +6,16 @@ timestamp in the payload to receipt), lost and duplicated messages.
 Contenders: the bare twisted.web write loop (no hub, no cursors), evgate
 on its memory and Kafka endpoints, Pushpin (GRIP origin + HTTP publish
 API), and evgate's WebSocket at one size.
+
+Large messages (contender C{evgate-big}): 1,000 SSE subscribers of 1 MiB
+messages published at 1/s; the server's peak RSS growth over the run,
+sampled every 20 ms, against the message size times the messages it holds
+by design: the content of every message published (the memory endpoint
+retains them all, so that a paused stream never reads past its retention),
+the SSE frames of the replay window (L{BIG_WINDOW} messages) and the one
+being delivered.  A gateway that copied a message per subscriber would
+grow by a subscriber count of messages; one that shares the framed bytes
+grows by about the messages it holds.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import http.client
 import json
 import os
 import subprocess
+import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -32,6 +43,7 @@ from evbench.common import (
     kafkaUp,
     raiseFileLimit,
     ratio,
+    rssBytes,
     say,
     startProfile,
     summariseProfile,
@@ -47,6 +59,11 @@ PAD = "x" * 60              # payloads of about 100 bytes
 PRIMERS = 5                 # unnumbered messages before the measured ones
 PUSHPIN_RAMP = 300.0        # new connections per second for Pushpin (the others: 1,000)
 WORKERS = 2                 # evgate processes in the "workers" row: one per core here
+BIG_BYTES = 2**20           # the large-message row: payloads of 1 MiB,
+BIG_RATE = 1.0              # published at 1/s,
+BIG_COUNT = 12              # 12 of them,
+BIG_SUBSCRIBERS = 1000      # to 1,000 SSE subscribers (--sizes does not change it);
+BIG_WINDOW = 2              # replay window of the large-message row
 
 
 class Publisher:
@@ -55,10 +72,14 @@ class Publisher:
     payloads on a fixed schedule.
     """
 
-    def __init__(self, port: int, path: str, wrap: Optional[str] = None) -> None:
+    def __init__(self, port: int, path: str, wrap: Optional[str] = None, size: int = 0,
+                 rate: float = RATE) -> None:
         self.port = port
         self.path = path
         self.wrap = wrap
+        # Payloads padded to C{size} bytes (0: about 100 bytes).
+        self.pad = "x" * max(0, size - 50) if size else PAD
+        self.rate = rate
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         self.failures = 0
         self.statuses: Dict[int, int] = {}
@@ -67,7 +88,7 @@ class Publisher:
         if seq < 0:
             payload = f'{{"prime":{-seq},"pad":"{PAD}"}}'
         else:
-            payload = f'{{"seq":{seq},"ts":{time.time():.6f},"pad":"{PAD}"}}'
+            payload = f'{{"seq":{seq},"ts":{time.time():.6f},"pad":"{self.pad}"}}'
         if self.wrap == "pushpin":
             return json.dumps({"items": [{"channel": "bench", "formats": {
                 "http-stream": {"content": f"event: message\ndata: {payload}\n\n"}}}]}).encode()
@@ -89,7 +110,7 @@ class Publisher:
 
     def run(self, count: int) -> Tuple[float, float]:
         """
-        Publish C{count} messages at L{RATE}/s; (first, last) send times.
+        Publish C{count} messages at C{rate}/s; (first, last) send times.
         """
         # A few unnumbered messages first (the harness ignores them): a
         # contender that subscribes its streams to the topic or channel
@@ -102,7 +123,7 @@ class Publisher:
         start = time.monotonic()
         first = last = 0.0
         for seq in range(count):
-            delay = start + seq / RATE - time.monotonic()
+            delay = start + seq / self.rate - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
             now = time.time()
@@ -121,7 +142,8 @@ class Clients:
     The stream client harness in one or more worker processes.
     """
 
-    def __init__(self, port: int, path: str, mode: str, count: int, rate: float = 1000.0) -> None:
+    def __init__(self, port: int, path: str, mode: str, count: int, rate: float = 1000.0,
+                 big: bool = False) -> None:
         self.workers: List[subprocess.Popen] = []
         env = dict(os.environ, PYTHONPATH=BENCH + os.pathsep + ROOT)
         left = count
@@ -130,7 +152,7 @@ class Clients:
             share = left // (n - i)
             left -= share
             argv = [PYTHON, "-m", "evbench.streams", "--port", str(port), "--path", path, "--mode", mode,
-                    "--count", str(share), "--rate", str(rate / n)]
+                    "--count", str(share), "--rate", str(rate / n)] + (["--big"] if big else [])
             self.workers.append(subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                                  text=True, bufsize=1))
 
@@ -277,6 +299,98 @@ def measure(name: str, port: int, path: str, mode: str, subscribers: int, settin
     return merged
 
 
+class PeakRss:
+    """
+    The highest RSS of a process, sampled every 20 ms on a thread.
+    """
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak = rssBytes(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.02):
+            try:
+                self.peak = max(self.peak, rssBytes(self.pid))
+            except OSError:
+                return
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
+
+
+def measureBig(server: Any, settings: Settings, spyOn: Optional[Any] = None) -> Dict[str, Any]:
+    """
+    The large-message row: L{BIG_SUBSCRIBERS} SSE subscribers of
+    L{BIG_COUNT} messages of L{BIG_BYTES} at L{BIG_RATE}/s on the memory
+    API; deliveries, latency, and the server's peak RSS growth.
+    """
+    drain = 30.0
+    subscribers = BIG_SUBSCRIBERS
+    waitQuiet()
+    say(f"fan-out evgate big: {subscribers} sse subscribers, {BIG_COUNT} messages of {BIG_BYTES} bytes")
+    clients = Clients(server.port, "/mem", "sse", subscribers, big=True)
+    publisher = Publisher(server.port, "/mem", size=BIG_BYTES, rate=BIG_RATE)
+    try:
+        ready = clients.ready(timeout=120)
+        time.sleep(2.0)
+        before = rssBytes(server.pid)
+        peak = PeakRss(server.pid)
+        cpu = CpuMeter(server.pids).start()
+        load = CpuMeter(clients.pids).start()
+        profile = None
+        if spyOn is not None:
+            profile = os.path.join(RESULTS, "profiles", f"fanout-evgate-big-{subscribers}.txt")
+        spy = startProfile(spyOn, BIG_COUNT / BIG_RATE, profile) if profile else None
+        first, last = publisher.run(BIG_COUNT)
+        stats = clients.end(BIG_COUNT - 1, drain)
+        highest = peak.stop()
+        cpu.stop()
+        load.stop()
+        finishProfile(spy)
+    finally:
+        publisher.close()
+        clients.close()
+    merged = merge(stats)
+    window = max(merged["last_receipt"], last) - first + 1.0 / BIG_RATE
+    growth = max(0, highest - before)
+    held = BIG_COUNT + BIG_WINDOW + 1
+    merged.update(
+        contender="evgate memory, 1 MiB messages", mode="sse", wanted=subscribers,
+        connected=ready["subscribers"], connect_failed=ready["failed"], published=BIG_COUNT,
+        publish_failures=publisher.failures, message_bytes=BIG_BYTES, held_messages=held,
+        rss_before_mib=before / 2**20, rss_growth_mib=growth / 2**20,
+        copies_per_held_message=growth / (BIG_BYTES * held),
+        copies_per_subscriber=growth / (BIG_BYTES * max(1, ready["subscribers"])),
+        deliveries_per_s=merged["received"] / window if window > 0 else 0.0,
+        expected=BIG_COUNT * ready["subscribers"], server_cpu=cpu.percent, client_cpu=load.percent,
+        profile=profile,
+    )
+    say(f"  peak RSS growth {growth / 2**20:.1f} MiB ({merged['copies_per_held_message']:.2f} x "
+        f"{held} messages held, {merged['copies_per_subscriber']:.4f} per subscriber), received "
+        f"{merged['received']}/{merged['expected']}, lost {merged['gaps']} not arrived {merged['late']}")
+    return merged
+
+
+def renderBig(rows: Sequence[Dict[str, Any]]) -> str:
+    """
+    The table of the large-message row.
+    """
+    lines = [[r["contender"], r["connected"], r["published"], r["received"], r["expected"],
+              r["gaps"] + r["late"], r["p50"], r["p99"], r["rss_before_mib"], r["rss_growth_mib"],
+              r["held_messages"], r["copies_per_held_message"], r["copies_per_subscriber"],
+              r["server_cpu"], r["client_cpu"]] for r in rows]
+    return table(f"large messages: {BIG_COUNT} messages of {BIG_BYTES // 2**10} KiB at {BIG_RATE:g}/s",
+                 ["contender", "subs", "published", "deliveries", "expected", "lost", "p50 ms", "p99 ms",
+                  "RSS before MiB", "peak RSS growth MiB", "messages held", "copies per held message",
+                  "copies per subscriber", "server CPU %", "clients CPU %"], lines)
+
+
 def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
     """
     Every contender at every size, and the table.
@@ -351,6 +465,18 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
                 finally:
                     pushpin.stop()
             guard("pushpin", pushpinRun)
+    big: List[Dict[str, Any]] = []
+    if settings.wants("evgate-big"):
+        def bigRun() -> None:
+            # Streams may fall the whole run behind (a busy machine) without
+            # being cut: their queues hold the shared frames, not copies.
+            extra = (f"max-message-bytes = {2 * BIG_BYTES}\n"
+                     f"subscriber-queue-bytes = {(BIG_COUNT + 4) * BIG_BYTES}\n")
+            ini = peers.evgateIni(entrypoints="http-post sse", heartbeat=300, window=BIG_WINDOW,
+                                  retention=BIG_COUNT + PRIMERS + 1).replace("[gateway]\n", "[gateway]\n" + extra, 1)
+            with peers.evgate(ini) as server:
+                big.append(measureBig(server, settings, spyOn=server if settings.profile else None))
+        guard("evgate big messages", bigRun)
     for size in wsSizes:
         if settings.wants("evgate-ws"):
             def wsRun(size: int = size) -> None:
@@ -361,9 +487,11 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
             guard("evgate websocket", wsRun)
     deleteTopics(topics)
 
-    text = render(rows, notes, settings)
+    text = render(rows, notes, settings) if rows else ""
+    if big:
+        text += ("\n" if text else "") + renderBig(big)
     profiles = {}
-    for row in rows:
+    for row in rows + big:
         if row.get("profile"):
             profiles[row["contender"] + f" {row['wanted']}"] = summariseProfile(row["profile"])
     if profiles:
@@ -371,7 +499,7 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
         for label, top in profiles.items():
             text += f"\n{label}:\n" + "".join(f"  {s:5.1f}% self {t:5.1f}% total  {name}\n"
                                              for name, s, t in top)
-    return {"rows": rows, "notes": notes, "rate": RATE, "duration": settings.duration,
+    return {"rows": rows, "big": big, "notes": notes, "rate": RATE, "duration": settings.duration,
             "profiles": profiles}, text
 
 

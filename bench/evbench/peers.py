@@ -27,6 +27,8 @@ class Unavailable(Exception):
 EVGATE_INI = """
 [gateway]
 listen = tcp:port={{port}}:interface=127.0.0.1:backlog=4096
+# Above the 10,000 streams of the biggest fan-out, and its publisher.
+max-connections = 30000
 replay-window = {window}
 subscriber-queue = {queue}
 

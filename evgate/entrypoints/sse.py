@@ -46,7 +46,7 @@ from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
 from evgate.answers import finishWithFailure, writeProblem
-from evgate.directwrite import boundSendBuffer, writeChunk
+from evgate.directwrite import boundSendBuffer, writeChunk, writeChunksFrom
 from evgate.entrypoints.http_get import requestCursor
 from evgate.entrypoints.streaming import Goodbye, StreamSubscriber, stopAll
 from evgate.errors import (
@@ -164,6 +164,9 @@ class SseFramer:
 
     log = Logger()
 
+    # One per stream, thousands at once: no __dict__.
+    __slots__ = ("request", "tag", "format", "retry", "reactor", "opened", "left", "subscriber")
+
     def __init__(self, request: Request, tag: bytes, format: str, retry: int, reactor: Any) -> None:
         self.request = request
         self.tag = tag
@@ -232,6 +235,11 @@ class SseFramer:
     def write(self, data: bytes) -> None:
         if not self._gone():
             writeChunk(self.request, data)
+
+    def writeFrom(self, frame: bytes, start: int) -> int:
+        if self._gone():
+            return len(frame)
+        return writeChunksFrom(self.request, frame, start)
 
     def goodbye(self, reason: Goodbye, cursor: Optional[Cursor]) -> None:
         kind = reason.kind

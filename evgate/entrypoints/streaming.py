@@ -28,10 +28,13 @@ per connection:
  - L{resumeProducing} writes the queue out in slices of at most
    L{FLUSH_BYTES}, stopping as soon as the transport pushes back again,
    and resumes the hub subscription once the queue is empty.  A frame
-   larger than a slice is written a slice at a time: the transport (which
-   copies what it buffers) never holds more of it than one slice beyond
-   its own buffer size, so a large message replayed to many streams that
-   do not read stays one shared copy in memory;
+   larger than a slice is written by the framer
+   (L{IStreamFramer.writeFrom}) from views of the shared bytes, as much as
+   the socket takes, with the stream paused until the transport wrote the
+   rest of the one piece the socket took in part (L{evgate.directwrite}):
+   the transport, which copies what it buffers, never holds more of it
+   than that piece, so a large message delivered to many streams at once,
+   or to streams that do not read, stays one shared copy in memory;
  - a subscriber whose queue holds more than C{subscriber-queue} messages
    or C{subscriber-queue-bytes} bytes is not slowing the stream down but
    falling behind it for good: it is cut with a reason that names its last
@@ -83,8 +86,7 @@ DEFAULT_SSE_RETRY = 3000
 # The queue of every stream that has nothing queued (most of them, most of
 # the time): an empty deque holds a 600-byte block.  A stream gets a queue
 # of its own on its first push and gives it up once drained.  Its maxlen of
-# 0 would drop anything appended; only push appends, and it never appends
-# to this one.
+# 0 would drop anything appended; only push appends, never to this one.
 NO_QUEUE: Deque[QueueEntry] = deque(maxlen=0)
 
 class Goodbye:
@@ -155,7 +157,7 @@ class StreamSubscriber:
         self.queuedMessages = 0
         self.queuedBytes = 0
         # Bytes of the head entry already written (a large frame goes out
-        # a slice at a time).
+        # a piece at a time).
         self.headSent = 0
         self.paused = False
         self.closed = False
@@ -388,21 +390,11 @@ class StreamSubscriber:
 
     def _drain(self) -> None:
         # Write the queue while the transport takes it: whole frames up to
-        # FLUSH_BYTES in one write, a larger frame a slice at a time.
+        # FLUSH_BYTES in one write, a larger frame as the framer can.
         queue = self.queue
         while queue and not (self.paused or self.throttled or self.closed):
             if self.headSent:
-                entry = queue[0]
-                start = self.headSent
-                end = min(entry.size, start + FLUSH_BYTES)
-                self.queuedBytes -= end - start
-                if end == entry.size:
-                    self._popHead()
-                    if entry.cursor is not None:
-                        self.written = entry.cursor
-                else:
-                    self.headSent = end
-                self._emit(entry.frame[start:end])
+                self._writePart(queue[0])
                 continue
             batch: List[QueueEntry] = []
             size = 0
@@ -420,11 +412,9 @@ class StreamSubscriber:
                 batch = batch[:granted]
                 size = sum(e.size for e in batch)
             if size > FLUSH_BYTES:
-                # One frame larger than a slice: its first slice.
-                entry = batch[0]
-                self.headSent = FLUSH_BYTES
-                self.queuedBytes -= FLUSH_BYTES
-                self._emit(entry.frame[:FLUSH_BYTES])
+                # One frame larger than a slice: written from the shared
+                # bytes, as much as the connection takes.
+                self._writePart(batch[0])
                 continue
             for _ in batch:
                 self._popHead()
@@ -439,6 +429,22 @@ class StreamSubscriber:
             self.queue = NO_QUEUE
         if not (self.paused or self.throttled or self.closed) and self.subscription is not None:
             self.subscription.resume()
+
+    def _writePart(self, entry: QueueEntry) -> None:
+        # The head of the queue is a large frame: written on from where it
+        # got to, from views of the shared bytes (evgate.directwrite).
+        start = self.headSent
+        end = self.framer.writeFrom(entry.frame, start)
+        if self.closed:
+            return
+        self.queuedBytes -= end - start
+        self._count(end - start)
+        if end >= entry.size:
+            self._popHead()
+            if entry.cursor is not None:
+                self.written = entry.cursor
+        else:
+            self.headSent = end
 
     def _popHead(self) -> None:
         entry = self.queue.popleft()
@@ -455,11 +461,13 @@ class StreamSubscriber:
         self.headSent = 0
 
     def _emit(self, data: bytes) -> None:
-        size = len(data)
+        self._count(len(data))
+        self.framer.write(data)
+
+    def _count(self, size: int) -> None:
         self.bytesOut += size
         self.tally.bytesOut += size
         self.lastWrite = self.reactor.seconds()
-        self.framer.write(data)
 
     def _metered(self, batch: List[QueueEntry]) -> int:
         """

@@ -47,8 +47,9 @@ from twisted.python.failure import Failure
 from twisted.web.server import Request
 from zope.interface import implementer
 
+from evgate import directwrite
 from evgate.answers import writeProblem
-from evgate.directwrite import boundSendBuffer, writeNow
+from evgate.directwrite import boundSendBuffer, writeFrom, writeNow
 from evgate.entrypoints.http_get import requestCursor
 from evgate.entrypoints.streaming import Goodbye, StreamSubscriber, stopAll
 from evgate.errors import BadRequest, EndpointTimeout, EndpointUnavailable, Forbidden, Problem
@@ -159,6 +160,8 @@ class WebSocketFramer:
     never negotiates per-message compression), so a batch is one write.
     """
 
+    __slots__ = ("protocol", "tag", "json")
+
     def __init__(self, protocol: "GatewayWebSocketProtocol", tag: bytes, json: bool) -> None:
         self.protocol = protocol
         self.tag = tag
@@ -229,6 +232,18 @@ class WebSocketFramer:
             countAutobahnOctets(protocol, len(data))
         else:
             protocol.sendData(data)
+
+    def writeFrom(self, frame: bytes, start: int) -> int:
+        if not self._open():
+            return len(frame)
+        protocol = self.protocol
+        if autobahnWritesPlainFrames(protocol):
+            end = writeFrom(protocol.transport, frame, start)
+            countAutobahnOctets(protocol, end - start)
+            return end
+        end = min(len(frame), start + directwrite.SLICE_BYTES)
+        protocol.sendData(frame[start:end])
+        return end
 
     def goodbye(self, reason: Goodbye, cursor: Optional[Cursor]) -> None:
         kind = reason.kind
