@@ -1555,8 +1555,8 @@ class GroupTests(ConnectorTestCase):
         """
         A poll returns the records, with the cursors before and after them;
         committing commits each partition past its last message (sent
-        asynchronously, waited for on the thread), and lets the next poll
-        in once the coordinator confirmed it.
+        asynchronously, confirmed on the thread) and lets the next poll in,
+        whose take reaches the thread behind the commit.
         """
         d = self.poll(limit=2)
         self.consumer.records = [FakeRecord(0, 5), FakeRecord(1, 9), FakeRecord(0, 6)]
@@ -1576,6 +1576,59 @@ class GroupTests(ConnectorTestCase):
         self.group.runOnce()
         self.reactor.runFromThread()
         self.assertEqual([m.offset for m in self.successResultOf(second).messages], [6])
+
+    def test_nextPollDoesNotWaitForTheCoordinator(self) -> None:
+        """
+        The group's next poll does not wait for the coordinator to confirm
+        the previous commit: its take, queued behind the commit, is
+        answered first.  Then, with nothing else to do, the thread polls
+        for the confirmation up to COMMIT_WAIT and reports the commit
+        failed; the late answer is taken without a second report.
+        """
+        d = self.poll(limit=1)
+        self.consumer.records = [FakeRecord(0, 1), FakeRecord(0, 2)]
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        self.consumer.answerCommits = False
+        waited: List[float] = []
+        answeredBeforeWaiting: List[List[str]] = []
+
+        def elapse(seconds: float) -> None:
+            if not waited:
+                answeredBeforeWaiting.append(self.reactor.pendingNames())
+            waited.append(seconds)
+            self.reactor.advance(seconds)
+
+        self.consumer.elapse = elapse
+        committed = self.successResultOf(d).commit()
+        second = self.poll(limit=1)
+        self.group.runOnce()
+        self.assertEqual(answeredBeforeWaiting, [["taken"]])
+        self.assertLessEqual(sum(waited), COMMIT_WAIT + 0.05)
+        self.reactor.runFromThread()
+        self.assertEqual([m.offset for m in self.successResultOf(second).messages], [2])
+        self.successResultOf(committed)
+        self.consumer.answerCommits = True
+        self.consumer.elapse = None
+        self.group.runOnce()
+        self.assertEqual(self.group.commitsInFlight, [])
+        self.assertEqual(self.reactor.fromThread, [])
+
+    def test_confirmedWithTheNextTake(self) -> None:
+        """
+        A commit confirmed while the next take is served is answered then.
+        """
+        d = self.poll(limit=1)
+        self.consumer.records = [FakeRecord(0, 1), FakeRecord(0, 2)]
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        committed = self.successResultOf(d).commit()
+        second = self.poll(limit=1)
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        self.successResultOf(committed)
+        self.assertEqual([m.offset for m in self.successResultOf(second).messages], [2])
+        self.assertEqual(self.group.commitsInFlight, [])
 
     def test_idleSleepsOnCommands(self) -> None:
         """
