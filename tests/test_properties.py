@@ -115,6 +115,17 @@ class ParserProperties(SynchronousTestCase):
         except CursorError:
             pass
 
+    @given(st.integers(0, 2**40), st.dictionaries(st.integers(0, 2**20),
+                                                  st.one_of(st.integers(0, 2**31), st.integers(0, 2**63 - 1)),
+                                                  max_size=5))
+    def test_cursorRoundTrip(self, epoch: int, offsets: dict) -> None:
+        """
+        Any cursor (offsets of every varint width, one partition or many)
+        decodes from its token to itself.
+        """
+        cursor = Cursor.fromMapping(offsets, epoch)
+        self.assertEqual(Cursor.decode(cursor.encode(TAG), TAG), cursor)
+
     @given(st.binary(max_size=64))
     def test_cursorBytes(self, raw: bytes) -> None:
         """
