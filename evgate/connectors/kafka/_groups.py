@@ -390,7 +390,7 @@ class GroupReader(ConsumerThread):
         for record in records:
             error = record.error()
             if error is None:
-                self.buffer.append(toMessage(record))
+                self.buffer.append(toMessage(record, self.topic))
             else:
                 self.recordError(record, error)
         if len(self.buffer):
