@@ -478,6 +478,13 @@ def cursorsAfter(start: Cursor, messages: Iterable[Message]) -> Iterator[Tuple[M
     from C{start}.
     """
     offsets = start.asDict()
+    epoch = start.epoch
     for message in messages:
-        offsets[message.partition] = message.offset + 1
-        yield message, Cursor.fromMapping(offsets, start.epoch)
+        partition = message.partition
+        if len(offsets) <= 1 and (not offsets or partition in offsets):
+            # One partition (a group poll's usual page): no dict to sort.
+            offsets = {partition: message.offset + 1}
+            yield message, Cursor(epoch, ((partition, message.offset + 1),))
+            continue
+        offsets[partition] = message.offset + 1
+        yield message, Cursor.fromMapping(offsets, epoch)
