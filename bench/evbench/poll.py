@@ -9,7 +9,10 @@ cursors (C{?cursor=&limit=1000}), evgate's GET in group mode
 and the Strimzi bridge's consumer API (create, subscribe, then
 C{GET /consumers/{group}/instances/{name}/records}, which is group mode
 too).  Records/s counts from the first page that carried records (the
-steady state); the time to that first page is reported beside it.
+steady state); the time to that first page is reported beside it, and
+the server's CPU per record, steadier than records/s on a shared
+machine.  With C{--profile}, py-spy records evgate during the first
+seconds of each of its readers (C{bench/results/profiles/poll-*.txt}).
 """
 
 from __future__ import annotations
