@@ -324,6 +324,13 @@ def _varint(value: int) -> bytes:
     # Every event's id is a cursor: this runs once per partition per event.
     if value < 0x80:
         return _SMALL_VARINTS[value]
+    # Offsets below 2**28 (nearly all of them), without a loop.
+    if value < 0x4000:
+        return bytes((value & 0x7F | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes((value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14))
+    if value < 0x10000000:
+        return bytes((value & 0x7F | 0x80, value >> 7 & 0x7F | 0x80, value >> 14 & 0x7F | 0x80, value >> 21))
     out = bytearray()
     while value >= 0x80:
         out.append((value & 0x7F) | 0x80)
@@ -484,6 +491,13 @@ def cursorsAfter(start: Cursor, messages: Iterable[Message]) -> Iterator[Tuple[M
     from C{start}.
     """
     offsets = start.asDict()
+    epoch = start.epoch
     for message in messages:
-        offsets[message.partition] = message.offset + 1
-        yield message, Cursor.fromMapping(offsets, start.epoch)
+        partition = message.partition
+        if len(offsets) <= 1 and (not offsets or partition in offsets):
+            # One partition (a group poll's usual page): no dict to sort.
+            offsets = {partition: message.offset + 1}
+            yield message, Cursor(epoch, ((partition, message.offset + 1),))
+            continue
+        offsets[partition] = message.offset + 1
+        yield message, Cursor.fromMapping(offsets, epoch)

@@ -10,6 +10,7 @@ from typing import Any, Optional
 from twisted.python import usage
 
 from evgate.config import ConfigError, loadConfig
+from evgate.heap import tuneCollector
 from evgate.service import GatewayService
 
 DEFAULT_CONFIG = "/etc/evgate/evgate.ini"
@@ -61,6 +62,8 @@ def makeService(options: Options, reactor: Optional[Any] = None) -> Any:
         sys.stdout.write(f"evgate: {options['config']} is valid ({len(config.apis)} APIs: {apis})\n")
         sys.stdout.flush()
         raise SystemExit(0)
+    # This process serves from here on (see evgate.heap).
+    tuneCollector(reactor)
     try:
         return GatewayService(config, reactor)
     except ConfigError as e:

@@ -13,6 +13,7 @@ from typing import Any, List, Optional
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
 from evgate.config import ConfigError, loadConfig
+from evgate.heap import tuneCollector
 from evgate.logs import observerFor
 from evgate.service import GatewayService
 from evgate.workers import REPORT_FD, PrimaryLink, WorkerReporter
@@ -60,6 +61,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     observer = observerFor(config.gateway.options) or textFileLogObserver(sys.stdout)
     globalLogBeginner.beginLoggingTo([_tagged(observer, args.index)], redirectStandardIO=False)
     role = WorkerRole(args.index, [int(fd) for fd in args.listen_fds.split(",") if fd])
+    tuneCollector(reactor)
     gateway = GatewayService(config, reactor, worker=role)
     link = PrimaryLink(reactor)
     stdio.StandardIO(link, stdin=0, stdout=REPORT_FD, reactor=reactor)  # type: ignore[call-arg]

@@ -175,10 +175,13 @@ class FakeProducer:
         self.purged = False
         self.metadataError: Optional[BaseException] = None
 
-    def produce(self, topic: str, value: bytes, key: Any, headers: Any, on_delivery: Any) -> None:
+    def produce(self, topic: str, value: Optional[bytes] = None, key: Any = None, partition: int = -1,
+                callback: Any = None, on_delivery: Any = None, timestamp: int = 0, headers: Any = None) -> None:
+        # confluent-kafka's signature, positional or by keyword.
         if self.raiseOnProduce is not None:
             raise self.raiseOnProduce
-        self.produced.append(dict(topic=topic, value=value, key=key, headers=headers, on_delivery=on_delivery))
+        self.produced.append(dict(topic=topic, value=value, key=key, headers=headers, partition=partition,
+                                  timestamp=timestamp, on_delivery=callback or on_delivery))
 
     def deliver(self, index: int, partition: int, offset: int) -> None:
         """
@@ -722,6 +725,81 @@ class PublishTests(ConnectorTestCase):
         self.assertIsInstance(results[1], EndpointUnavailable)
         self.assertIn("Unknown topic", results[1].detail)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_publishManyOneHandOver(self) -> None:
+        """
+        The reports of a batch stay on the producer thread until the last
+        is in, then reach the reactor in one call, even when they come over
+        several polls.
+        """
+        d = self.connector.publishMany(TOPIC, [Draft(b"a"), Draft(b"b"), Draft(b"c")], 10)
+        self.producer.deliver(1, partition=0, offset=4)
+        self.pollProducer()
+        self.producer.deliver(0, partition=0, offset=3)
+        self.pollProducer()
+        self.assertEqual(self.reactor.fromThread, [])
+        self.producer.deliver(2, partition=0, offset=5)
+        self.pollProducer()
+        self.assertEqual(len(self.reactor.fromThread), 1)
+        self.reactor.runFromThread()
+        self.assertEqual(self.successResultOf(d), [Position(TOPIC, 0, 3), Position(TOPIC, 0, 4), Position(TOPIC, 0, 5)])
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(self.connector._pending, {})
+
+    def test_publishManyReportedWhileProducing(self) -> None:
+        """
+        Records reported while the batch is still being produced (the
+        producer thread runs meanwhile) are kept; when the queue then
+        fills up, the batch is answered at once, as every record taken
+        already has its report.
+        """
+        produce = self.producer.produce
+
+        def reportsThenFills(*args: Any, **kwargs: Any) -> None:
+            if len(self.producer.produced) == 2:
+                # The producer thread serves the reports of the first two
+                # before the third is tried.
+                self.producer.deliver(0, partition=0, offset=7)
+                self.producer.deliver(1, partition=0, offset=8)
+                self.pollProducer()
+                raise BufferError("Local: Queue full")
+            produce(*args, **kwargs)
+
+        self.producer.produce = reportsThenFills
+        d = self.connector.publishMany(TOPIC, [Draft(b"a"), Draft(b"b"), Draft(b"c")], 10)
+        results = self.successResultOf(d)
+        self.assertEqual(results[:2], [Position(TOPIC, 0, 7), Position(TOPIC, 0, 8)])
+        self.assertEqual(results[2].status, 503)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        # The hand-over already on its way finds the batch answered.
+        self.reactor.runFromThread()
+        self.assertEqual(self.connector._pending, {})
+
+    def test_publishManyLateReport(self) -> None:
+        """
+        A report that comes after the batch timed out changes nothing.
+        """
+        d = self.connector.publishMany(TOPIC, [Draft(b"a"), Draft(b"b")], 10)
+        self.producer.deliver(0, partition=0, offset=1)
+        self.pollProducer()
+        self.reactor.advance(10)
+        results = self.successResultOf(d)
+        self.producer.deliver(1, partition=0, offset=2)
+        self.pollProducer()
+        self.reactor.runFromThread()
+        self.assertEqual(results[0], Position(TOPIC, 0, 1))
+        self.assertEqual(results[1].status, 503)
+
+    def test_publishManyPositional(self) -> None:
+        """
+        A batch's records are produced with librdkafka's partitioner
+        choosing the partition and the time they are produced as their
+        timestamp.
+        """
+        self.connector.publishMany(TOPIC, [Draft(b"a", key="k", headers=(("h", "v"),))], 10)
+        produced = self.producer.produced[0]
+        self.assertEqual((produced["partition"], produced["timestamp"], produced["key"], produced["headers"]),
+                         (-1, 0, b"k", [("h", b"v")]))
 
     def test_publishManyTimesOut(self) -> None:
         """
@@ -1477,8 +1555,8 @@ class GroupTests(ConnectorTestCase):
         """
         A poll returns the records, with the cursors before and after them;
         committing commits each partition past its last message (sent
-        asynchronously, waited for on the thread), and lets the next poll
-        in once the coordinator confirmed it.
+        asynchronously, confirmed on the thread) and lets the next poll in,
+        whose take reaches the thread behind the commit.
         """
         d = self.poll(limit=2)
         self.consumer.records = [FakeRecord(0, 5), FakeRecord(1, 9), FakeRecord(0, 6)]
@@ -1498,6 +1576,59 @@ class GroupTests(ConnectorTestCase):
         self.group.runOnce()
         self.reactor.runFromThread()
         self.assertEqual([m.offset for m in self.successResultOf(second).messages], [6])
+
+    def test_nextPollDoesNotWaitForTheCoordinator(self) -> None:
+        """
+        The group's next poll does not wait for the coordinator to confirm
+        the previous commit: its take, queued behind the commit, is
+        answered first.  Then, with nothing else to do, the thread polls
+        for the confirmation up to COMMIT_WAIT and reports the commit
+        failed; the late answer is taken without a second report.
+        """
+        d = self.poll(limit=1)
+        self.consumer.records = [FakeRecord(0, 1), FakeRecord(0, 2)]
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        self.consumer.answerCommits = False
+        waited: List[float] = []
+        answeredBeforeWaiting: List[List[str]] = []
+
+        def elapse(seconds: float) -> None:
+            if not waited:
+                answeredBeforeWaiting.append(self.reactor.pendingNames())
+            waited.append(seconds)
+            self.reactor.advance(seconds)
+
+        self.consumer.elapse = elapse
+        committed = self.successResultOf(d).commit()
+        second = self.poll(limit=1)
+        self.group.runOnce()
+        self.assertEqual(answeredBeforeWaiting, [["taken"]])
+        self.assertLessEqual(sum(waited), COMMIT_WAIT + 0.05)
+        self.reactor.runFromThread()
+        self.assertEqual([m.offset for m in self.successResultOf(second).messages], [2])
+        self.successResultOf(committed)
+        self.consumer.answerCommits = True
+        self.consumer.elapse = None
+        self.group.runOnce()
+        self.assertEqual(self.group.commitsInFlight, [])
+        self.assertEqual(self.reactor.fromThread, [])
+
+    def test_confirmedWithTheNextTake(self) -> None:
+        """
+        A commit confirmed while the next take is served is answered then.
+        """
+        d = self.poll(limit=1)
+        self.consumer.records = [FakeRecord(0, 1), FakeRecord(0, 2)]
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        committed = self.successResultOf(d).commit()
+        second = self.poll(limit=1)
+        self.group.runOnce()
+        self.reactor.runFromThread()
+        self.successResultOf(committed)
+        self.assertEqual([m.offset for m in self.successResultOf(second).messages], [2])
+        self.assertEqual(self.group.commitsInFlight, [])
 
     def test_idleSleepsOnCommands(self) -> None:
         """

@@ -24,7 +24,7 @@ from evgate.entrypoints.http_post import envelopeRecords, messageHeaders, ndjson
 from evgate.entrypoints.websocket import FrameTooBig, parseJsonFrame
 from evgate.errors import BadRequest
 from evgate.filters import FilterSyntaxError, compileFilter
-from evgate.message import Cursor, CursorError, cursorTag
+from evgate.message import Cursor, CursorError, Message, cursorsAfter, cursorTag
 from evgate.webhook.delivery import checkStaticHeaders
 from evgate.webhook.ssrf import BadCallback, parseCallbackUrl
 
@@ -114,6 +114,32 @@ class ParserProperties(SynchronousTestCase):
             Cursor.decode(token, TAG)
         except CursorError:
             pass
+
+    @given(st.integers(0, 2**40), st.dictionaries(st.integers(0, 2**20),
+                                                  st.one_of(st.integers(0, 2**31), st.integers(0, 2**63 - 1)),
+                                                  max_size=5))
+    def test_cursorRoundTrip(self, epoch: int, offsets: dict) -> None:
+        """
+        Any cursor (offsets of every varint width, one partition or many)
+        decodes from its token to itself.
+        """
+        cursor = Cursor.fromMapping(offsets, epoch)
+        self.assertEqual(Cursor.decode(cursor.encode(TAG), TAG), cursor)
+
+    @given(st.integers(0, 3), st.dictionaries(st.integers(0, 3), st.integers(0, 2**40), max_size=3),
+           st.lists(st.tuples(st.integers(0, 3), st.integers(0, 2**40)), max_size=8))
+    def test_cursorsAfter(self, epoch: int, start: dict, records: list) -> None:
+        """
+        The cursor after each message is the start moved past every
+        message up to it, one partition or several.
+        """
+        messages = [Message(b"", None, (), "t", p, o, 0) for p, o in records]
+        expected = dict(start)
+        got = list(cursorsAfter(Cursor.fromMapping(start, epoch), messages))
+        self.assertEqual([m for m, _ in got], messages)
+        for (message, cursor) in got:
+            expected[message.partition] = message.offset + 1
+            self.assertEqual(cursor, Cursor.fromMapping(expected, epoch))
 
     @given(st.binary(max_size=64))
     def test_cursorBytes(self, raw: bytes) -> None:

@@ -9,19 +9,37 @@ cursors (C{?cursor=&limit=1000}), evgate's GET in group mode
 and the Strimzi bridge's consumer API (create, subscribe, then
 C{GET /consumers/{group}/instances/{name}/records}, which is group mode
 too).  Records/s counts from the first page that carried records (the
-steady state); the time to that first page is reported beside it.
+steady state); the time to that first page is reported beside it, and
+the server's CPU per record, steadier than records/s on a shared
+machine.  With C{--profile}, py-spy records evgate during the first
+seconds of each of its readers (C{bench/results/profiles/poll-*.txt}).
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from evbench import peers
-from evbench.common import KAFKA, CpuMeter, Settings, deleteTopics, kafkaTopic, kafkaUp, ratio, say, table
-from evbench.publish import BODY
+from evbench.common import (
+    KAFKA,
+    RESULTS,
+    CpuMeter,
+    Settings,
+    deleteTopics,
+    finishProfile,
+    kafkaTopic,
+    kafkaUp,
+    ratio,
+    say,
+    startProfile,
+    summariseProfile,
+    table,
+)
+from evbench.publish import BODY, profileText
 
 PAGE = 1000
 BRIDGE_JSON = "application/vnd.kafka.json.v2+json"
@@ -182,18 +200,30 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
     notes: List[str] = [f"{wanted:,} records of {len(BODY)} bytes in one partition; each reader stops after "
                         f"{limit:g} s"]
 
-    def measure(name: str, service: Any, read: Callable[[], Dict[str, Any]]) -> None:
+    profiles: Dict[str, Any] = {}
+
+    def measure(name: str, service: Any, read: Callable[[], Dict[str, Any]], profile: Optional[str] = None) -> None:
         say(f"poll: {name}")
         meter = CpuMeter(service.pids if service is not None else (lambda: [])).start()
+        # The first seconds of the read, its steady state after the first page.
+        spy = startProfile(service, min(settings.duration, 10),
+                           os.path.join(RESULTS, "profiles", f"poll-{profile}.txt")) if profile else None
         try:
             result = read()
         except Exception as e:
             notes.append(f"{name}: failed: {e}")
             say(f"  failed: {e}")
             return
+        finally:
+            finishProfile(spy)
         meter.stop()
         result.update(contender=name, serverCpu=meter.percent if service is not None else None,
                       machineCpu=meter.machine)
+        if service is not None and result["records"]:
+            # Steadier than records/s on a shared machine.
+            result["serverCpuPerRecordUs"] = meter.percent / 100 * result["seconds"] * 1e6 / result["records"]
+        if profile and os.path.exists(os.path.join(RESULTS, "profiles", f"poll-{profile}.txt")):
+            profiles[name] = summariseProfile(os.path.join(RESULTS, "profiles", f"poll-{profile}.txt"))
         rows.append(result)
         say(f"  {result['records']:,} records, {result['records_per_s'] or 0:,.0f}/s steady, "
             f"first page after {result['first_page_seconds'] or 0:.2f} s")
@@ -205,9 +235,11 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
             ini = peers.evgateIni(topic=topic, entrypoints="http-get", start="earliest")
             with peers.evgate(ini) as gw:
                 if settings.wants("evgate-cursor"):
-                    measure("evgate GET, cursors", gw, lambda: evgateCursor(gw.port, wanted, limit))
+                    measure("evgate GET, cursors", gw, lambda: evgateCursor(gw.port, wanted, limit),
+                            "evgate-cursor" if settings.profile else None)
                 if settings.wants("evgate-group"):
-                    measure("evgate GET, group mode (X-Client-Id)", gw, lambda: evgateGroup(gw.port, wanted, limit))
+                    measure("evgate GET, group mode (X-Client-Id)", gw, lambda: evgateGroup(gw.port, wanted, limit),
+                            "evgate-group" if settings.profile else None)
         if settings.wants("strimzi"):
             try:
                 service = peers.strimziBridge(maxPoll=PAGE)
@@ -219,7 +251,10 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
                             lambda: bridge(service.port, topic, wanted, limit))
     finally:
         deleteTopics([topic])
-    return {"rows": rows, "notes": notes, "records": wanted, "page": PAGE}, render(rows, notes)
+    text = render(rows, notes)
+    if profiles:
+        text += profileText(profiles)
+    return {"rows": rows, "notes": notes, "records": wanted, "page": PAGE, "profiles": profiles}, text
 
 
 def render(rows: Sequence[Dict[str, Any]], notes: Sequence[str]) -> str:
@@ -229,8 +264,9 @@ def render(rows: Sequence[Dict[str, Any]], notes: Sequence[str]) -> str:
               ratio(r["records_per_s"], ceiling["records_per_s"]) if ceiling else None,
               ratio(r["records_per_s"], bridgeRow["records_per_s"]) if bridgeRow else None,
               r["first_page_seconds"], r["requests"], f"{r['records']:,}/{r['wanted']:,}",
-              r["serverCpu"], 100 * r["client_cpu_s"] / max(r["seconds"], 1e-6)] for r in rows]
+              r["serverCpu"], r.get("serverCpuPerRecordUs"), 100 * r["client_cpu_s"] / max(r["seconds"], 1e-6),
+              r["machineCpu"]] for r in rows]
     text = table(f"poll: one reader, pages of up to {PAGE}",
                  ["contender", "records/s", "x librdkafka", "x strimzi", "first page s", "requests", "read",
-                  "server CPU %", "client CPU %"], lines)
+                  "server CPU %", "server CPU us/record", "client CPU %", "machine CPU %"], lines)
     return text + "\n" + "\n".join(f"- {n}" for n in notes) + "\n"

@@ -41,36 +41,56 @@ def jsonItemText(event: Event, tag: bytes) -> str:
     building each as dictionaries for the generic encoder took twice as
     long.  The text is what C{json.dumps} gives for those members.
     """
+    return _jsonItems([event], tag)[0]
+
+
+def _jsonItems(events: List[Event], tag: bytes) -> List[str]:
+    """
+    The JSON text of each of C{events} (see L{jsonItemText}), in one loop
+    over the page: what items share (the topic's part of the metadata)
+    is encoded once per page.
+    """
     cacheKey = ("json-item", tag)
-    cached: Optional[str] = event.frames.get(cacheKey)
-    if cached is not None:
-        # Encoded once per message and API, for every page that holds it.
-        return cached
-    message = event.message
-    if message.jsonContent:
-        # Decoded by the API's codec (evgate.schemas): compact JSON text,
-        # shown as the value it is.
-        content, encoding = message.content.decode("utf-8"), None
-    else:
-        text, encoding = contentForJSON(message.content)
-        content = _quote(text)
-    key = message.key
-    headers = message.headers
-    extra = message.extra
-    item = '{"id":"%s","key":%s,"headers":%s,"content":%s,"metadata":{"topic":%s,"partition":%d,"offset":%d,' \
-        '"timestamp":%d%s}%s%s}' % (
+    items: List[str] = []
+    append = items.append
+    lastTopic: Optional[str] = None
+    topicPart = ""
+    for event in events:
+        frames = event.frames
+        cached: Optional[str] = frames.get(cacheKey)
+        if cached is not None:
+            # Encoded once per message and API, for every page that holds it.
+            append(cached)
+            continue
+        content, key, headers, topic, partition, offset, timestamp, extra, error, jsonContent = event.message
+        if topic is not lastTopic:
+            lastTopic = topic
+            topicPart = ',"metadata":{"topic":' + _quote(topic) + ',"partition":'
+        encoding = None
+        if jsonContent:
+            # Decoded by the API's codec (evgate.schemas): compact JSON
+            # text, shown as the value it is.
+            text = content.decode("utf-8")
+        else:
+            try:
+                text = _quote(content.decode("utf-8"))
+            except UnicodeDecodeError:
+                raw, encoding = contentForJSON(content)
+                text = _quote(raw)
+        item = '{"id":"%s","key":%s,"headers":%s,"content":%s%s%d,"offset":%d,"timestamp":%d%s}%s%s}' % (
             event.token(tag),
             "null" if key is None else _quote(key),
-            headerText(headers),
-            content,
-            _quote(message.topic), message.partition, message.offset, message.timestamp,
+            headerText(headers) if headers else "{}",
+            text,
+            topicPart, partition, offset, timestamp,
             "," + _json(dict(extra))[1:-1] if extra else "",
             ',"encoding":' + _quote(encoding) if encoding is not None else "",
             # A delivery step failed on it (evgate.pipeline): as read, marked.
-            ',"error":' + _json(message.error.asJSON()) if message.error is not None else "",
+            ',"error":' + _json(error.asJSON()) if error is not None else "",
         )
-    event.frames[cacheKey] = item
-    return item
+        frames[cacheKey] = item
+        append(item)
+    return items
 
 
 def renderPage(media: str, events: List[Event], tag: bytes, nextCursor: str, limit: int,
@@ -82,8 +102,7 @@ def renderPage(media: str, events: List[Event], tag: bytes, nextCursor: str, lim
         tail: dict = {"pagination": {"nextCursor": nextCursor, "limit": limit}}
         if gap is not None:
             tail["gap"] = gap
-        items = ",".join([jsonItemText(e, tag) for e in events])
-        return ('{"items":[' + items + "]," + _json(tail)[1:]).encode("utf-8")
+        return ('{"items":[' + ",".join(_jsonItems(events, tag)) + "]," + _json(tail)[1:]).encode("utf-8")
     if media == "text/plain":
         return _textPage(events, tag, nextCursor, gap)
     return _xmlPage(events, tag, nextCursor, limit, gap)

@@ -320,7 +320,7 @@ class AssignedReader(BatchReader):
         if expected is None or offset < expected or partition in self.reposition:
             return None
         self.offsets[partition] = offset + 1
-        return toMessage(record)
+        return toMessage(record, self.topic)
 
     def handOver(self, batch: List[Message]) -> None:
         self.reportHeads(batch)

@@ -90,9 +90,10 @@ def kafkaError(exception: BaseException) -> Any:
     return None
 
 
-def toMessage(record: Any) -> Message:
+def toMessage(record: Any, topic: Optional[str] = None) -> Message:
     """
-    The L{Message} of a record consumed from Kafka.
+    The L{Message} of a record consumed from Kafka (of C{topic}, if the
+    caller knows it: one string shared by every message of a reader).
 
     Kafka keys and header values are bytes.  Those that are UTF-8 become
     text; the others are given as base64, and the metadata says so:
@@ -113,9 +114,38 @@ def toMessage(record: Any) -> Message:
         except UnicodeDecodeError:
             key = base64.b64encode(rawKey).decode("ascii")
             extra = {"keyEncoding": "base64"}
+    pairs = record.headers()
+    headers: Tuple[Tuple[str, str], ...] = ()
+    if pairs:
+        headers, binary = _headerTexts(pairs)
+        if binary is not None:
+            if extra is None:
+                extra = {}
+            extra["headerEncoding"] = binary
+    content = record.value()
+    if content is None:
+        content = b""
+        if extra is None:
+            extra = {}
+        extra["tombstone"] = True
+    kind, stamp = record.timestamp()
+    # Made as the tuple it is: a named tuple's own constructor is a Python
+    # function, and this runs once per record read.
+    return _newTuple(Message, (content, key, headers, topic if topic is not None else record.topic(),
+                               record.partition(), record.offset(), stamp if kind and stamp >= 0 else 0,
+                               extra if extra is not None else NO_EXTRA, None, False))
+
+
+_newTuple = tuple.__new__
+
+
+def _headerTexts(pairs: Any) -> Tuple[Tuple[Tuple[str, str], ...], Optional[Dict[str, str]]]:
+    """
+    The headers of a record as text (see L{toMessage}), and the names
+    given as base64 (L{None} when there is none).
+    """
     headers: List[Tuple[str, str]] = []
     binary: Optional[Dict[str, str]] = None
-    pairs = record.headers() or ()
     for name, raw in pairs:
         if raw is None:
             headers.append((name, ""))
@@ -131,19 +161,7 @@ def toMessage(record: Any) -> Message:
         # Rare: encode again, every value of a binary name as base64.
         headers = [(name, base64.b64encode(raw or b"").decode("ascii") if name in binary else text)
                    for (name, raw), (_, text) in zip(pairs, headers, strict=True)]
-        if extra is None:
-            extra = {}
-        extra["headerEncoding"] = binary
-    content = record.value()
-    if content is None:
-        content = b""
-        if extra is None:
-            extra = {}
-        extra["tombstone"] = True
-    kind, stamp = record.timestamp()
-    # Positional: a named tuple is built faster so, once per record read.
-    return Message(content, key, tuple(headers), record.topic(), record.partition(), record.offset(),
-                   stamp if kind and stamp >= 0 else 0, extra if extra is not None else NO_EXTRA)
+    return tuple(headers), binary
 
 
 # "(after 330ms in state AUTH_REQ)": differs on every retry of the same

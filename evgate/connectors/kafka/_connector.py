@@ -76,9 +76,9 @@ class KafkaConnector(Service, KafkaPublishing):
         self.heads = KnownHeads()
         self._pending: Dict[int, Any] = {}  # _Publish or _Batch
         # Delivery reports collected on the producer thread, handed to the
-        # reactor once per poll (see handOverReports).
-        self._reports: ReactorBatches[Tuple[Any, ...]] = ReactorBatches(reactor, self._deliveredAll,
-                                                                        handOverAt=REPORT_BATCH)
+        # reactor once per poll (see handOverReports): a publish's, or a
+        # publishMany batch whose records all have theirs.
+        self._reports: ReactorBatches[Any] = ReactorBatches(reactor, self._deliveredAll, handOverAt=REPORT_BATCH)
         self._tokens = itertools.count(1)
         self._stopping = False
         self._warnedTimeout = False

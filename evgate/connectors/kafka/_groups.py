@@ -161,10 +161,11 @@ class GroupReader(ConsumerThread):
         self.pendingTake: Optional[TakeRequest] = None
         self.takeDeadline = 0.0
         self.fullPollAt = 0.0
-        # Commits sent and not confirmed yet: commit id, offsets, and
-        # whether the reactor was answered already (COMMIT_WAIT passed).
+        # Commits sent and not confirmed yet: commit id, offsets, whether
+        # the reactor was answered already (COMMIT_WAIT passed), and when
+        # it is answered as failed.
         self.config["on_commit"] = self.onCommit
-        self.commitsInFlight: List[Tuple[int, Dict[int, int], bool]] = []
+        self.commitsInFlight: List[Tuple[int, Dict[int, int], bool, float]] = []
 
     # the reactor side
 
@@ -221,8 +222,11 @@ class GroupReader(ConsumerThread):
 
     def commit(self, offsets: Mapping[int, int]) -> Deferred:
         """
-        Commit C{offsets} (partition to next offset) on the thread, then
-        release the poll lock.
+        Commit C{offsets} (partition to next offset) on the thread, and
+        release the poll lock at once: the group's next take goes to the
+        thread behind the commit, so it cannot overtake it, and does not
+        wait for the coordinator's answer (a broker round trip per page).
+        The Deferred fires once the commit has ended; a refusal is logged.
         """
         d: Deferred = Deferred()
         if not offsets:
@@ -233,7 +237,7 @@ class GroupReader(ConsumerThread):
         self.commits[commitId] = d
         self.send("commit", commitId, dict(offsets))
         d.addErrback(self._commitFailed)
-        d.addBoth(self._released)
+        self.release()
         return d
 
     def commitPositions(self, offsets: Mapping[int, int]) -> Deferred:
@@ -269,10 +273,6 @@ class GroupReader(ConsumerThread):
     def _commitFailed(self, failure: Failure) -> None:
         self.log.warn("Kafka endpoint {endpoint}: {reason}; the group reads those messages again",
                       endpoint=self.connector.name, reason=failure.getErrorMessage())
-
-    def _released(self, result: Any) -> Any:
-        self.release()
-        return result
 
     def putBack(self, messages: List[Message]) -> None:
         """
@@ -354,6 +354,12 @@ class GroupReader(ConsumerThread):
         if request is not None:
             self.serveTake(request)
             return
+        if self.commitsInFlight:
+            # Commits sent while a take waited: their answers come with
+            # polls, now that nothing else is asked of the thread.
+            self.awaitCommits()
+            if self.commitsInFlight and not self.commands.empty():
+                return
         # Nobody waits for records now (librdkafka fetches them meanwhile):
         # take what is there, serving rebalances, then sleep on the command
         # queue, so that the next take or commit starts at once rather than
@@ -384,7 +390,7 @@ class GroupReader(ConsumerThread):
         for record in records:
             error = record.error()
             if error is None:
-                self.buffer.append(toMessage(record))
+                self.buffer.append(toMessage(record, self.topic))
             else:
                 self.recordError(record, error)
         if len(self.buffer):
@@ -462,8 +468,18 @@ class GroupReader(ConsumerThread):
         yet returned to a client (where the position is known).
         """
         nextOffsets: Dict[int, int] = {}
+        assigned = self.assigned
+        unseen = len(assigned)
         for message in self.buffer:
-            nextOffsets.setdefault(message.partition, message.offset)
+            partition = message.partition
+            if partition not in nextOffsets:
+                nextOffsets[partition] = message.offset
+                if partition in assigned:
+                    unseen -= 1
+                    if not unseen:
+                        # The buffer holds only partitions this member owns
+                        # (a revoke drops the others): the rest changes nothing.
+                        break
         missing = [p for p in sorted(self.assigned) if p not in nextOffsets]
         if missing:
             for tp in self.consumer.position([self.tp(p) for p in missing]):
@@ -476,7 +492,9 @@ class GroupReader(ConsumerThread):
         Command: commit C{offsets} (C{owned}: only those of partitions
         assigned to this member now), and wait up to L{COMMIT_WAIT} seconds
         for the coordinator to confirm it, polling meanwhile (records are
-        buffered, rebalances served).
+        buffered, rebalances served), unless another command is waiting
+        (the group's next take): then the confirmation comes with the
+        polls that serve it.
         """
         if owned:
             offsets = {p: o for p, o in offsets.items() if p in self.assigned}
@@ -489,24 +507,39 @@ class GroupReader(ConsumerThread):
         except Exception as e:
             self.callOnReactor(self.committed, commitId, _kafkaReason(e))
             return
-        self.commitsInFlight.append((commitId, dict(offsets), False))
         deadline = self.now() + min(COMMIT_WAIT, self.requestTimeout)
-        while self.waitingFor(commitId) and self.now() < deadline and not self.stopRequested.is_set():
+        self.commitsInFlight.append((commitId, dict(offsets), False, deadline))
+        self.awaitCommits()
+
+    def awaitCommits(self) -> None:
+        """
+        Poll for the confirmations of the commits in flight while no
+        command waits, and answer as failed those not confirmed by their
+        deadline (L{COMMIT_WAIT} after they were sent); their late answers
+        are taken without being reported again.
+        """
+        while (self.commands.empty() and not self.stopRequested.is_set()
+               and any(not answered and self.now() < deadline
+                       for _, _, answered, deadline in self.commitsInFlight)):
             try:
                 self.pollInto(COMMIT_POLL)
             except Exception:
                 break
-        if self.waitingFor(commitId):
-            self.commitsInFlight = [(i, o, answered or i == commitId) for i, o, answered in self.commitsInFlight]
-            self.callOnReactor(self.committed, commitId,
-                               f"the group coordinator did not confirm it within {COMMIT_WAIT:g} s")
+        now = self.now()
+        late = [i for i, _, answered, deadline in self.commitsInFlight if not answered and now >= deadline]
+        if late:
+            self.commitsInFlight = [(i, o, answered or i in late, deadline)
+                                    for i, o, answered, deadline in self.commitsInFlight]
+            for commitId in late:
+                self.callOnReactor(self.committed, commitId,
+                                   f"the group coordinator did not confirm it within {COMMIT_WAIT:g} s")
 
     def waitingFor(self, commitId: int) -> bool:
         """
         Whether the reactor still waits for the outcome of commit
         C{commitId}.
         """
-        return any(i == commitId and not answered for i, _, answered in self.commitsInFlight)
+        return any(i == commitId and not answered for i, _, answered, _ in self.commitsInFlight)
 
     def onCommit(self, error: Any, partitions: Optional[Sequence[Any]]) -> None:
         """
@@ -519,7 +552,7 @@ class GroupReader(ConsumerThread):
         if entry is None:
             return
         self.commitsInFlight.remove(entry)
-        commitId, _, answered = entry
+        commitId, _, answered, _ = entry
         reason: Optional[str] = None
         if error is not None:
             reason = error.str()

@@ -5,6 +5,7 @@ The endpoint's producer and the thread that serves its delivery reports.
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Sequence, Tuple
 
 from twisted.python.failure import Failure
@@ -18,6 +19,9 @@ if TYPE_CHECKING:
 
 
 REPORT_BATCH = 512
+
+# librdkafka's RD_KAFKA_PARTITION_UA: no partition chosen, the partitioner decides.
+_UNASSIGNED = -1
 
 
 class ProducerThread(OwnerThread):
@@ -80,15 +84,19 @@ class ProducerThread(OwnerThread):
         key = headers = None
         index = start
         try:
-            for index in range(start, len(drafts)):
-                draft = drafts[index]
-                if draft.key is not lastKey:
-                    lastKey = draft.key
-                    key = lastKey.encode("utf-8") if lastKey.__class__ is str else lastKey
-                if draft.headers is not lastHeaders:
-                    lastHeaders = draft.headers
-                    headers = [(name, value.encode("utf-8")) for name, value in lastHeaders] or None
-                produce(topic, value=draft.content, key=key, headers=headers, on_delivery=partial(report, index))
+            for content, draftKey, draftHeaders in itertools.islice(drafts, start, None):
+                if draftKey is not lastKey:
+                    lastKey = draftKey
+                    key = draftKey.encode("utf-8") if draftKey.__class__ is str else draftKey
+                if draftHeaders is not lastHeaders:
+                    lastHeaders = draftHeaders
+                    headers = [(name, value.encode("utf-8")) for name, value in draftHeaders] or None
+                # Positional: confluent-kafka parses keyword arguments by
+                # name, once per record.  The partition is librdkafka's
+                # "unassigned" (its partitioner decides) and the timestamp 0
+                # (now), their defaults.
+                produce(topic, content, key, _UNASSIGNED, partial(report, index), None, 0, headers)
+                index += 1
         except Exception as e:
             return index, e
         return len(drafts), None

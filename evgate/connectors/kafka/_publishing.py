@@ -7,7 +7,7 @@ timeouts, and the problems a failed publish is answered with.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
@@ -22,19 +22,35 @@ from evgate.threads import ReactorBatches
 class _Batch:
     """
     A batch of publishes waiting for their delivery reports: one entry, one
-    timer and one Deferred for all of them.
+    timer and one Deferred for all of them, and one hand-over to the
+    reactor once the last report is in.
 
-    @ivar results: per record, L{None} until its report, then the
-        L{Position} or the L{Problem}.
+    The producer thread writes each record's report into the batch
+    (C{partitions} and C{offsets}, or C{errors}) and counts them in
+    C{received}; the reactor thread writes C{expected} (the records
+    librdkafka took) while it produces, and reads the reports once the
+    batch is handed over (or its timer fires).  Each field has one writer.
+
+    @ivar refused: per record, the L{Problem} of a record librdkafka
+        refused at once (it was never sent), else L{None}.
+    @ivar offsets: per record, its offset once reported stored, else
+        L{None}; written after its partition, so a reader that sees an
+        offset sees its partition too.
     """
 
-    __slots__ = ("deferred", "timer", "topic", "results", "waiting")
+    __slots__ = ("deferred", "timer", "topic", "token", "refused", "partitions", "offsets", "errors",
+                 "expected", "received")
 
-    def __init__(self, deferred: Deferred, topic: str, results: List[Any], waiting: int) -> None:
+    def __init__(self, deferred: Deferred, topic: str, token: int, count: int) -> None:
         self.deferred = deferred
         self.topic = topic
-        self.results = results
-        self.waiting = waiting
+        self.token = token
+        self.refused: List[Optional[Problem]] = [None] * count
+        self.partitions: List[Any] = [None] * count
+        self.offsets: List[Any] = [None] * count
+        self.errors: Dict[int, Any] = {}
+        self.expected = count
+        self.received = 0
         self.timer: Any = None
 
 
@@ -67,7 +83,7 @@ class KafkaPublishing:
     refusal: Optional[str]
     producerThread: Optional[ProducerThread]
     _pending: Dict[int, Any]  # _Publish or _Batch
-    _reports: ReactorBatches[Tuple[Any, ...]]
+    _reports: ReactorBatches[Any]  # a publish's report tuple, or a _Batch all reported
     _tokens: "itertools.count[int]"
     _stopping: bool
     _warnedTimeout: bool
@@ -132,6 +148,11 @@ class KafkaPublishing:
         delivery report (or the timeout passed) with one L{Position} or
         L{Problem} per draft.  Records that librdkafka refuses at once (its
         queue is full) get their problem without being sent.
+
+        The reports of a batch are written into it on the producer thread
+        and reach the reactor together, in one hand-over once the last is
+        in: no per-record item crosses the threads, and no per-record work
+        waits for the reactor.
         """
         producer = self.producerThread
         count = len(drafts)
@@ -141,17 +162,29 @@ class KafkaPublishing:
         if self.refusal is not None:
             return succeed([self.refused("the message was not sent")] * count)
         token = next(self._tokens)
-        results: List[Any] = [None] * count
+        d: Deferred = Deferred(lambda _: self._forget(token))
+        batch = _Batch(d, topic, token, count)
+        partitions = batch.partitions
+        offsets = batch.offsets
+        errors = batch.errors
         add = self._reports.add
 
         def report(index: int, error: Any, record: Any) -> None:
-            # On the producer thread, like _reportFor's reports.
+            # On the producer thread, the only one that writes the reports
+            # and counts them.
             if error is None:
-                add((token, index, record.partition(), record.offset()))
+                partitions[index] = record.partition()
+                offsets[index] = record.offset()
             else:
-                add((token, index, error, None))
+                errors[index] = error
+            batch.received += 1
+            if batch.received == batch.expected:
+                add(batch)
 
-        waiting = count
+        # Registered before the first record goes: its report may be handed
+        # over before this method returns (it is handled on the reactor,
+        # after it returns).
+        self._pending[token] = batch
         index = 0
         while index < count:
             index, exception = producer.produceMany(topic, drafts, index, report)
@@ -164,21 +197,50 @@ class KafkaPublishing:
                     "broker (queue.buffering.max.messages / queue.buffering.max.kbytes); retry shortly",
                     retryAfter=self.retryAfter)
                 for rest in range(index, count):
-                    results[rest] = refused
-                waiting -= count - index
+                    batch.refused[rest] = refused
+                batch.expected -= count - index
                 break
             error = kafkaError(exception)
             if error is None:
+                self._pending.pop(token, None)
                 raise exception
-            results[index] = self.problemFor(error, topic)
-            waiting -= 1
+            batch.refused[index] = self.problemFor(error, topic)
+            batch.expected -= 1
             index += 1
-        if not waiting:
-            return succeed(results)
-        d: Deferred = Deferred(lambda _: self._forget(token))
-        pending = self._pending[token] = _Batch(d, topic, results, waiting)  # type: ignore[assignment]
-        pending.timer = self.reactor.callLater(timeout, self._timedOut, token, timeout)
+        if batch.received >= batch.expected:
+            # Every record taken was reported while the rest were refused
+            # (or none was taken): answer now; a hand-over on its way finds
+            # the batch settled.
+            self._settle(token, self._batchResults(batch))
+            return d
+        batch.timer = self.reactor.callLater(timeout, self._timedOut, token, timeout)
         return d
+
+    def _batchResults(self, batch: _Batch, missing: Optional[Problem] = None) -> List[Any]:
+        """
+        The result of each record of C{batch}: its L{Position}, or the
+        L{Problem} it failed with, or C{missing} for a record not reported
+        yet.
+        """
+        topic = batch.topic
+        errors = batch.errors
+        if not errors and missing is None and batch.expected == len(batch.offsets):
+            # Every record stored: the positions, built without a Python
+            # call per record.
+            return list(map(tuple.__new__, itertools.repeat(Position),
+                            zip(itertools.repeat(topic), batch.partitions, batch.offsets)))
+        results: List[Any] = []
+        records = zip(batch.refused, batch.partitions, batch.offsets, strict=True)
+        for index, (refused, partition, offset) in enumerate(records):
+            if refused is not None:
+                results.append(refused)
+            elif offset is not None:
+                results.append(Position(topic, partition, offset))
+            elif index in errors:
+                results.append(self.problemFor(errors[index], topic))
+            else:
+                results.append(missing)
+        return results
 
     def _reportFor(self, token: int) -> Callable[[Any, Any], None]:
         # The delivery report runs on the producer thread; everything it
@@ -203,28 +265,19 @@ class KafkaPublishing:
         """
         self._reports.flush()
 
-    def _deliveredAll(self, batch: List[Tuple[Any, ...]]) -> None:
-        pending = self._pending
-        delivered = False
-        for report in batch:
-            if len(report) == 3:
+    def _deliveredAll(self, reports: List[Any]) -> None:
+        for report in reports:
+            if not isinstance(report, _Batch):
                 self._delivered(*report)
                 continue
-            # The report of one record of a publishMany batch.
-            token, index, partitionOrError, offset = report
-            entry = pending.get(token)
-            if entry is None or entry.results[index] is not None:
+            # Every record of a publishMany batch has its report; unless the
+            # batch was answered meanwhile (timed out, cancelled).
+            token = report.token
+            if token not in self._pending or self._pending[token] is not report:
                 continue
-            if offset is None:
-                entry.results[index] = self.problemFor(partitionOrError, entry.topic)
-            else:
-                delivered = True
-                entry.results[index] = Position(entry.topic, partitionOrError, offset)
-            entry.waiting -= 1
-            if entry.waiting == 0:
-                self._settle(token, entry.results)
-        if delivered:
-            self._setConnected(True)
+            if len(report.errors) < report.expected:
+                self._setConnected(True)
+            self._settle(token, self._batchResults(report))
 
     def _delivered(self, token: int, error: Any, position: Optional[Position]) -> None:
         if error is None:
@@ -270,11 +323,7 @@ class KafkaPublishing:
         still waiting for their report.
         """
         if isinstance(pending, _Batch):
-            results = pending.results
-            for index, result in enumerate(results):
-                if result is None:
-                    results[index] = problem
-            self._settle(token, results)
+            self._settle(token, self._batchResults(pending, problem))
         else:
             self._settle(token, problem)
 
