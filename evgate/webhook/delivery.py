@@ -104,7 +104,7 @@ class DeliveryContext:
     """
     What a deliverer needs from its node and API.
 
-    @ivar http: a treq-like client (C{treq.client.HTTPClient}, or
+    @ivar http: a treq-like client (L{evgate.webhook.client.DeliveryClient}, or
         C{treq.testing.StubTreq} in tests).
     @ivar tag: the API's cursor tag (positions are stored as its tokens).
     @ivar epoch: the epoch of the API's endpoint (part of message ids).
