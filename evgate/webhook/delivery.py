@@ -32,9 +32,10 @@ with the reason, and the message is tried again (from its first attempt)
 when an operator resumes it.
 
 Writes to the store are coalesced (L{evgate.webhook.writes}): at most one
-update per subscription is in flight, and what changed meanwhile goes in
-the next one.  A crash loses at most the writes not yet made, which means
-delivering some messages again, never skipping them.
+update per subscription is in flight, at most one starts every
+L{evgate.webhook.writes.WRITE_INTERVAL} seconds, and what changed
+meanwhile goes in the next one.  A crash loses at most the writes not yet
+made, which means delivering some messages again, never skipping them.
 
 Backpressure: the feed looks at L{Deliverer.backlog} after every batch and
 every settled message, and stops reading (pauses its upstream) above its
