@@ -164,12 +164,17 @@ def run(settings: Settings) -> Tuple[Dict[str, Any], str]:
                     profile = os.path.join(RESULTS, "profiles", f"webhook-{paths[0][1:]}.txt")
                     spy = startProfile(gw, 6, profile) if settings.profile else None
                     for path in paths:
-                        status, body = http("POST", f"http://127.0.0.1:{adminPort}/apis/hooks/subscriptions",
-                                            json.dumps({"callbackUrl": f"http://127.0.0.1:{port}{path}",
-                                                        "start": "earliest",
-                                                        **({"maxInFlight": window} if window > 1 else {})}).encode(),
-                                            {"Authorization": f"Bearer {TOKEN}",
-                                             "Content-Type": "application/json"})
+                        document = json.dumps({"callbackUrl": f"http://127.0.0.1:{port}{path}", "start": "earliest",
+                                               **({"maxInFlight": window} if window > 1 else {})}).encode()
+                        for _ in range(3):
+                            # A 503 (the shared broker did not say where the topic
+                            # starts in time) asks to try again.
+                            status, body = http("POST", f"http://127.0.0.1:{adminPort}/apis/hooks/subscriptions",
+                                                document, {"Authorization": f"Bearer {TOKEN}",
+                                                           "Content-Type": "application/json"})
+                            if status != 503:
+                                break
+                            say(f"  creating a subscription answered 503, trying again: {body[:200]!r}")
                         if status != 201:
                             raise RuntimeError(f"creating a subscription answered {status}: {body[:300]!r}")
                     got = waitDelivered(port, paths, wanted, limit)
