@@ -138,6 +138,19 @@ class PacedWritesTests(SynchronousTestCase):
         self.store.answer()
         self.successResultOf(done)
 
+    def test_lastDeliveredAtFormattedWhenWritten(self) -> None:
+        """
+        A time of last delivery saved as seconds is written as an RFC 3339
+        time stamp: the last one saved before the write.
+        """
+        self.writer.save({"lastDeliveredAt": 1.5})
+        self.store.answer()
+        self.writer.save({"lastDeliveredAt": 2.0})
+        self.writer.save({"lastDeliveredAt": 1796601600.25})
+        self.clock.advance(WRITE_INTERVAL)
+        self.assertEqual([u[0]["lastDeliveredAt"] for u in self.store.updates],
+                         ["1970-01-01T00:00:01.500Z", "2026-12-07T00:00:00.250Z"])
+
     def test_nothingToWrite(self) -> None:
         """
         With nothing held back, L{CoalescedWrites.flushed} has fired already.

@@ -458,7 +458,9 @@ class Deliverer(CoalescedWrites):
             partition, cursor = moved
             self.position = advancePosition(self.position, partition, cursor)
         if how == "delivered":
-            self._save({"lastDeliveredAt": records.timestamp(self.reactor.seconds())}, delivered=1)
+            # Seconds; written as a time stamp only when the write is made
+            # (evgate.webhook.writes), not for every delivery.
+            self._save({"lastDeliveredAt": float(self.reactor.seconds())}, delivered=1)
         else:
             self._save({}, deadLettered=1)
         self._settleState()

@@ -89,6 +89,10 @@ class CoalescedWrites:
         position = changes.get("position")
         if isinstance(position, Cursor):
             changes["position"] = position.encode(self.context.tag)
+        delivered = changes.get("lastDeliveredAt")
+        if isinstance(delivered, float):
+            # Seconds, as the deliverer saves them: formatted once per write.
+            changes["lastDeliveredAt"] = records.timestamp(delivered)
         d = self.context.store.update(records.KIND, self.id, changes, increments)
         self._saving = d
 
