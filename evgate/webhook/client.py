@@ -105,6 +105,10 @@ NO_REUSE_MEMORY = 600.0
 # forgotten first.
 MAX_REMEMBERED = 10000
 
+# Callback URLs whose encoded form (and receiver) a client remembers, at
+# most (a subscription's URL does not change between deliveries).
+MAX_REMEMBERED_URLS = 4096
+
 HostKey = Tuple[bytes, bytes, int]
 
 
@@ -279,6 +283,8 @@ class DeliveryAgent:
         self._fresh = Agent.usingEndpointFactory(reactor, endpointFactory, pool=self.freshPool)
         # receiver -> until when it gets new connections
         self._noReuse: "OrderedDict[HostKey, float]" = OrderedDict()
+        # callback URI -> its receiver (a subscription's URI does not change)
+        self._keys: Dict[bytes, HostKey] = {}
 
     def keepAtLeast(self, count: int) -> None:
         """
@@ -293,7 +299,12 @@ class DeliveryAgent:
         """
         Send a request, on a pooled connection if the receiver keeps them.
         """
-        key = hostKey(uri)
+        key = self._keys.get(uri)
+        if key is None:
+            key = hostKey(uri)
+            if len(self._keys) >= MAX_REMEMBERED_URLS:
+                self._keys.clear()
+            self._keys[uri] = key
         agent = self._reusing if self.reuses(key) else self._fresh
         d = agent.request(method, uri, headers, bodyProducer)
         d.addCallbacks(self._answered, self._failed, callbackArgs=(key,), errbackArgs=(key,))
@@ -339,11 +350,6 @@ class DeliveryAgent:
         """
         return DeferredList([self.pool.closeCachedConnections(), self.freshPool.closeCachedConnections()],
                             consumeErrors=True)
-
-
-# Callback URLs whose request-target form is remembered by a client, at
-# most (a subscription's URL does not change between deliveries).
-MAX_REMEMBERED_URLS = 4096
 
 
 @implementer(IBodyProducer)
