@@ -218,6 +218,14 @@ def fakeResolver(answers: Dict[str, List[str]]) -> Any:
     return resolve
 
 
+def flushAll(service: Any) -> None:
+    """
+    Make the deliverers of C{service} write what they hold back now.
+    """
+    for deliverer in service.deliverers.values():
+        deliverer.flushed()
+
+
 class Harness:
     """
     A memory gateway with the webhook entrypoint, its webhook service on a
@@ -288,8 +296,11 @@ class Harness:
 
     def record(self, id: str) -> Dict[str, Any]:
         """
-        The stored record of subscription C{id}.
+        The stored record of subscription C{id}, once its deliverer made the
+        writes it holds back (L{evgate.webhook.writes.WRITE_INTERVAL}),
+        without moving the clock.
         """
+        flushAll(self.service)
         return self.result(self.store.get(records.KIND, id))  # type: ignore[no-any-return]
 
     def deadLetters(self, topic: str = "orders.dlq") -> List[Message]:

@@ -19,7 +19,7 @@ from twisted.web.client import RequestNotSent, ResponseNeverReceived
 from twisted.web.iweb import IAgent
 from zope.interface.verify import verifyObject
 
-from evgate.webhook.client import DeliveryAgent, ReusedConnectionLost, _ReusedConnection
+from evgate.webhook.client import MAX_REMEMBERED_URLS, DeliveryAgent, ReusedConnectionLost, _ReusedConnection
 from evgate.webhook.ssrf import AddressPolicy, GuardedEndpointFactory
 
 from .test_webhook import Harness
@@ -102,6 +102,21 @@ class DeliveryAgentTests(SynchronousTestCase):
         self.clock.advance(600)
         self.send()
         self.assertEqual(len(self.reusing.requests), 3)
+
+    def test_receiverOfRememberedUris(self) -> None:
+        """
+        The receiver a URI goes to is remembered per URI (within a bound),
+        and what is learnt about a receiver holds for all its URIs.
+        """
+        self.send(b"https://hooks.example/a")
+        self.reusing.outcome = FakeResponse((b"HTTP", 1, 0))
+        self.send(b"https://hooks.example/a")
+        self.send(b"https://hooks.example/b")
+        self.send(b"https://hooks.example:8443/a")
+        self.assertEqual(self.fresh.requests, [b"https://hooks.example/b"])
+        for index in range(MAX_REMEMBERED_URLS + 1):
+            self.agent.request(b"POST", b"https://hooks.example/%d" % (index,))
+        self.assertLessEqual(len(self.agent._keys), MAX_REMEMBERED_URLS)
 
     def test_closedPooledConnection(self) -> None:
         """

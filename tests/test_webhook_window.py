@@ -22,7 +22,7 @@ from evgate.service import GatewayService
 from evgate.store import MemoryStore
 from evgate.webhook import records
 from evgate.webhook.window import PARKED, READY, SETTLED, DeliveryWindow, advancePosition, orderingKey
-from tests.test_webhook import HANG, INI, Harness, Receiver
+from tests.test_webhook import HANG, INI, Harness, Receiver, flushAll
 
 
 def keyed(content: bytes) -> Tuple[str, bytes]:
@@ -290,6 +290,7 @@ class WindowDeliveryTests(SynchronousTestCase):
             harness.clock.advance(0)
             stub.flush()
         self.assertEqual(perKey(receiver.bodies()), {"a": [0, 1], "b": [0, 1], "c": [0]})
+        flushAll(service)
         stored = store.get(records.KIND, record["id"])
         position = self.successResultOf(stored)["position"]
         self.assertEqual(Cursor.decode(position, harness.gateway.api("orders").tag).get(0), 5)

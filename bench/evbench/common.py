@@ -212,7 +212,9 @@ class CpuMeter:
         # A process that exited (or was restarted by someone else, as the
         # shared dev broker can be) makes the difference meaningless.
         self.changed = not set(self._pids) <= set(self.pids())
-        self.percent = max(0.0, 100.0 * (cpuSeconds(self._pids) - self._cpu) / elapsed)
+        # CPU seconds used in all (for a cost per message), and that in % of a core.
+        self.seconds = max(0.0, cpuSeconds(self._pids) - self._cpu)
+        self.percent = 100.0 * self.seconds / elapsed
         busy, total = machineBusy()
         self.machine = 100.0 * (busy - self._busy[0]) / max(1.0, total - self._busy[1])
         return self

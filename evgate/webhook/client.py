@@ -33,6 +33,18 @@ What was learnt about a receiver is forgotten after L{NO_REUSE_MEMORY}
 seconds, so a receiver that starts keeping connections gets them reused
 again.
 
+The request path
+================
+
+Deliveries go straight to the agent (L{DeliveryClient}), not through
+treq's client: a delivery needs none of what treq adds per request (a
+cookie jar, which would also hand one receiver's cookies back on every
+subscription's requests to that host; gzip decoding of an answer that is
+thrown away; URL parsing of a callback that does not change), and treq's
+body producer for C{bytes} writes the body one reactor turn after the
+head.  L{DeliveryClient.request} keeps treq's signature, so tests still
+put a C{treq.testing.StubTreq} in its place.
+
 TLS
 ===
 
@@ -47,17 +59,26 @@ import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from hyperlink import EncodedURL
 from OpenSSL.SSL import Error as TLSError
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, TimeoutError, succeed
 from twisted.internet.error import ConnectError, ConnectionDone, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.ssl import Certificate, trustRootFromCertificates
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import URI, Agent, BrowserLikePolicyForHTTPS, RequestNotSent, ResponseNeverReceived
-from twisted.web.iweb import IAgent
+from twisted.web.client import (
+    URI,
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HostnameCachingHTTPSPolicy,
+    RequestNotSent,
+    ResponseNeverReceived,
+)
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent, IBodyProducer, IPolicyForHTTPS
 from zope.interface import implementer
 
 from evgate.ini import SectionReader, gatewayKeys
@@ -83,6 +104,10 @@ NO_REUSE_MEMORY = 600.0
 # Receivers remembered as not keeping connections, at most; the oldest is
 # forgotten first.
 MAX_REMEMBERED = 10000
+
+# Callback URLs whose encoded form (and receiver) a client remembers, at
+# most (a subscription's URL does not change between deliveries).
+MAX_REMEMBERED_URLS = 4096
 
 HostKey = Tuple[bytes, bytes, int]
 
@@ -258,6 +283,8 @@ class DeliveryAgent:
         self._fresh = Agent.usingEndpointFactory(reactor, endpointFactory, pool=self.freshPool)
         # receiver -> until when it gets new connections
         self._noReuse: "OrderedDict[HostKey, float]" = OrderedDict()
+        # callback URI -> its receiver (a subscription's URI does not change)
+        self._keys: Dict[bytes, HostKey] = {}
 
     def keepAtLeast(self, count: int) -> None:
         """
@@ -272,7 +299,12 @@ class DeliveryAgent:
         """
         Send a request, on a pooled connection if the receiver keeps them.
         """
-        key = hostKey(uri)
+        key = self._keys.get(uri)
+        if key is None:
+            key = hostKey(uri)
+            if len(self._keys) >= MAX_REMEMBERED_URLS:
+                self._keys.clear()
+            self._keys[uri] = key
         agent = self._reusing if self.reuses(key) else self._fresh
         d = agent.request(method, uri, headers, bodyProducer)
         d.addCallbacks(self._answered, self._failed, callbackArgs=(key,), errbackArgs=(key,))
@@ -320,6 +352,95 @@ class DeliveryAgent:
                             consumeErrors=True)
 
 
+@implementer(IBodyProducer)
+class BytesBody:
+    """
+    A request body that is all there at once: written to the connection
+    in the same turn as the request's head, so that both leave in one
+    segment.
+    """
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred:
+        """
+        Write the whole body.
+        """
+        consumer.write(self.body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        """
+        Nothing to pause: the body was written at once.
+        """
+
+    def resumeProducing(self) -> None:
+        """
+        Nothing to resume.
+        """
+
+    def stopProducing(self) -> None:
+        """
+        Nothing to stop.
+        """
+
+
+class DeliveryClient:
+    """
+    What deliveries send requests with: C{request} with the signature of
+    treq's C{HTTPClient.request} (the keywords deliveries use), straight
+    to an L{IAgent}; see the module's docstring for why not treq.
+
+    @ivar agent: the agent (a L{DeliveryAgent}).
+    """
+
+    def __init__(self, agent: Any, reactor: Any) -> None:
+        self.agent = agent
+        self.reactor = reactor
+        self._uris: Dict[str, bytes] = {}
+
+    def uriOf(self, url: str) -> bytes:
+        """
+        C{url} as the agent takes it: encoded as treq encodes it (an IRI
+        becomes a URI), remembered.
+        """
+        uri = self._uris.get(url)
+        if uri is None:
+            uri = EncodedURL.from_text(url).to_uri().to_text().encode("ascii")
+            if len(self._uris) >= MAX_REMEMBERED_URLS:
+                self._uris.clear()
+            self._uris[url] = uri
+        return uri
+
+    def request(self, method: str, url: str, *, data: bytes = b"", headers: Optional[Headers] = None,
+                timeout: Optional[float] = None, allow_redirects: bool = False, unbuffered: bool = True,
+                reactor: Any = None) -> Deferred:
+        """
+        Send one request with body C{data}; the Deferred fires with the
+        L{IResponse} once its head arrived (its body is not read), and is
+        cancelled after C{timeout} seconds without one.  Redirects are not
+        followed (C{allow_redirects} must be false) and the response is
+        never buffered.
+        """
+        if allow_redirects or not unbuffered:
+            raise ValueError("deliveries follow no redirects and buffer no responses")
+        d = self.agent.request(method.encode("ascii"), self.uriOf(url),
+                               headers if headers is not None else Headers(), BytesBody(data))
+        if timeout:
+            clock = reactor if reactor is not None else self.reactor
+            call = clock.callLater(timeout, d.cancel)
+
+            def answered(result: Any) -> Any:
+                if call.active():
+                    call.cancel()
+                return result
+
+            d.addBoth(answered)
+        return d  # type: ignore[no-any-return]
+
+
 # -- TLS trust
 
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
@@ -338,15 +459,17 @@ class WebhookTrust:
     caFile: Optional[str] = None
     certificates: Tuple[bytes, ...] = ()
 
-    def tlsPolicy(self) -> BrowserLikePolicyForHTTPS:
+    def tlsPolicy(self) -> IPolicyForHTTPS:
         """
         The policy that checks receivers' certificates and host names.
         """
+        # The connection settings of a receiver are made once per host
+        # name and port, not for every request the agent sends there.
         if not self.certificates:
-            return BrowserLikePolicyForHTTPS()
+            return HostnameCachingHTTPSPolicy(BrowserLikePolicyForHTTPS())
 
         root = trustRootFromCertificates([Certificate.loadPEM(pem) for pem in self.certificates])
-        return BrowserLikePolicyForHTTPS(trustRoot=root)
+        return HostnameCachingHTTPSPolicy(BrowserLikePolicyForHTTPS(trustRoot=root))
 
 
 def readCertificates(data: bytes) -> Tuple[bytes, ...]:

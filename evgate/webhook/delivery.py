@@ -32,9 +32,10 @@ with the reason, and the message is tried again (from its first attempt)
 when an operator resumes it.
 
 Writes to the store are coalesced (L{evgate.webhook.writes}): at most one
-update per subscription is in flight, and what changed meanwhile goes in
-the next one.  A crash loses at most the writes not yet made, which means
-delivering some messages again, never skipping them.
+update per subscription is in flight, at most one starts every
+L{evgate.webhook.writes.WRITE_INTERVAL} seconds, and what changed
+meanwhile goes in the next one.  A crash loses at most the writes not yet
+made, which means delivering some messages again, never skipping them.
 
 Backpressure: the feed looks at L{Deliverer.backlog} after every batch and
 every settled message, and stops reading (pauses its upstream) above its
@@ -104,7 +105,7 @@ class DeliveryContext:
     """
     What a deliverer needs from its node and API.
 
-    @ivar http: a treq-like client (C{treq.client.HTTPClient}, or
+    @ivar http: a treq-like client (L{evgate.webhook.client.DeliveryClient}, or
         C{treq.testing.StubTreq} in tests).
     @ivar tag: the API's cursor tag (positions are stored as its tokens).
     @ivar epoch: the epoch of the API's endpoint (part of message ids).
@@ -457,7 +458,9 @@ class Deliverer(CoalescedWrites):
             partition, cursor = moved
             self.position = advancePosition(self.position, partition, cursor)
         if how == "delivered":
-            self._save({"lastDeliveredAt": records.timestamp(self.reactor.seconds())}, delivered=1)
+            # Seconds; written as a time stamp only when the write is made
+            # (evgate.webhook.writes), not for every delivery.
+            self._save({"lastDeliveredAt": float(self.reactor.seconds())}, delivered=1)
         else:
             self._save({}, deadLettered=1)
         self._settleState()

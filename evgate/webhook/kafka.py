@@ -13,7 +13,8 @@ Where delivery resumes: Kafka's committed offsets of the group.  They
 follow the subscription's position, the settled prefix of each partition
 (delivered or dead-lettered messages, see L{evgate.webhook.window}), at
 most every L{COMMIT_INTERVAL} seconds, and the store's position is written
-after every message (for the admin API).  When the group has no committed offsets (a new
+at most every L{evgate.webhook.writes.WRITE_INTERVAL} seconds (for the
+admin API).  When the group has no committed offsets (a new
 subscription, or Kafka expired them after C{offsets.retention.minutes} of
 the group being empty) the store's position I{seeds} the group: its
 offsets are committed before the node joins.  So the truth is Kafka's for a

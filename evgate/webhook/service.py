@@ -21,7 +21,6 @@ from __future__ import annotations
 import random as _random
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Set
 
-from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.task import LoopingCall
@@ -34,7 +33,7 @@ from evgate.filters import FilterSyntaxError, SubscriptionFilter, compileFilter
 from evgate.interfaces import IConsumerGroups, IRetainedLog, ISharedSubscriptions
 from evgate.message import Cursor, CursorError
 from evgate.webhook import records
-from evgate.webhook.client import DeliveryAgent, WebhookTrust
+from evgate.webhook.client import DeliveryAgent, DeliveryClient, WebhookTrust
 from evgate.webhook.delivery import Deliverer, DeliveryContext, checkStaticHeaders
 from evgate.webhook.feeds import HubFeed, ShareGroupFeed
 from evgate.webhook.groupreplay import MEMBERS_GRACE, commitGroupOffsets, waitForNoMembers
@@ -97,7 +96,7 @@ class WebhookService(Service):
         trust = self.node.settings.options.get("webhook-trust") or WebhookTrust()
         factory = GuardedEndpointFactory(self.reactor, self.policy, self.resolve, tlsPolicy=trust.tlsPolicy())
         self.agent = DeliveryAgent(self.reactor, factory)
-        return HTTPClient(self.agent)
+        return DeliveryClient(self.agent, self.reactor)
 
     def stopService(self) -> Deferred:
         """
