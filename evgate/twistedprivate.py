@@ -287,8 +287,13 @@ setattr(QuietConnectionPool, POOL_FACTORY, QuietClientFactory)
 # to remove the headers it names (RFC 9110 section 7.6.1).  The protocol's
 # parser is `_parser`, set by `request()` and dropped as soon as the
 # response is complete (at once for a response without a body), so the
-# protocol below remembers it by request, and the proxy finds it from
-# IResponse.request when the response head arrives.
+# protocol below remembers its `connHeaders` (made when the parser starts,
+# filled as the head arrives) by request, and the proxy finds them from
+# IResponse.request when the response head arrives.  The headers, not the
+# parser: the parser refers to the request, and a value of a weak-keyed
+# dictionary that refers to its key keeps both for ever (one parser,
+# request and response per proxied request, until the process ran out of
+# memory).
 CLIENT_PROTOCOL_PRIVATE: Tuple[str, ...] = ("_parser",)
 CLIENT_PARSER_PRIVATE: Tuple[str, ...] = ("connHeaders",)
 
@@ -305,7 +310,7 @@ class ConnectionHeaderClientProtocol(HTTP11ClientProtocol):
         d = super().request(request)
         parser = getattr(self, "_parser", None)
         if parser is not None:
-            _responseConnection[request] = parser
+            _responseConnection[request] = parser.connHeaders
         return d
 
 
@@ -329,10 +334,10 @@ def responseConnectionHeader(response: Any) -> List[bytes]:
     # IResponse.request is a proxyForInterface of the request, whose
     # wrapped object is `original`.
     request = getattr(response, "request", None)
-    parser = _responseConnection.get(getattr(request, "original", request))
-    if parser is None:
+    headers = _responseConnection.get(getattr(request, "original", request))
+    if headers is None:
         return []
-    return list(parser.connHeaders.getRawHeaders(b"connection", []))
+    return list(headers.getRawHeaders(b"connection", []))
 
 # ---------------------------------------------------------------------------
 # HTTP proxy (evgate.proxy): a client that left, and a WebSocket upgrade

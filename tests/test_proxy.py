@@ -418,6 +418,34 @@ class UpstreamAnswerTests(SynchronousTestCase):
             self.assertEqual(responseConnectionHeader(response)[0].split(b",")[0], b"X-Private")
             self.assertEqual(endToEnd(response.headers, [b"x-private"]), [])
 
+    def test_responseConnectionHeaderFreed(self) -> None:
+        """
+        What the protocol remembers of a response's connection headers
+        goes with the request: once nothing else holds the request and its
+        response, they and the parser are freed (the parser itself, kept
+        by request, kept the request alive and leaked all three per
+        proxied request).
+        """
+        import gc
+        import weakref
+
+        from twisted.internet.testing import StringTransport
+        from twisted.web._newclient import Request
+
+        from evgate.twistedprivate import ConnectionHeaderClientProtocol, responseConnectionHeader
+
+        protocol = ConnectionHeaderClientProtocol(lambda p: None)
+        protocol.makeConnection(StringTransport())
+        request = Request(b"GET", b"/", Headers({b"host": [b"x"]}), None, persistent=True)
+        d = protocol.request(request)
+        protocol.dataReceived(b"HTTP/1.1 204 No Content\r\nConnection: X-Private\r\n\r\n")
+        response = self.successResultOf(d)
+        self.assertEqual(responseConnectionHeader(response), [b"X-Private"])
+        gone = weakref.ref(request)
+        del request, response, d
+        gc.collect()
+        self.assertIsNone(gone())
+
     def test_chunkedRefusal(self) -> None:
         """
         A chunked body is decoded as it comes, in any split, extensions
