@@ -1,7 +1,7 @@
 """
 Scenario 5, memory per idle subscriber: the growth of the gateway's RSS
 over N idle streams (SSE and WebSocket), against the bare twisted.web
-process holding as many SSE responses.  Target: at most 16 KiB each.
+process holding as many SSE responses.  Target: at most 8 KiB each.
 
 Method: start the server, open 200 streams (so that what every process
 allocates once, the hub's stream included, is paid before), read the RSS,
@@ -19,7 +19,7 @@ from evbench.common import Settings, raiseFileLimit, rssBytes, say, table
 from evbench.fanout import Clients
 
 WARM = 200
-TARGET_KIB = 16.0
+TARGET_KIB = 8.0
 
 
 def settle(pid: int, seconds: float = 3.0) -> int:
