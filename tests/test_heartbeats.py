@@ -104,3 +104,23 @@ class HeartbeatTimerTests(SynchronousTestCase):
         """
         self.assertIs(heartbeatTimer(self.clock), heartbeatTimer(self.clock))
         self.assertIsNot(heartbeatTimer(self.clock), heartbeatTimer(Clock()))
+
+
+class TimerLifetimeTests(SynchronousTestCase):
+    """
+    A reactor's timer does not keep its reactor alive: the timers are kept
+    weakly keyed by reactor, and a timer that held its reactor would keep
+    both for ever (one per test's Clock).
+    """
+
+    def test_reactorFreed(self) -> None:
+        clock = Clock()
+        timer = heartbeatTimer(clock)
+        beats: List[str] = []
+        timer.schedule(Stream("a", beats), 1.0)
+        clock.advance(1.0)
+        self.assertEqual(beats, ["a"])
+        gone = weakref.ref(clock)
+        del clock, timer
+        gc.collect()
+        self.assertIsNone(gone())

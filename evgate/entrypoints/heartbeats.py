@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import weakref
 from typing import Any, List, Optional
 from weakref import WeakKeyDictionary
 
@@ -32,10 +33,12 @@ class HeartbeatTimer:
     L{cancel} it when the stream ends; a due stream's C{beat()} is called.
     """
 
-    __slots__ = ("reactor", "_heap", "_call", "_waiting", "_order", "__weakref__")
+    __slots__ = ("_reactor", "_heap", "_call", "_waiting", "_order", "__weakref__")
 
     def __init__(self, reactor: Any) -> None:
-        self.reactor = reactor
+        # Weakly: the timers are kept in a dictionary weakly keyed by their
+        # reactor, and a value that refers to its key would keep both.
+        self._reactor = weakref.ref(reactor)
         # [due, order, stream or None]: lists, so that cancel can blank
         # the stream out; order makes equal times first-come first-served
         # and keeps the comparison away from the streams.
@@ -43,6 +46,13 @@ class HeartbeatTimer:
         self._call: Any = None
         self._waiting = 0
         self._order = itertools.count()
+
+    @property
+    def reactor(self) -> Any:
+        """
+        The reactor these heartbeats are due on.
+        """
+        return self._reactor()
 
     def schedule(self, stream: Any, delay: float) -> None:
         """
