@@ -9,7 +9,7 @@ with a problem without importing the others.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -38,6 +38,22 @@ def watchDeparture(request: Any) -> None:
 
 def _left(reason: Failure, request: Any) -> None:
     request.evgateLeft = True
+
+
+def onDeparture(request: Any, callback: Callable[[Failure], None]) -> None:
+    """
+    Call C{callback} with the reason if C{request}'s client leaves before
+    its response is finished.
+
+    This is C{request.notifyFinish().addErrback(callback)}, without the
+    Deferred for a request that offers one place for it (L{evgate.site}'s
+    C{GatewayRequest}, whose C{connectionLost} calls C{evgateOnLeft}): an
+    idle stream keeps it for as long as it lasts.
+    """
+    if getattr(request, "evgateOnLeft", False) is None:
+        request.evgateOnLeft = callback
+        return
+    request.notifyFinish().addErrback(callback)
 
 
 def clientLeft(request: Any) -> bool:

@@ -10,16 +10,21 @@ from __future__ import annotations
 import gc
 import json
 import weakref
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
+from twisted.web.server import Request
+from twisted.web.test.requesthelper import DummyChannel
 
 from evgate import twistedprivate
+from evgate.answers import onDeparture
 from evgate.config import ConfigError, parseConfig
 from evgate.gateway import GatewayRequest as ReExportedRequest
 from evgate.gateway import GatewaySite as ReExportedSite
@@ -128,6 +133,59 @@ class ChannelMemoryTests(SiteTestCase):
         protocol.dataReceived(b"GET /demo HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertIn(b"HTTP/1.1 202 Accepted", transport.value())
         self.assertLess(len(vars(protocol)), 30, sorted(vars(protocol)))
+
+
+class DepartureTests(SiteTestCase):
+    """
+    L{onDeparture} tells of a client that left before its response was
+    finished, once, without a Deferred on the gateway's requests.
+    """
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.gateway = memoryGateway(clock=self.clock, entrypoints="sse http-get")
+        self.site = self.gateway.site
+        self.site.limits = self.limits
+
+    def turn(self) -> None:
+        for _ in range(5):
+            self.clock.advance(0)
+
+    def test_streamClosedByClient(self) -> None:
+        """
+        An SSE stream whose client closes the connection ends its
+        subscription: the hub forgets it and the stream ends in the counts.
+        """
+        protocol, transport = connect(self.site)
+        protocol.dataReceived(b"GET /demo HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        self.turn()
+        self.assertIn(b"text/event-stream", transport.value())
+        [request] = protocol.requests
+        self.assertIsNotNone(request.evgateOnLeft)
+        self.assertEqual(request.notifications, [])
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertIsNone(request.evgateOnLeft)
+        self.assertTrue(request.evgateStream.closed)
+        self.assertEqual(self.gateway.metrics.tally("demo", "sse").codes, {200: 1})
+
+    def test_finishedNotCalled(self) -> None:
+        """
+        A request finished before its connection is lost does not call the
+        callback; a request of another class gets a notifyFinish errback.
+        """
+        called: List[Any] = []
+        protocol, transport = connect(self.site)
+        protocol.dataReceived(b"GET /demo?timeout=0 HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.turn()
+        self.assertIn(b"HTTP/1.1 200", transport.value())
+        [request] = protocol.requests or [None]
+        self.assertIsNone(request)
+        other = Request(DummyChannel())
+        onDeparture(other, called.append)
+        self.assertEqual(len(other.notifications), 1)
+        other.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(len(called), 1)
+        self.assertTrue(called[0].check(ConnectionDone))
 
 
 class ReExportTests(SynchronousTestCase):

@@ -26,7 +26,7 @@ from twisted.logger import Logger
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from evgate.answers import clientLeft, finishWithFailure, finishWithProblem, writeProblem
+from evgate.answers import clientLeft, finishWithFailure, finishWithProblem, onDeparture, writeProblem
 from evgate.entrypoints.pages import jsonItemText, renderPage, writePage  # noqa: F401
 from evgate.errors import BadCursor, BadRequest, EndpointUnavailable, NotAcceptable, Problem
 from evgate.filters import filterFor as subscriptionFilter
@@ -162,7 +162,7 @@ class PollSubscriber:
         reactor = api.node.reactor
         self.fromHistory = start != "latest"
         self.tally.waiting += 1
-        self.request.notifyFinish().addErrback(self._clientGone)
+        onDeparture(self.request, self._clientGone)
         # Until the endpoint says where the read starts, the poll waits at
         # most its timeout plus a grace; the timeout proper counts from there.
         self.timer = reactor.callLater(self.timeout + POSITION_GRACE, self._timedOut)

@@ -45,7 +45,7 @@ from twisted.python.failure import Failure
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from evgate.answers import finishWithFailure, writeProblem
+from evgate.answers import finishWithFailure, onDeparture, writeProblem
 from evgate.directwrite import boundSendBuffer, writeChunk, writeChunksFrom
 from evgate.entrypoints.http_get import requestCursor
 from evgate.entrypoints.streaming import Goodbye, StreamSubscriber, stopAll
@@ -174,8 +174,7 @@ class SseFramer:
         self.retry = retry
         self.reactor = reactor
         self.opened = False
-        # Set when the client leaves (notifyFinish's errback): the public
-        # way to learn of a disconnect.
+        # Set when the client leaves (evgate.answers.onDeparture).
         self.left = False
         self.subscriber: Any = None
 
@@ -185,7 +184,7 @@ class SseFramer:
         access log (which counts its messages).
         """
         self.subscriber = subscriber
-        self.request.notifyFinish().addErrback(self._clientGone)
+        onDeparture(self.request, self._clientGone)
         self.request.evgateStream = subscriber  # type: ignore[attr-defined]
 
     def _clientGone(self, reason: Failure) -> None:
