@@ -12,8 +12,8 @@ from typing import Any, List, Tuple
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web._newclient import Request
 from twisted.web.http_headers import Headers
